@@ -1,0 +1,18 @@
+//! Every message that crosses a socket in the chat system, with its encoding
+//! and decoding, so that the server, the daemon, the CLI and the benchmark
+//! share one definition of each.
+//!
+//! The crate does no IO: its codecs work on byte slices and `Vec<u8>`, and
+//! the binaries drive them over whatever socket they hold. The wire formats
+//! are documented in `docs/PROTOCOL.md`.
+//!
+//! - [`id`] and [`token`]: the validated values every message carries.
+//! - [`rendezvous`]: HTTP/1.1 requests and responses between a client and
+//!   `chat-server`, over TCP or one per UDP datagram.
+
+pub mod id;
+pub mod rendezvous;
+pub mod token;
+
+pub use id::ClientId;
+pub use token::Token;

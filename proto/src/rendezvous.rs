@@ -1,0 +1,1216 @@
+//! The rendezvous protocol: HTTP/1.1 with the seed verbs as methods.
+//!
+//! `PROBE`, `REGISTER`, `BRIDGE`, `CHAT` and `QUIT` are HTTP extension
+//! methods and the seeds' `REGACK`, `BRIDGEACK`, ... are reason phrases, so
+//! that curl, any HTTP library, load generators and reverse proxies speak the
+//! protocol unchanged. Over UDP each datagram carries one message, as SSDP
+//! carries HTTP, with a `Request-Id` header echoed in the response.
+//!
+//! Parsing is split in two so that a connection can tell "close after
+//! answering" from "answer and carry on": [`parse_request`] returns `Err` for
+//! framing failures (the byte stream can no longer be trusted), and a
+//! complete head whose `request` is `Err` for requests that were framed
+//! correctly but are wrong (unknown method, bad id, missing token).
+
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+
+use crate::{ClientId, Token};
+
+/// The largest request or response head (request line and headers).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// The largest body the server reads (requests need none; it is skipped).
+pub const MAX_BODY: usize = 4 * 1024;
+/// The most headers in one message.
+pub const MAX_HEADERS: usize = 32;
+/// The longest `Request-Id` value.
+pub const MAX_REQUEST_ID: usize = 64;
+/// The port the server listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 5555;
+/// The largest UDP datagram either side sends or reads.
+pub const MAX_DATAGRAM: usize = MAX_HEAD + MAX_BODY;
+
+/// One of the five requests the server understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    Probe,
+    Register,
+    Bridge,
+    Chat,
+    Quit,
+}
+
+impl Method {
+    pub const ALL: [Method; 5] = [
+        Method::Probe,
+        Method::Register,
+        Method::Bridge,
+        Method::Chat,
+        Method::Quit,
+    ];
+
+    /// The method token on the request line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Probe => "PROBE",
+            Method::Register => "REGISTER",
+            Method::Bridge => "BRIDGE",
+            Method::Chat => "CHAT",
+            Method::Quit => "QUIT",
+        }
+    }
+
+    /// The reason phrase of this method's success response.
+    pub fn ack(self) -> &'static str {
+        match self {
+            Method::Probe => "PROBEACK",
+            Method::Register => "REGACK",
+            Method::Bridge => "BRIDGEACK",
+            Method::Chat => "CHATACK",
+            Method::Quit => "QUITACK",
+        }
+    }
+
+    /// Methods are case-sensitive in HTTP, so `register` is not `REGISTER`.
+    pub fn parse(token: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == token)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The transports a server serves, as its `Transport:` header lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Transports {
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+impl Transports {
+    fn parse(v: &str) -> Transports {
+        let mut t = Transports::default();
+        for item in v.split(',').map(str::trim) {
+            if item.eq_ignore_ascii_case("tcp") {
+                t.tcp = true;
+            } else if item.eq_ignore_ascii_case("udp") {
+                t.udp = true;
+            }
+        }
+        t
+    }
+}
+
+impl fmt::Display for Transports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.tcp, self.udp) {
+            (true, true) => f.write_str("tcp, udp"),
+            (true, false) => f.write_str("tcp"),
+            (false, true) => f.write_str("udp"),
+            (false, false) => Ok(()),
+        }
+    }
+}
+
+/// A request, as the server acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Probe,
+    /// Stores the sender's contact; `token` refreshes an existing one.
+    Register {
+        id: ClientId,
+        port: u16,
+        token: Option<Token>,
+    },
+    /// Asks for a peer, or to wait for one.
+    Bridge {
+        id: ClientId,
+        token: Token,
+        peer: Option<ClientId>,
+    },
+    /// Tells the server the caller is now chatting with `peer`.
+    Chat {
+        id: ClientId,
+        token: Token,
+        peer: ClientId,
+    },
+    /// Removes the caller's registration.
+    Quit {
+        id: ClientId,
+        token: Token,
+    },
+}
+
+impl Request {
+    pub fn method(&self) -> Method {
+        match self {
+            Request::Probe => Method::Probe,
+            Request::Register { .. } => Method::Register,
+            Request::Bridge { .. } => Method::Bridge,
+            Request::Chat { .. } => Method::Chat,
+            Request::Quit { .. } => Method::Quit,
+        }
+    }
+
+    /// Writes the request as HTTP/1.1 into `out`.
+    pub fn encode(&self, out: &mut Vec<u8>, framing: &RequestFraming<'_>) {
+        let mut w = Writer(out);
+        w.line(format_args!("{} / HTTP/1.1", self.method()));
+        if let Some(host) = framing.host {
+            w.header("Host", host);
+        }
+        match self {
+            Request::Probe => {}
+            Request::Register { id, port, token } => {
+                w.header("Client-Id", id);
+                w.header("Client-Port", port);
+                if let Some(t) = token {
+                    w.header("Client-Token", t);
+                }
+            }
+            Request::Bridge { id, token, peer } => {
+                w.header("Client-Id", id);
+                w.header("Client-Token", token);
+                if let Some(p) = peer {
+                    w.header("Peer-Id", p);
+                }
+            }
+            Request::Chat { id, token, peer } => {
+                w.header("Client-Id", id);
+                w.header("Client-Token", token);
+                w.header("Peer-Id", peer);
+            }
+            Request::Quit { id, token } => {
+                w.header("Client-Id", id);
+                w.header("Client-Token", token);
+            }
+        }
+        if let Some(rid) = framing.request_id {
+            w.header("Request-Id", rid);
+        }
+        if framing.close {
+            w.header("Connection", "close");
+        }
+        w.line(format_args!(""));
+    }
+}
+
+/// How a request is framed, beside what it says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestFraming<'a> {
+    /// The `Host` header; HTTP/1.1 clients must send one.
+    pub host: Option<&'a str>,
+    /// The UDP `Request-Id`.
+    pub request_id: Option<&'a str>,
+    /// Ask the server to close the connection after answering.
+    pub close: bool,
+}
+
+/// An error status the server answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorStatus {
+    /// 400: malformed request, bad id, missing header.
+    BadRequest,
+    /// 401: missing or wrong token.
+    Unauthorized,
+    /// 404: unknown id.
+    NotFound,
+    /// 408: the request did not arrive complete in time.
+    RequestTimeout,
+    /// 409 `REGNACK`: the id is registered under another token.
+    RegNack,
+    /// 409: the request conflicts with the peer's state.
+    Conflict,
+    /// 413: body too large.
+    ContentTooLarge,
+    /// 429: rate limited; comes with `Retry-After`.
+    TooManyRequests,
+    /// 431: head too large.
+    HeadersTooLarge,
+    /// 501: unknown method or unsupported framing.
+    NotImplemented,
+    /// 503: the server is full.
+    Unavailable,
+    /// Any other status, as a client may meet behind a proxy.
+    Other(u16),
+}
+
+impl ErrorStatus {
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorStatus::BadRequest => 400,
+            ErrorStatus::Unauthorized => 401,
+            ErrorStatus::NotFound => 404,
+            ErrorStatus::RequestTimeout => 408,
+            ErrorStatus::RegNack | ErrorStatus::Conflict => 409,
+            ErrorStatus::ContentTooLarge => 413,
+            ErrorStatus::TooManyRequests => 429,
+            ErrorStatus::HeadersTooLarge => 431,
+            ErrorStatus::NotImplemented => 501,
+            ErrorStatus::Unavailable => 503,
+            ErrorStatus::Other(c) => c,
+        }
+    }
+
+    pub fn phrase(self) -> &'static str {
+        match self {
+            ErrorStatus::BadRequest => "Bad Request",
+            ErrorStatus::Unauthorized => "Unauthorized",
+            ErrorStatus::NotFound => "Not Found",
+            ErrorStatus::RequestTimeout => "Request Timeout",
+            ErrorStatus::RegNack => "REGNACK",
+            ErrorStatus::Conflict => "Conflict",
+            ErrorStatus::ContentTooLarge => "Content Too Large",
+            ErrorStatus::TooManyRequests => "Too Many Requests",
+            ErrorStatus::HeadersTooLarge => "Request Header Fields Too Large",
+            ErrorStatus::NotImplemented => "Not Implemented",
+            ErrorStatus::Unavailable => "Service Unavailable",
+            ErrorStatus::Other(_) => "Error",
+        }
+    }
+
+    fn from_code(code: u16, method: Method) -> ErrorStatus {
+        match code {
+            400 => ErrorStatus::BadRequest,
+            401 => ErrorStatus::Unauthorized,
+            404 => ErrorStatus::NotFound,
+            408 => ErrorStatus::RequestTimeout,
+            409 if method == Method::Register => ErrorStatus::RegNack,
+            409 => ErrorStatus::Conflict,
+            413 => ErrorStatus::ContentTooLarge,
+            429 => ErrorStatus::TooManyRequests,
+            431 => ErrorStatus::HeadersTooLarge,
+            501 => ErrorStatus::NotImplemented,
+            503 => ErrorStatus::Unavailable,
+            c => ErrorStatus::Other(c),
+        }
+    }
+}
+
+/// An error response: a status and a one-line reason a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub status: ErrorStatus,
+    pub reason: String,
+    /// Seconds, for 429 and 503.
+    pub retry_after: Option<u32>,
+}
+
+impl Failure {
+    pub fn new(status: ErrorStatus, reason: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(reason: impl Into<String>) -> Failure {
+        Failure::new(ErrorStatus::BadRequest, reason)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.code(),
+            self.status.phrase(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// A response, as a client acts on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    ProbeAck {
+        transports: Transports,
+        server: String,
+    },
+    RegAck {
+        id: ClientId,
+        addr: SocketAddr,
+        token: Token,
+        /// Seconds until the registration lapses unless refreshed.
+        expires: u32,
+    },
+    /// `peer` is `None` when the caller now waits for one.
+    BridgeAck {
+        peer: Option<(ClientId, SocketAddr)>,
+    },
+    ChatAck,
+    QuitAck,
+    Error(Failure),
+}
+
+/// How a response is framed, beside what it says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResponseFraming<'a> {
+    /// Tell the client the connection closes after this response.
+    pub close: bool,
+    /// Echo of the request's `Request-Id`.
+    pub request_id: Option<&'a str>,
+    /// One UDP datagram: no `Content-Length` (the datagram ends the body).
+    pub datagram: bool,
+    /// Leave out what a client can do without (the error text, `Server`),
+    /// so that a UDP response fits the amplification limit.
+    pub minimal: bool,
+}
+
+impl Response {
+    /// Writes the response as HTTP/1.1 into `out`, for a request of
+    /// `method` (`None` when the request was too broken to have one).
+    pub fn encode(&self, method: Option<Method>, out: &mut Vec<u8>, framing: &ResponseFraming<'_>) {
+        let mut w = Writer(out);
+        let mut body: Option<&str> = None;
+        match self {
+            Response::Error(f) => {
+                w.line(format_args!(
+                    "HTTP/1.1 {} {}",
+                    f.status.code(),
+                    f.status.phrase()
+                ));
+                if let Some(s) = f.retry_after {
+                    w.header("Retry-After", s);
+                }
+                if !framing.minimal {
+                    body = Some(&f.reason);
+                }
+            }
+            ok => {
+                let method = method.unwrap_or(match ok {
+                    Response::ProbeAck { .. } => Method::Probe,
+                    Response::RegAck { .. } => Method::Register,
+                    Response::BridgeAck { .. } => Method::Bridge,
+                    Response::ChatAck => Method::Chat,
+                    _ => Method::Quit,
+                });
+                w.line(format_args!("HTTP/1.1 200 {}", method.ack()));
+                match ok {
+                    Response::ProbeAck { transports, server } => {
+                        w.header("Transport", transports);
+                        if !framing.minimal {
+                            w.header("Server", server);
+                        }
+                    }
+                    Response::RegAck {
+                        id,
+                        addr,
+                        token,
+                        expires,
+                    } => {
+                        w.header("Client-Id", id);
+                        w.header("Client-Addr", addr);
+                        w.header("Client-Token", token);
+                        w.header("Expires", expires);
+                    }
+                    Response::BridgeAck {
+                        peer: Some((id, addr)),
+                    } => {
+                        w.header("Peer-Id", id);
+                        w.header("Peer-Addr", addr);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(rid) = framing.request_id {
+            w.header("Request-Id", rid);
+        }
+        if framing.close && !framing.datagram {
+            w.header("Connection", "close");
+        }
+        match body {
+            Some(text) => {
+                w.header("Content-Type", "text/plain; charset=utf-8");
+                if !framing.datagram {
+                    w.header("Content-Length", text.len() + 1);
+                }
+                w.line(format_args!(""));
+                w.line(format_args!("{text}"));
+                // line() ends with CRLF; a text body ends with a bare LF.
+                let n = w.0.len();
+                w.0.truncate(n - 2);
+                w.0.push(b'\n');
+            }
+            None => {
+                if !framing.datagram {
+                    w.header("Content-Length", 0);
+                }
+                w.line(format_args!(""));
+            }
+        }
+    }
+}
+
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn line(&mut self, args: fmt::Arguments<'_>) {
+        let _ = VecWrite(self.0).write_fmt(args);
+        self.0.extend_from_slice(b"\r\n");
+    }
+
+    fn header(&mut self, name: &str, value: impl fmt::Display) {
+        self.line(format_args!("{name}: {value}"));
+    }
+}
+
+struct VecWrite<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for VecWrite<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A request head the server has parsed.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// Bytes of the head, including the blank line.
+    pub head_len: usize,
+    /// Bytes of body that follow the head (to be skipped).
+    pub content_length: usize,
+    /// The client wants the connection closed after the response.
+    pub close: bool,
+    /// The method, when it was one of ours.
+    pub method: Option<Method>,
+    /// The UDP `Request-Id`, when present and valid.
+    pub request_id: Option<String>,
+    /// The request, or why it cannot be acted on.
+    pub request: Result<Request, Failure>,
+}
+
+/// What [`parse_request`] found at the front of a buffer.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    /// More bytes are needed.
+    Partial,
+    Complete(T),
+}
+
+/// Parses one request head from the front of `buf`.
+///
+/// `Err` means the stream itself is broken (or too large to read on):
+/// answer with the failure and close.
+pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(too_large_head());
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Failure::new(
+                ErrorStatus::HeadersTooLarge,
+                format!("more than {MAX_HEADERS} header fields"),
+            ));
+        }
+        Err(e) => return Err(Failure::bad_request(format!("malformed HTTP request: {e}"))),
+    };
+    if head_len > MAX_HEAD {
+        return Err(too_large_head());
+    }
+    let fields = Fields::collect(req.headers)?;
+    let content_length = fields.content_length()?;
+    let http10 = req.version == Some(0);
+    let close = if http10 {
+        !fields.connection_has("keep-alive")
+    } else {
+        fields.connection_has("close")
+    };
+    let request_id = match fields.request_id {
+        Some(v) => match text(v) {
+            Some(s) if is_request_id(s) => Some(s.to_owned()),
+            _ => {
+                return Ok(Parsed::Complete(RequestHead {
+                    head_len,
+                    content_length,
+                    close,
+                    method: None,
+                    request_id: None,
+                    request: Err(Failure::bad_request(format!(
+                        "bad Request-Id header: 1 to {MAX_REQUEST_ID} visible ASCII characters expected"
+                    ))),
+                }));
+            }
+        },
+        None => None,
+    };
+    let name = req.method.unwrap_or_default();
+    let method = Method::parse(name);
+    let request = match method {
+        Some(m) => fields.request(m),
+        None => Err(unknown_method(name)),
+    };
+    Ok(Parsed::Complete(RequestHead {
+        head_len,
+        content_length,
+        close,
+        method,
+        request_id,
+        request,
+    }))
+}
+
+fn too_large_head() -> Failure {
+    Failure::new(
+        ErrorStatus::HeadersTooLarge,
+        format!("request head larger than {MAX_HEAD} bytes"),
+    )
+}
+
+fn unknown_method(name: &str) -> Failure {
+    let shown: String = name.chars().take(32).collect();
+    let hint = if Method::parse(&name.to_ascii_uppercase()).is_some() {
+        " (methods are case-sensitive)"
+    } else {
+        ""
+    };
+    Failure::new(
+        ErrorStatus::NotImplemented,
+        format!(
+            "unknown method {shown:?}{hint}; this server answers PROBE, REGISTER, BRIDGE, CHAT and QUIT"
+        ),
+    )
+}
+
+fn is_request_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_REQUEST_ID && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Header values are bytes in HTTP; ours are all ASCII, and anything else is
+/// treated as absent-but-present (a bad value).
+fn text(v: &[u8]) -> Option<&str> {
+    std::str::from_utf8(v).ok().map(str::trim)
+}
+
+/// The header fields this protocol reads, gathered in one pass.
+#[derive(Default)]
+struct Fields<'a> {
+    client_id: Option<&'a [u8]>,
+    client_port: Option<&'a [u8]>,
+    client_token: Option<&'a [u8]>,
+    peer_id: Option<&'a [u8]>,
+    request_id: Option<&'a [u8]>,
+    content_length: Option<&'a [u8]>,
+    transfer_encoding: bool,
+    connection: Vec<&'a [u8]>,
+}
+
+impl<'a> Fields<'a> {
+    fn collect(headers: &[httparse::Header<'a>]) -> Result<Fields<'a>, Failure> {
+        let mut f = Fields::default();
+        for h in headers {
+            let name = h.name;
+            let slot = if name.eq_ignore_ascii_case("Client-Id") {
+                &mut f.client_id
+            } else if name.eq_ignore_ascii_case("Client-Port") {
+                &mut f.client_port
+            } else if name.eq_ignore_ascii_case("Client-Token") {
+                &mut f.client_token
+            } else if name.eq_ignore_ascii_case("Peer-Id") {
+                &mut f.peer_id
+            } else if name.eq_ignore_ascii_case("Request-Id") {
+                &mut f.request_id
+            } else if name.eq_ignore_ascii_case("Content-Length") {
+                &mut f.content_length
+            } else if name.eq_ignore_ascii_case("Transfer-Encoding") {
+                f.transfer_encoding = true;
+                continue;
+            } else if name.eq_ignore_ascii_case("Connection") {
+                f.connection.push(h.value);
+                continue;
+            } else {
+                continue;
+            };
+            if slot.replace(h.value).is_some() {
+                return Err(Failure::bad_request(format!("duplicate {name} header")));
+            }
+        }
+        if f.transfer_encoding {
+            return Err(Failure::new(
+                ErrorStatus::NotImplemented,
+                "Transfer-Encoding is not supported: these requests take no body",
+            ));
+        }
+        Ok(f)
+    }
+
+    fn content_length(&self) -> Result<usize, Failure> {
+        let Some(v) = self.content_length else {
+            return Ok(0);
+        };
+        let v = text(v).unwrap_or("x");
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Failure::bad_request("bad Content-Length header"));
+        }
+        match v.parse::<usize>() {
+            Ok(n) if n <= MAX_BODY => Ok(n),
+            _ => Err(Failure::new(
+                ErrorStatus::ContentTooLarge,
+                format!("request body larger than {MAX_BODY} bytes"),
+            )),
+        }
+    }
+
+    fn connection_has(&self, option: &str) -> bool {
+        self.connection.iter().any(|v| {
+            v.split(|&b| b == b',')
+                .any(|item| item.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+        })
+    }
+
+    fn request(&self, method: Method) -> Result<Request, Failure> {
+        Ok(match method {
+            Method::Probe => Request::Probe,
+            Method::Register => Request::Register {
+                id: id_field("Client-Id", self.client_id)?,
+                port: port_field(self.client_port)?,
+                token: match self.client_token {
+                    Some(v) => Some(token_value(v)?),
+                    None => None,
+                },
+            },
+            Method::Bridge => Request::Bridge {
+                id: id_field("Client-Id", self.client_id)?,
+                token: token_field(self.client_token)?,
+                peer: match self.peer_id {
+                    Some(v) => Some(id_value("Peer-Id", v)?),
+                    None => None,
+                },
+            },
+            Method::Chat => Request::Chat {
+                id: id_field("Client-Id", self.client_id)?,
+                token: token_field(self.client_token)?,
+                peer: id_field("Peer-Id", self.peer_id)?,
+            },
+            Method::Quit => Request::Quit {
+                id: id_field("Client-Id", self.client_id)?,
+                token: token_field(self.client_token)?,
+            },
+        })
+    }
+}
+
+fn missing(name: &str) -> Failure {
+    Failure::bad_request(format!("missing {name} header"))
+}
+
+fn id_field(name: &str, v: Option<&[u8]>) -> Result<ClientId, Failure> {
+    id_value(name, v.ok_or_else(|| missing(name))?)
+}
+
+fn id_value(name: &str, v: &[u8]) -> Result<ClientId, Failure> {
+    ClientId::from_bytes(v.trim_ascii())
+        .map_err(|e| Failure::bad_request(format!("bad {name}: {e}")))
+}
+
+fn port_field(v: Option<&[u8]>) -> Result<u16, Failure> {
+    let v = v.ok_or_else(|| missing("Client-Port"))?;
+    match text(v).and_then(|s| s.parse::<u16>().ok()) {
+        Some(p) if p != 0 => Ok(p),
+        _ => Err(Failure::bad_request(
+            "bad Client-Port: a port from 1 to 65535 expected",
+        )),
+    }
+}
+
+fn token_field(v: Option<&[u8]>) -> Result<Token, Failure> {
+    match v {
+        Some(v) => token_value(v),
+        None => Err(Failure::new(
+            ErrorStatus::Unauthorized,
+            "missing Client-Token header: send the token REGISTER returned",
+        )),
+    }
+}
+
+fn token_value(v: &[u8]) -> Result<Token, Failure> {
+    Token::from_hex(v.trim_ascii()).map_err(|_| {
+        Failure::new(
+            ErrorStatus::Unauthorized,
+            "bad Client-Token: 32 hex digits expected, as REGISTER returned",
+        )
+    })
+}
+
+/// A response head a client has parsed.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub response: Response,
+    pub request_id: Option<String>,
+    /// The server will close the connection.
+    pub close: bool,
+}
+
+/// Why a response could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("malformed HTTP response: {0}")]
+    Malformed(String),
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("{ack} response without a valid {header} header")]
+    MissingHeader {
+        ack: &'static str,
+        header: &'static str,
+    },
+}
+
+/// Parses the response to a `method` request from the front of `buf`.
+///
+/// On a stream, `Partial` asks for more bytes; with `datagram`, the whole of
+/// `buf` is the message and its body is whatever follows the head.
+/// `Complete` carries the bytes consumed.
+pub fn parse_response(
+    buf: &[u8],
+    method: Method,
+    datagram: bool,
+) -> Result<Parsed<(ResponseHead, usize)>, ResponseError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD || datagram => {
+            return Err(if datagram {
+                ResponseError::Malformed("incomplete datagram".into())
+            } else {
+                ResponseError::TooLarge
+            });
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(e) => return Err(ResponseError::Malformed(e.to_string())),
+    };
+    let get = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| text(h.value))
+    };
+    let content_length = match get("Content-Length") {
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n <= MAX_BODY)
+            .ok_or_else(|| ResponseError::Malformed("bad Content-Length".into()))?,
+        None if datagram => buf.len() - head_len,
+        None => 0,
+    };
+    let total = head_len + content_length;
+    if buf.len() < total {
+        return if datagram {
+            Err(ResponseError::Malformed(
+                "datagram shorter than Content-Length".into(),
+            ))
+        } else {
+            Ok(Parsed::Partial)
+        };
+    }
+    let close = get("Connection").is_some_and(|v| {
+        v.split(',')
+            .any(|item| item.trim().eq_ignore_ascii_case("close"))
+    });
+    let request_id = get("Request-Id").map(str::to_owned);
+    let code = resp.code.unwrap_or(0);
+    let response = if code == 200 {
+        let ack = method.ack();
+        fn need<'v>(
+            v: Option<&'v str>,
+            ack: &'static str,
+            header: &'static str,
+        ) -> Result<&'v str, ResponseError> {
+            v.ok_or(ResponseError::MissingHeader { ack, header })
+        }
+        match method {
+            Method::Probe => Response::ProbeAck {
+                transports: Transports::parse(need(get("Transport"), ack, "Transport")?),
+                server: get("Server").unwrap_or_default().to_owned(),
+            },
+            Method::Register => {
+                let id = need(get("Client-Id"), ack, "Client-Id")?;
+                let addr = need(get("Client-Addr"), ack, "Client-Addr")?;
+                let token = need(get("Client-Token"), ack, "Client-Token")?;
+                let expires = need(get("Expires"), ack, "Expires")?;
+                let bad = |header| ResponseError::MissingHeader { ack, header };
+                Response::RegAck {
+                    id: id.parse().map_err(|_| bad("Client-Id"))?,
+                    addr: addr.parse().map_err(|_| bad("Client-Addr"))?,
+                    token: token.parse().map_err(|_| bad("Client-Token"))?,
+                    expires: expires.parse().map_err(|_| bad("Expires"))?,
+                }
+            }
+            Method::Bridge => match (get("Peer-Id"), get("Peer-Addr")) {
+                (Some(id), Some(addr)) => {
+                    let bad = |header| ResponseError::MissingHeader { ack, header };
+                    Response::BridgeAck {
+                        peer: Some((
+                            id.parse().map_err(|_| bad("Peer-Id"))?,
+                            addr.parse().map_err(|_| bad("Peer-Addr"))?,
+                        )),
+                    }
+                }
+                (None, None) => Response::BridgeAck { peer: None },
+                (None, Some(_)) => {
+                    return Err(ResponseError::MissingHeader {
+                        ack,
+                        header: "Peer-Id",
+                    });
+                }
+                (Some(_), None) => {
+                    return Err(ResponseError::MissingHeader {
+                        ack,
+                        header: "Peer-Addr",
+                    });
+                }
+            },
+            Method::Chat => Response::ChatAck,
+            Method::Quit => Response::QuitAck,
+        }
+    } else {
+        let body = &buf[head_len..total];
+        let reason = std::str::from_utf8(body)
+            .ok()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .unwrap_or_else(|| resp.reason.unwrap_or_default().to_owned());
+        Response::Error(Failure {
+            status: ErrorStatus::from_code(code, method),
+            reason,
+            retry_after: get("Retry-After").and_then(|v| v.parse().ok()),
+        })
+    };
+    Ok(Parsed::Complete((
+        ResponseHead {
+            response,
+            request_id,
+            close,
+        },
+        total,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ClientId {
+        s.parse().unwrap()
+    }
+
+    fn complete(buf: &[u8]) -> RequestHead {
+        match parse_request(buf) {
+            Ok(Parsed::Complete(h)) => h,
+            other => panic!("expected a complete head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let t = Token::from_bytes([7; 16]);
+        let requests = [
+            Request::Probe,
+            Request::Register {
+                id: id("a"),
+                port: 4000,
+                token: None,
+            },
+            Request::Register {
+                id: id("a"),
+                port: 1,
+                token: Some(t),
+            },
+            Request::Bridge {
+                id: id("a"),
+                token: t,
+                peer: None,
+            },
+            Request::Bridge {
+                id: id("a"),
+                token: t,
+                peer: Some(id("b")),
+            },
+            Request::Chat {
+                id: id("a"),
+                token: t,
+                peer: id("b"),
+            },
+            Request::Quit {
+                id: id("a"),
+                token: t,
+            },
+        ];
+        for r in requests {
+            let mut buf = Vec::new();
+            let framing = RequestFraming {
+                host: Some("h:1"),
+                request_id: Some("r-1"),
+                close: true,
+            };
+            r.encode(&mut buf, &framing);
+            let head = complete(&buf);
+            assert_eq!(head.head_len, buf.len());
+            assert_eq!(head.request, Ok(r.clone()));
+            assert_eq!(head.method, Some(r.method()));
+            assert_eq!(head.request_id.as_deref(), Some("r-1"));
+            assert!(head.close);
+        }
+    }
+
+    #[test]
+    fn every_response_round_trips_on_stream_and_datagram() {
+        let t = Token::from_bytes([9; 16]);
+        let cases = [
+            (
+                Method::Probe,
+                Response::ProbeAck {
+                    transports: Transports {
+                        tcp: true,
+                        udp: true,
+                    },
+                    server: "chat-server/1".into(),
+                },
+            ),
+            (
+                Method::Register,
+                Response::RegAck {
+                    id: id("x"),
+                    addr: "127.0.0.1:9".parse().unwrap(),
+                    token: t,
+                    expires: 300,
+                },
+            ),
+            (
+                Method::Register,
+                Response::RegAck {
+                    id: id("x"),
+                    addr: "[::1]:9".parse().unwrap(),
+                    token: t,
+                    expires: 1,
+                },
+            ),
+            (Method::Bridge, Response::BridgeAck { peer: None }),
+            (
+                Method::Bridge,
+                Response::BridgeAck {
+                    peer: Some((id("y"), "10.0.0.1:5".parse().unwrap())),
+                },
+            ),
+            (Method::Chat, Response::ChatAck),
+            (Method::Quit, Response::QuitAck),
+            (
+                Method::Register,
+                Response::Error(Failure::new(ErrorStatus::RegNack, "id x is in use")),
+            ),
+            (
+                Method::Bridge,
+                Response::Error(Failure {
+                    status: ErrorStatus::TooManyRequests,
+                    reason: "slow down".into(),
+                    retry_after: Some(2),
+                }),
+            ),
+        ];
+        for (method, resp) in cases {
+            for datagram in [false, true] {
+                let mut buf = Vec::new();
+                resp.encode(
+                    Some(method),
+                    &mut buf,
+                    &ResponseFraming {
+                        datagram,
+                        request_id: Some("7"),
+                        ..Default::default()
+                    },
+                );
+                let Parsed::Complete((head, used)) =
+                    parse_response(&buf, method, datagram).unwrap()
+                else {
+                    panic!("partial");
+                };
+                assert_eq!(used, buf.len());
+                assert_eq!(head.response, resp);
+                assert_eq!(head.request_id.as_deref(), Some("7"));
+            }
+        }
+    }
+
+    #[test]
+    fn wire_text_is_plain_http() {
+        let mut buf = Vec::new();
+        Response::ProbeAck {
+            transports: Transports {
+                tcp: true,
+                udp: false,
+            },
+            server: "chat-server/0.1.0".into(),
+        }
+        .encode(Some(Method::Probe), &mut buf, &ResponseFraming::default());
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "HTTP/1.1 200 PROBEACK\r\nTransport: tcp\r\nServer: chat-server/0.1.0\r\nContent-Length: 0\r\n\r\n"
+        );
+        let mut buf = Vec::new();
+        Response::Error(Failure::new(ErrorStatus::NotFound, "no client bob")).encode(
+            Some(Method::Bridge),
+            &mut buf,
+            &ResponseFraming {
+                close: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 14\r\n\r\nno client bob\n"
+        );
+    }
+
+    #[test]
+    fn curl_style_request_parses() {
+        let buf = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nUser-Agent: curl/8\r\nAccept: */*\r\nclient-id: alice\r\nCLIENT-PORT:  4000 \r\n\r\n";
+        let head = complete(buf);
+        assert_eq!(
+            head.request,
+            Ok(Request::Register {
+                id: id("alice"),
+                port: 4000,
+                token: None
+            })
+        );
+        assert!(!head.close);
+    }
+
+    #[test]
+    fn partial_until_the_blank_line() {
+        let full = b"PROBE / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for cut in 0..full.len() {
+            assert!(
+                matches!(parse_request(&full[..cut]), Ok(Parsed::Partial)),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(parse_request(full), Ok(Parsed::Complete(_))));
+    }
+
+    #[test]
+    fn http10_closes_unless_keep_alive() {
+        assert!(complete(b"PROBE / HTTP/1.0\r\n\r\n").close);
+        assert!(!complete(b"PROBE / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
+        assert!(complete(b"PROBE / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").close);
+    }
+
+    #[test]
+    fn semantic_errors_keep_the_connection() {
+        let cases: [(&[u8], u16); 11] = [
+            (b"GET / HTTP/1.1\r\n\r\n", 501),
+            (b"register / HTTP/1.1\r\n\r\n", 501),
+            (b"REGISTER / HTTP/1.1\r\nClient-Port: 1\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: a b\r\nClient-Port: 1\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 0\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 70000\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 1\r\nClient-Token: zz\r\n\r\n", 401),
+            (b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\n\r\n", 401),
+            (b"CHAT / HTTP/1.1\r\nClient-Id: a\r\nClient-Token: 00000000000000000000000000000000\r\n\r\n", 400),
+            (b"QUIT / HTTP/1.1\r\nClient-Token: 00000000000000000000000000000000\r\n\r\n", 400),
+            (b"PROBE / HTTP/1.1\r\nRequest-Id: a b\r\n\r\n", 400),
+        ];
+        for (buf, code) in cases {
+            let head = complete(buf);
+            let err = head.request.expect_err("should be refused");
+            assert_eq!(
+                err.status.code(),
+                code,
+                "{:?}: {}",
+                String::from_utf8_lossy(buf),
+                err.reason
+            );
+        }
+    }
+
+    #[test]
+    fn framing_errors_close_the_connection() {
+        let big_header = format!("PROBE / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: 1\r\n")).collect();
+        let many = format!("PROBE / HTTP/1.1\r\n{many}\r\n");
+        let cases: [(&[u8], u16); 7] = [
+            (b"\x00\x01\x02garbage\r\n\r\n", 400),
+            (b"PROBE / HTTP/1.1\r\nContent-Length: 4097\r\n\r\n", 413),
+            (
+                b"PROBE / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                413,
+            ),
+            (b"PROBE / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+            (
+                b"PROBE / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+            ),
+            (big_header.as_bytes(), 431),
+            (many.as_bytes(), 431),
+        ];
+        for (buf, code) in cases {
+            let err = parse_request(buf).expect_err("should fail framing");
+            assert_eq!(err.status.code(), code, "{}", err.reason);
+        }
+        // A head that never ends is refused once it passes the limit.
+        let endless = format!("PROBE / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD + 1));
+        assert_eq!(
+            parse_request(endless.as_bytes()).unwrap_err().status.code(),
+            431
+        );
+        let dup = b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\nclient-id: b\r\n\r\n";
+        assert_eq!(parse_request(dup).unwrap_err().status.code(), 400);
+    }
+
+    #[test]
+    fn body_length_is_reported_for_skipping() {
+        let head = complete(b"PROBE / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(head.content_length, 5);
+    }
+
+    #[test]
+    fn minimal_datagram_drops_the_extras() {
+        let mut buf = Vec::new();
+        Response::Error(Failure::new(ErrorStatus::NotFound, "long text ".repeat(20))).encode(
+            Some(Method::Bridge),
+            &mut buf,
+            &ResponseFraming {
+                datagram: true,
+                minimal: true,
+                request_id: Some("1"),
+                close: false,
+            },
+        );
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nRequest-Id: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn responses_missing_fields_are_errors() {
+        let r = b"HTTP/1.1 200 REGACK\r\nClient-Id: a\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            parse_response(r, Method::Register, false),
+            Err(ResponseError::MissingHeader {
+                header: "Client-Addr",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Len", Method::Chat, false),
+            Ok(Parsed::Partial)
+        ));
+        assert!(parse_response(b"garbage\r\n\r\n", Method::Chat, false).is_err());
+    }
+}

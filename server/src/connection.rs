@@ -1,0 +1,209 @@
+//! One TCP connection: read requests, answer them in order, close.
+//!
+//! Both the seeds' transient connections (one request, then close) and HTTP
+//! keep-alive are served, pipelined requests included. Every wait has a
+//! deadline: a request must arrive whole within the header timeout from its
+//! first byte (from accept, for the first one), so slow-loris connections
+//! are cut off, and an idle keep-alive connection is closed after the idle
+//! timeout. When the server closes a connection that is not clean, it sends
+//! its last response, half-closes and drains for a moment before closing
+//! (as nginx's lingering close does): closing with unread input would make
+//! the kernel reset the connection and could destroy that last response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::rendezvous::{
+    ErrorStatus, Failure, MAX_HEAD, Parsed, Response, ResponseFraming, parse_request,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout_at};
+
+use crate::state::State;
+
+/// Timeouts for one connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A request must arrive complete within this.
+    pub header: Duration,
+    /// A keep-alive connection with no request in progress is closed
+    /// after this.
+    pub idle: Duration,
+}
+
+/// How long a lingering close drains input, and how much at most.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Serves one connection until it closes.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    timeouts: Timeouts,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    // Where the current request started: from accept for the first one.
+    let mut started = Instant::now();
+    // Between requests on a keep-alive connection, where the idle timeout
+    // applies instead of the header timeout.
+    let mut idle = false;
+    // How far `buf` has been searched for the end of a head.
+    let mut scanned = 0;
+    loop {
+        // Answer every complete request already buffered, then write the
+        // answers in one go.
+        loop {
+            if !head_may_be_complete(&buf, &mut scanned) {
+                break;
+            }
+            let head = match parse_request(&buf) {
+                Ok(Parsed::Complete(head)) => head,
+                Ok(Parsed::Partial) => break,
+                Err(failure) => {
+                    return finish_with_error(stream, out, failure).await;
+                }
+            };
+            let total = head.head_len + head.content_length;
+            if buf.len() < total {
+                // The body is still on its way, under the same deadline.
+                break;
+            }
+            let response = match state.admit(peer.ip()) {
+                Ok(()) => state.answer(&head, peer.ip()),
+                Err(f) => Response::Error(f),
+            };
+            let close = head.close || *shutdown.borrow();
+            response.encode(
+                head.method,
+                &mut out,
+                &ResponseFraming {
+                    close,
+                    ..ResponseFraming::default()
+                },
+            );
+            buf.drain(..total);
+            scanned = 0;
+            started = Instant::now();
+            idle = buf.is_empty();
+            if close {
+                if stream.write_all(&out).await.is_ok() && !buf.is_empty() {
+                    linger(stream).await;
+                }
+                return;
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        let deadline = if idle {
+            Instant::now() + timeouts.idle
+        } else {
+            started + timeouts.header
+        };
+        let waiting_for_request = buf.is_empty();
+        tokio::select! {
+            read = timeout_at(deadline, stream.read_buf(&mut buf)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {
+                    if idle {
+                        idle = false;
+                        started = Instant::now();
+                    }
+                    if buf.len() > MAX_HEAD + chat_proto::rendezvous::MAX_BODY + 1 {
+                        // parse_request refuses a head past MAX_HEAD; this
+                        // only bounds the buffer while a body is read.
+                        let f = Failure::new(ErrorStatus::ContentTooLarge, "request too large");
+                        return finish_with_error(stream, out, f).await;
+                    }
+                }
+                Err(_elapsed) if idle => return,
+                Err(_elapsed) => {
+                    let f = Failure::new(
+                        ErrorStatus::RequestTimeout,
+                        format!("request not complete within {} s", timeouts.header.as_secs()),
+                    );
+                    return finish_with_error(stream, out, f).await;
+                }
+            },
+            // Shutting down: an idle connection just closes; one mid-request
+            // gets its answer (with Connection: close) first.
+            _ = shutdown.changed(), if waiting_for_request => return,
+        }
+    }
+}
+
+/// A cheap check before parsing: has the blank line that ends a head
+/// arrived? Saves re-parsing a head that trickles in byte by byte.
+fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
+    if buf.len() > MAX_HEAD {
+        // Let the parser report the oversized head.
+        return true;
+    }
+    let from = scanned.saturating_sub(3);
+    let found = buf[from..]
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && buf.get(from + i + 2) == Some(&b'\n')));
+    *scanned = buf.len();
+    found
+}
+
+/// Sends a last error response and closes with a lingering close.
+async fn finish_with_error(mut stream: TcpStream, mut out: Vec<u8>, failure: Failure) {
+    tracing::debug!(status = failure.status.code(), reason = %failure.reason, "closing connection");
+    Response::Error(failure).encode(
+        None,
+        &mut out,
+        &ResponseFraming {
+            close: true,
+            ..ResponseFraming::default()
+        },
+    );
+    if stream.write_all(&out).await.is_ok() {
+        linger(stream).await;
+    }
+}
+
+/// Half-closes, then reads and discards what the client still sends, for a
+/// bounded time and amount, so our last response is not reset away.
+pub async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_may_be_complete;
+
+    #[test]
+    fn head_end_is_found_across_reads() {
+        let mut scanned = 0;
+        let mut buf = b"PROBE / HTTP/1.1\r\nHost: x\r\n\r".to_vec();
+        assert!(!head_may_be_complete(&buf, &mut scanned));
+        buf.push(b'\n');
+        assert!(head_may_be_complete(&buf, &mut scanned));
+        let mut scanned = 0;
+        assert!(head_may_be_complete(b"PROBE / HTTP/1.1\n\n", &mut scanned));
+        let mut scanned = 0;
+        assert!(!head_may_be_complete(b"PROBE / HTTP/1.1\r\n", &mut scanned));
+    }
+}

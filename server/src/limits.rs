@@ -1,0 +1,282 @@
+//! The limits that keep one source from taking the server for itself: a
+//! token bucket of requests per source, and counts of open TCP connections
+//! per source and in all.
+//!
+//! Like the registry these are pure state machines with the time passed in.
+//! A source is an IPv4 address or an IPv6 /64, the block one subscriber
+//! usually holds, so that hopping through addresses of one block does not
+//! buy a fresh bucket each time.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The key limits are counted under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    V4(u32),
+    V6Prefix(u64),
+}
+
+impl From<IpAddr> for Source {
+    fn from(ip: IpAddr) -> Source {
+        match ip {
+            IpAddr::V4(v4) => Source::V4(v4.into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Source::V4(v4.into()),
+                None => Source::V6Prefix((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// Most sources tracked at once; past it new sources are refused until old
+/// buckets refill and are forgotten, which bounds memory under a flood of
+/// spoofed or rotating addresses.
+pub const MAX_TRACKED_SOURCES: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Duration,
+}
+
+/// A token bucket per source: `rate` requests a second, `burst` at once.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<Source, Bucket>,
+    max_tracked: usize,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the source's rate; retry after this many whole seconds.
+    RateLimited { retry_after: u32 },
+    /// Too many sources are being tracked (a flood of addresses).
+    TooManySources,
+}
+
+impl RateLimiter {
+    /// `None` when either figure is 0 (the limit is off).
+    pub fn new(rate: u32, burst: u32) -> Option<RateLimiter> {
+        Self::with_capacity(rate, burst, MAX_TRACKED_SOURCES)
+    }
+
+    fn with_capacity(rate: u32, burst: u32, max_tracked: usize) -> Option<RateLimiter> {
+        (rate > 0 && burst > 0).then(|| RateLimiter {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            buckets: HashMap::new(),
+            max_tracked,
+        })
+    }
+
+    /// Takes one token from `source`'s bucket.
+    pub fn check(&mut self, source: Source, now: Duration) -> Result<(), Refusal> {
+        if self.buckets.len() >= self.max_tracked && !self.buckets.contains_key(&source) {
+            self.sweep(now);
+            if self.buckets.len() >= self.max_tracked {
+                return Err(Refusal::TooManySources);
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let b = self.buckets.entry(source).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let elapsed = now.saturating_sub(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - b.tokens) / rate;
+            Err(Refusal::RateLimited {
+                retry_after: (wait.ceil() as u32).max(1),
+            })
+        }
+    }
+
+    /// Forgets sources whose bucket has refilled: they are
+    /// indistinguishable from sources never seen.
+    pub fn sweep(&mut self, now: Duration) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, b| {
+            let elapsed = now.saturating_sub(b.last).as_secs_f64();
+            b.tokens + elapsed * rate < burst
+        });
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+/// Open TCP connections, per source and in all.
+pub struct ConnLimits {
+    max_total: usize,
+    max_per_source: u32,
+    total: usize,
+    per_source: HashMap<Source, u32>,
+}
+
+/// Why a connection was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// `--max-conns` reached: 503.
+    ServerFull,
+    /// `--per-ip-conns` reached: 429.
+    SourceFull,
+}
+
+impl ConnLimits {
+    /// A limit of 0 is off.
+    pub fn new(max_total: usize, max_per_source: u32) -> ConnLimits {
+        ConnLimits {
+            max_total,
+            max_per_source,
+            total: 0,
+            per_source: HashMap::new(),
+        }
+    }
+
+    /// Counts a new connection from `source`, or says why it is refused.
+    /// Every `Ok` must be paired with one [`ConnLimits::close`].
+    pub fn open(&mut self, source: Source) -> Result<(), ConnRefusal> {
+        if self.max_total != 0 && self.total >= self.max_total {
+            return Err(ConnRefusal::ServerFull);
+        }
+        if self.max_per_source != 0 {
+            let n = self.per_source.entry(source).or_insert(0);
+            if *n >= self.max_per_source {
+                return Err(ConnRefusal::SourceFull);
+            }
+            *n += 1;
+        }
+        self.total += 1;
+        Ok(())
+    }
+
+    pub fn close(&mut self, source: Source) {
+        self.total = self.total.saturating_sub(1);
+        if self.max_per_source != 0 {
+            if let Some(n) = self.per_source.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_source.remove(&source);
+                }
+            }
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(s: &str) -> Source {
+        s.parse::<IpAddr>().unwrap().into()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn sources_group_ipv6_by_64_and_unmap_ipv4() {
+        assert_eq!(src("2001:db8:1:2::1"), src("2001:db8:1:2:ffff::9"));
+        assert_ne!(src("2001:db8:1:2::1"), src("2001:db8:1:3::1"));
+        assert_eq!(src("::ffff:10.0.0.1"), src("10.0.0.1"));
+        assert_ne!(src("10.0.0.1"), src("10.0.0.2"));
+    }
+
+    #[test]
+    fn zero_turns_the_rate_limit_off() {
+        assert!(RateLimiter::new(0, 10).is_none());
+        assert!(RateLimiter::new(10, 0).is_none());
+    }
+
+    #[test]
+    fn burst_then_rate() {
+        let mut l = RateLimiter::new(10, 3).unwrap();
+        let a = src("10.0.0.1");
+        for _ in 0..3 {
+            assert_eq!(l.check(a, ms(0)), Ok(()));
+        }
+        assert_eq!(
+            l.check(a, ms(0)),
+            Err(Refusal::RateLimited { retry_after: 1 })
+        );
+        // Another source has its own bucket.
+        assert_eq!(l.check(src("10.0.0.2"), ms(0)), Ok(()));
+        // 100 ms buys one token at 10/s.
+        assert_eq!(l.check(a, ms(100)), Ok(()));
+        assert!(l.check(a, ms(100)).is_err());
+        // Refills up to the burst, not beyond.
+        for _ in 0..3 {
+            assert_eq!(l.check(a, ms(10_000)), Ok(()));
+        }
+        assert!(l.check(a, ms(10_000)).is_err());
+    }
+
+    #[test]
+    fn retry_after_covers_the_wait_at_slow_rates() {
+        let mut l = RateLimiter::new(1, 1).unwrap();
+        let a = src("10.0.0.1");
+        assert_eq!(l.check(a, ms(0)), Ok(()));
+        assert_eq!(
+            l.check(a, ms(100)),
+            Err(Refusal::RateLimited { retry_after: 1 })
+        );
+        assert_eq!(l.check(a, ms(1000)), Ok(()));
+    }
+
+    #[test]
+    fn tracked_sources_are_bounded_and_forgotten_when_full() {
+        let mut l = RateLimiter::with_capacity(1, 2, 2).unwrap();
+        assert_eq!(l.check(src("10.0.0.1"), ms(0)), Ok(()));
+        assert_eq!(l.check(src("10.0.0.2"), ms(0)), Ok(()));
+        assert_eq!(
+            l.check(src("10.0.0.3"), ms(0)),
+            Err(Refusal::TooManySources)
+        );
+        // Once the first two have refilled they are forgotten.
+        assert_eq!(l.check(src("10.0.0.3"), ms(5_000)), Ok(()));
+        assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn connection_caps() {
+        let mut c = ConnLimits::new(3, 2);
+        let a = src("10.0.0.1");
+        let b = src("10.0.0.2");
+        assert_eq!(c.open(a), Ok(()));
+        assert_eq!(c.open(a), Ok(()));
+        assert_eq!(c.open(a), Err(ConnRefusal::SourceFull));
+        assert_eq!(c.open(b), Ok(()));
+        assert_eq!(c.open(b), Err(ConnRefusal::ServerFull));
+        c.close(a);
+        assert_eq!(c.open(a), Ok(()));
+        c.close(a);
+        c.close(a);
+        c.close(b);
+        assert_eq!(c.total(), 0);
+        assert!(c.per_source.is_empty());
+    }
+
+    #[test]
+    fn connection_caps_off() {
+        let mut c = ConnLimits::new(0, 0);
+        for _ in 0..1000 {
+            assert_eq!(c.open(src("10.0.0.1")), Ok(()));
+        }
+        assert_eq!(c.total(), 1000);
+    }
+}

@@ -1,0 +1,120 @@
+//! What the transports share: the registry, the limits and the clock.
+//!
+//! TCP connections and the UDP socket both turn a parsed request into a
+//! response here, so the two transports cannot drift apart. Locks are held
+//! only for the few hundred nanoseconds a registry call takes, never across
+//! an await.
+
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chat_proto::Token;
+use chat_proto::rendezvous::{ErrorStatus, Failure, Request, RequestHead, Response, Transports};
+
+use crate::limits::{ConnLimits, RateLimiter, Refusal, Source};
+use crate::registry::{self, Registry};
+
+/// The server's identity in `PROBEACK`.
+pub const SERVER_NAME: &str = concat!("chat-server/", env!("CARGO_PKG_VERSION"));
+
+/// The running server's shared state.
+pub struct State {
+    origin: Instant,
+    pub transports: Transports,
+    registry: Mutex<Registry>,
+    limiter: Option<Mutex<RateLimiter>>,
+    pub conns: Mutex<ConnLimits>,
+    per_ip_rate: u32,
+}
+
+/// The limits [`State`] enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub registry: registry::Config,
+    pub per_ip_rate: u32,
+    pub per_ip_burst: u32,
+    pub per_ip_conns: u32,
+    pub max_conns: usize,
+}
+
+impl State {
+    pub fn new(transports: Transports, limits: &Limits) -> State {
+        State {
+            origin: Instant::now(),
+            transports,
+            registry: Mutex::new(Registry::new(limits.registry.clone())),
+            limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
+            conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
+            per_ip_rate: limits.per_ip_rate,
+        }
+    }
+
+    /// Time since start: the registry's and the limiter's clock.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Takes one request from `source`'s allowance.
+    pub fn admit(&self, source: IpAddr) -> Result<(), Failure> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        match lock(limiter).check(Source::from(source), self.now()) {
+            Ok(()) => Ok(()),
+            Err(Refusal::RateLimited { retry_after }) => Err(Failure {
+                retry_after: Some(retry_after),
+                ..Failure::new(
+                    ErrorStatus::TooManyRequests,
+                    format!(
+                        "rate limited: more than {} requests/s from your address; retry after {retry_after} s",
+                        self.per_ip_rate
+                    ),
+                )
+            }),
+            Err(Refusal::TooManySources) => Err(Failure {
+                retry_after: Some(10),
+                ..Failure::new(
+                    ErrorStatus::Unavailable,
+                    "server busy: too many clients at once; retry later",
+                )
+            }),
+        }
+    }
+
+    /// The response to a parsed request from `source`, which has been
+    /// admitted already.
+    pub fn answer(&self, head: &RequestHead, source: IpAddr) -> Response {
+        match &head.request {
+            Err(f) => Response::Error(f.clone()),
+            Ok(Request::Probe) => Response::ProbeAck {
+                transports: self.transports,
+                server: SERVER_NAME.to_owned(),
+            },
+            Ok(request) => {
+                let now = self.now();
+                lock(&self.registry).handle(request, source, now, Token::random)
+            }
+        }
+    }
+
+    /// Forgets what has lapsed: registrations and refilled buckets.
+    pub fn sweep(&self) -> usize {
+        let now = self.now();
+        if let Some(l) = &self.limiter {
+            lock(l).sweep(now);
+        }
+        lock(&self.registry).sweep(now)
+    }
+
+    pub fn registrations(&self) -> usize {
+        lock(&self.registry).len()
+    }
+}
+
+/// Locks `m`. A panic while it was held cannot leave the registry
+/// half-updated (its methods do not panic between related writes), so a
+/// poisoned lock is taken over rather than failing every later request.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

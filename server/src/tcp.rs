@@ -1,0 +1,147 @@
+//! The TCP listener: accept, apply the connection caps, hand each
+//! connection to its own task.
+//!
+//! A connection over a cap still gets an answer (503 when the server is
+//! full, 429 when its address holds too many), written by a short task of
+//! its own; those tasks are capped too, and past that cap a connection is
+//! simply closed, so a flood cannot make the server hold more sockets than
+//! its limits say.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chat_proto::rendezvous::{ErrorStatus, Failure, Response, ResponseFraming};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::connection::{self, Timeouts};
+use crate::limits::{ConnRefusal, Source};
+use crate::state::{State, lock};
+
+/// Most refused connections being answered at once.
+const MAX_REFUSING: usize = 256;
+
+/// Binds a listener the way a server should: address reuse so a restart
+/// does not wait out TIME_WAIT, and a deep backlog for bursts of
+/// transient connections.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `--bind ::` serves IPv4 too, as most servers do.
+        let _ = socket.set_only_v6(false);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts connections until shutdown.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    timeouts: Timeouts,
+    mut shutdown: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let refusing = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                accept_error(e).await;
+                continue;
+            }
+        };
+        let source = Source::from(peer.ip());
+        let opened = lock(&state.conns).open(source);
+        match opened {
+            Ok(()) => {
+                let _ = stream.set_nodelay(true);
+                let state = Arc::clone(&state);
+                let shutdown = shutdown.clone();
+                let done = done.clone();
+                tokio::spawn(async move {
+                    connection::serve(stream, peer, Arc::clone(&state), timeouts, shutdown).await;
+                    lock(&state.conns).close(source);
+                    drop(done);
+                });
+            }
+            Err(refusal) => refuse(stream, peer, refusal, &refusing, &state),
+        }
+    }
+}
+
+fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    refusal: ConnRefusal,
+    refusing: &Arc<AtomicUsize>,
+    state: &State,
+) {
+    if refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::Relaxed);
+        return; // dropped: closed without a word
+    }
+    let failure = match refusal {
+        ConnRefusal::ServerFull => {
+            tracing::debug!(%peer, open = lock(&state.conns).total(), "refusing connection: server full");
+            Failure {
+                retry_after: Some(5),
+                ..Failure::new(
+                    ErrorStatus::Unavailable,
+                    "server full: too many connections; retry later",
+                )
+            }
+        }
+        ConnRefusal::SourceFull => Failure {
+            retry_after: Some(5),
+            ..Failure::new(
+                ErrorStatus::TooManyRequests,
+                "too many connections from your address; close some and retry",
+            )
+        },
+    };
+    let refusing = Arc::clone(refusing);
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        Response::Error(failure).encode(
+            None,
+            &mut out,
+            &ResponseFraming {
+                close: true,
+                ..Default::default()
+            },
+        );
+        let mut stream = stream;
+        if stream.write_all(&out).await.is_ok() {
+            connection::linger(stream).await;
+        }
+        refusing.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Accept fails mostly when the process is out of file descriptors; the
+/// pending connection stays queued, so pause instead of spinning on it.
+async fn accept_error(e: io::Error) {
+    let exhausted = matches!(e.raw_os_error(), Some(code) if code == 24 || code == 23);
+    if exhausted {
+        tracing::warn!("accept failed: {e}; out of file descriptors, pausing for 100 ms");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        tracing::debug!("accept failed: {e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! The UDP transport: one request per datagram, one response per request.
+//!
+//! Three rules make HTTP over UDP safe to expose:
+//! - a retransmitted request (same source, same `Request-Id`) is answered
+//!   from the replay cache, never executed twice;
+//! - a response is never more than three times the size of its request, so
+//!   a spoofed source cannot turn the server into an amplifier; when the
+//!   full response is too big the minimal one is sent, and when even that
+//!   is, nothing;
+//! - a source over its rate limit is dropped silently: answering a flood
+//!   with 429s would only feed it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::rendezvous::{
+    Failure, MAX_DATAGRAM, Parsed, RequestHead, Response, ResponseFraming, parse_request,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+use crate::replay::ReplayCache;
+use crate::state::State;
+
+/// How long responses are kept for retransmissions: longer than the ~8 s a
+/// client retransmits for, with room for a slow path.
+pub const REPLAY_TTL: Duration = Duration::from_secs(30);
+/// Memory for kept responses.
+pub const REPLAY_BYTES: usize = 64 * 1024 * 1024;
+/// The amplification bound: response bytes per request byte.
+pub const MAX_AMPLIFICATION: usize = 3;
+
+/// Binds the UDP socket.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    // A deeper receive queue rides out bursts instead of dropping them.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Serves datagrams until shutdown.
+pub async fn run(socket: UdpSocket, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+    // One byte more than the largest accepted datagram, to see truncation.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        let (n, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(got) => got,
+                // ICMP errors from earlier sends surface here on some
+                // systems; they concern that peer, not the socket.
+                Err(e) => {
+                    tracing::debug!("udp receive failed: {e}");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        if let Some(reply) = answer(&state, &mut cache, &buf[..n], from) {
+            if let Err(e) = socket.send_to(&reply, from).await {
+                tracing::debug!(%from, "udp send failed: {e}");
+            }
+        }
+    }
+}
+
+/// The datagram to send back for `datagram` from `from`, if any.
+pub fn answer(
+    state: &State,
+    cache: &mut ReplayCache,
+    datagram: &[u8],
+    from: SocketAddr,
+) -> Option<Vec<u8>> {
+    if state.admit(from.ip()).is_err() {
+        return None;
+    }
+    let now = state.now();
+    let head = match parse_datagram(datagram) {
+        Ok(head) => head,
+        Err(failure) => return encode(&Response::Error(failure), None, None, datagram.len()),
+    };
+    let rid = head.request_id.as_deref();
+    if let Some(rid) = rid {
+        if let Some(kept) = cache.get(from, rid, now) {
+            return Some(kept.to_vec());
+        }
+    }
+    let response = state.answer(&head, from.ip());
+    let reply = encode(&response, head.method, rid, datagram.len())?;
+    if let Some(rid) = rid {
+        cache.insert(from, rid, reply.clone(), now);
+    }
+    Some(reply)
+}
+
+fn parse_datagram(datagram: &[u8]) -> Result<RequestHead, Failure> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(Failure::new(
+            chat_proto::rendezvous::ErrorStatus::ContentTooLarge,
+            format!("datagram larger than {MAX_DATAGRAM} bytes"),
+        ));
+    }
+    match parse_request(datagram)? {
+        Parsed::Complete(head) if head.head_len + head.content_length <= datagram.len() => Ok(head),
+        Parsed::Complete(_) => Err(Failure::bad_request(
+            "datagram shorter than its Content-Length",
+        )),
+        Parsed::Partial => Err(Failure::bad_request(
+            "incomplete request: send one whole request, ending with a blank line, per datagram",
+        )),
+    }
+}
+
+fn encode(
+    response: &Response,
+    method: Option<chat_proto::rendezvous::Method>,
+    request_id: Option<&str>,
+    request_len: usize,
+) -> Option<Vec<u8>> {
+    let limit = request_len * MAX_AMPLIFICATION;
+    let mut out = Vec::with_capacity(256);
+    for minimal in [false, true] {
+        out.clear();
+        let framing = ResponseFraming {
+            datagram: true,
+            minimal,
+            request_id,
+            close: false,
+        };
+        response.encode(method, &mut out, &framing);
+        if out.len() <= limit {
+            return Some(out);
+        }
+    }
+    tracing::debug!(
+        request_len,
+        response_len = out.len(),
+        "udp response over the amplification bound; not sent"
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry;
+    use crate::state::Limits;
+    use chat_proto::rendezvous::Transports;
+
+    fn state(rate: u32) -> State {
+        State::new(
+            Transports {
+                tcp: false,
+                udp: true,
+            },
+            &Limits {
+                registry: registry::Config {
+                    expires: Duration::from_secs(300),
+                    max_registrations: 0,
+                },
+                per_ip_rate: rate,
+                per_ip_burst: rate,
+                per_ip_conns: 0,
+                max_conns: 0,
+            },
+        )
+    }
+
+    fn from() -> SocketAddr {
+        "127.0.0.1:40000".parse().unwrap()
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[test]
+    fn retransmission_is_answered_from_the_cache() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let req = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\n\r\n";
+        let first = answer(&s, &mut cache, req, from()).unwrap();
+        let again = answer(&s, &mut cache, req, from()).unwrap();
+        assert!(
+            text(&first).starts_with("HTTP/1.1 200 REGACK"),
+            "{}",
+            text(&first)
+        );
+        assert_eq!(first, again);
+        // A new Request-Id executes again, and the id is now taken.
+        let req2 = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 2\r\n\r\n";
+        let other = answer(&s, &mut cache, req2, from()).unwrap();
+        assert!(
+            text(&other).starts_with("HTTP/1.1 409 REGNACK"),
+            "{}",
+            text(&other)
+        );
+    }
+
+    #[test]
+    fn responses_stay_within_three_times_the_request() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        for req in [
+            &b"PROBE / HTTP/1.1\r\n\r\n"[..],
+            b"X\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 1\r\n\r\n",
+            b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\n\r\n",
+            b"\r\n\r\n",
+            b"P",
+        ] {
+            if let Some(resp) = answer(&s, &mut cache, req, from()) {
+                assert!(
+                    resp.len() <= 3 * req.len(),
+                    "{} -> {}",
+                    text(req),
+                    text(&resp)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_form_is_used_when_the_full_one_is_too_big() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let resp = answer(&s, &mut cache, b"PROBE / HTTP/1.1\r\n\r\n", from()).unwrap();
+        assert_eq!(
+            text(&resp),
+            "HTTP/1.1 200 PROBEACK\r\nTransport: udp\r\n\r\n"
+        );
+        let padded = b"PROBE / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nRequest-Id: 12345\r\n\r\n";
+        let resp = answer(&s, &mut cache, padded, from()).unwrap();
+        assert!(
+            text(&resp).contains("Server: chat-server/"),
+            "{}",
+            text(&resp)
+        );
+    }
+
+    #[test]
+    fn over_the_rate_limit_is_silent() {
+        let s = state(2);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let req = b"PROBE / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\n\r\n";
+        assert!(answer(&s, &mut cache, req, from()).is_some());
+        assert!(answer(&s, &mut cache, req, from()).is_some());
+        assert!(answer(&s, &mut cache, req, from()).is_none());
+    }
+}
