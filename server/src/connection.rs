@@ -118,12 +118,6 @@ pub async fn serve(
                         idle = false;
                         started = Instant::now();
                     }
-                    if buf.len() > MAX_HEAD + chat_proto::rendezvous::MAX_BODY + 1 {
-                        // parse_request refuses a head past MAX_HEAD; this
-                        // only bounds the buffer while a body is read.
-                        let f = Failure::new(ErrorStatus::ContentTooLarge, "request too large");
-                        return finish_with_error(stream, out, f).await;
-                    }
                 }
                 Err(_elapsed) if idle => return,
                 Err(_elapsed) => {

@@ -1,0 +1,657 @@
+//! The real `chat-server` binary over real TCP and UDP sockets on
+//! 127.0.0.1: every request of the protocol, every error status, hostile
+//! input, and that the server still answers correctly afterwards.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ZERO_TOKEN: &str = "00000000000000000000000000000000";
+
+fn assert_alive(addr: SocketAddr) {
+    let r = request(addr, "PROBE", &[]);
+    assert_eq!((r.status, r.phrase.as_str()), (200, "PROBEACK"), "{r:?}");
+}
+
+#[test]
+fn probe_names_transports_and_server() {
+    let s = Server::start(&[]);
+    let r = request(s.addr, "PROBE", &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.phrase, "PROBEACK");
+    assert_eq!(r.header("Transport"), Some("tcp"));
+    assert!(r.header("Server").unwrap().starts_with("chat-server/"));
+
+    let both = Server::start(&["--transport", "both"]);
+    assert_eq!(
+        request(both.addr, "PROBE", &[]).header("Transport"),
+        Some("tcp, udp")
+    );
+}
+
+#[test]
+fn the_whole_seed_flow_over_tcp() {
+    let s = Server::start(&[]);
+    // REGISTER: the address recorded is the one observed, whatever a client
+    // claims in a header of its own.
+    let r = request(
+        s.addr,
+        "REGISTER",
+        &[
+            ("Client-Id", "alice"),
+            ("Client-Port", "4000"),
+            ("Client-Addr", "203.0.113.9:80"),
+        ],
+    );
+    assert_eq!((r.status, r.phrase.as_str()), (200, "REGACK"));
+    assert_eq!(r.header("Client-Id"), Some("alice"));
+    assert_eq!(r.header("Client-Addr"), Some("127.0.0.1:4000"));
+    assert_eq!(r.header("Expires"), Some("300"));
+    let alice = r.header("Client-Token").unwrap().to_owned();
+    assert_eq!(alice.len(), 32);
+    assert!(alice.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    // The same id under no token or another token: REGNACK.
+    let r = request(
+        s.addr,
+        "REGISTER",
+        &[("Client-Id", "alice"), ("Client-Port", "4001")],
+    );
+    assert_eq!((r.status, r.phrase.as_str()), (409, "REGNACK"));
+    // Refresh with the token: same token back.
+    let r = request(
+        s.addr,
+        "REGISTER",
+        &[
+            ("Client-Id", "alice"),
+            ("Client-Port", "4000"),
+            ("Client-Token", &alice),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Client-Token"), Some(alice.as_str()));
+
+    // BRIDGE with nobody waiting: alice now waits, no peer headers.
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "alice"), ("Client-Token", &alice)],
+    );
+    assert_eq!((r.status, r.phrase.as_str()), (200, "BRIDGEACK"));
+    assert_eq!(r.header("Peer-Id"), None);
+    assert_eq!(r.header("Peer-Addr"), None);
+
+    // bob BRIDGEs and is handed alice.
+    let bob = register(s.addr, "bob", 5000);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "bob"), ("Client-Token", &bob)],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Peer-Id"), Some("alice"));
+    assert_eq!(r.header("Peer-Addr"), Some("127.0.0.1:4000"));
+
+    // CHAT: both leave the pool; carol then waits instead of getting alice.
+    let r = request(
+        s.addr,
+        "CHAT",
+        &[
+            ("Client-Id", "bob"),
+            ("Client-Token", &bob),
+            ("Peer-Id", "alice"),
+        ],
+    );
+    assert_eq!((r.status, r.phrase.as_str()), (200, "CHATACK"));
+    let carol = register(s.addr, "carol", 6000);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "carol"), ("Client-Token", &carol)],
+    );
+    assert_eq!(r.header("Peer-Id"), None);
+
+    // QUIT removes alice: her id is free again.
+    let r = request(
+        s.addr,
+        "QUIT",
+        &[("Client-Id", "alice"), ("Client-Token", &alice)],
+    );
+    assert_eq!((r.status, r.phrase.as_str()), (200, "QUITACK"));
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "alice"), ("Client-Token", &alice)],
+    );
+    assert_eq!(r.status, 404);
+    register(s.addr, "alice", 4002);
+}
+
+#[test]
+fn bridge_to_a_named_peer() {
+    let s = Server::start(&[]);
+    let a = register(s.addr, "a", 1001);
+    let b = register(s.addr, "b", 1002);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[
+            ("Client-Id", "a"),
+            ("Client-Token", &a),
+            ("Peer-Id", "nobody"),
+        ],
+    );
+    assert_eq!(r.status, 404);
+    assert!(r.body.contains("nobody"), "{r:?}");
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "a"), ("Client-Token", &a), ("Peer-Id", "b")],
+    );
+    assert_eq!(r.status, 409, "b is registered but not waiting");
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "b"), ("Client-Token", &b)],
+    );
+    assert_eq!(r.header("Peer-Id"), None);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "a"), ("Client-Token", &a), ("Peer-Id", "b")],
+    );
+    assert_eq!((r.status, r.header("Peer-Id")), (200, Some("b")));
+    assert_eq!(r.header("Peer-Addr"), Some("127.0.0.1:1002"));
+}
+
+#[test]
+fn error_statuses_with_reasons() {
+    let s = Server::start(&[]);
+    let a = register(s.addr, "a", 1001);
+    let long_id = "x".repeat(33);
+    let cases: Vec<(&str, Vec<(&str, &str)>, u16)> = vec![
+        ("REGISTER", vec![("Client-Port", "1")], 400),
+        (
+            "REGISTER",
+            vec![("Client-Id", "bad id!"), ("Client-Port", "1")],
+            400,
+        ),
+        (
+            "REGISTER",
+            vec![("Client-Id", &long_id), ("Client-Port", "1")],
+            400,
+        ),
+        (
+            "REGISTER",
+            vec![("Client-Id", "b"), ("Client-Port", "0")],
+            400,
+        ),
+        (
+            "REGISTER",
+            vec![("Client-Id", "b"), ("Client-Port", "http")],
+            400,
+        ),
+        ("BRIDGE", vec![("Client-Id", "a")], 401),
+        (
+            "BRIDGE",
+            vec![("Client-Id", "a"), ("Client-Token", ZERO_TOKEN)],
+            401,
+        ),
+        (
+            "BRIDGE",
+            vec![("Client-Id", "a"), ("Client-Token", "nothex")],
+            401,
+        ),
+        (
+            "BRIDGE",
+            vec![("Client-Id", "zed"), ("Client-Token", ZERO_TOKEN)],
+            404,
+        ),
+        ("CHAT", vec![("Client-Id", "a"), ("Client-Token", &a)], 400),
+        (
+            "CHAT",
+            vec![
+                ("Client-Id", "a"),
+                ("Client-Token", &a),
+                ("Peer-Id", "ghost"),
+            ],
+            404,
+        ),
+        (
+            "QUIT",
+            vec![("Client-Id", "a"), ("Client-Token", ZERO_TOKEN)],
+            401,
+        ),
+        ("GET", vec![], 501),
+        (
+            "register",
+            vec![("Client-Id", "b"), ("Client-Port", "1")],
+            501,
+        ),
+    ];
+    for (method, headers, status) in cases {
+        let r = request(s.addr, method, &headers);
+        assert_eq!(r.status, status, "{method} {headers:?}: {r:?}");
+        assert_eq!(r.header("Content-Type"), Some("text/plain; charset=utf-8"));
+        assert!(
+            !r.body.trim().is_empty() && r.body.lines().count() == 1,
+            "one-line reason: {r:?}"
+        );
+    }
+    // None of that touched a's registration.
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "a"), ("Client-Token", &a)],
+    );
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn malformed_and_oversized_input_is_refused_and_closed() {
+    let s = Server::start(&[]);
+    let huge_head = format!("PROBE / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
+    let many_headers: String = (0..40).map(|i| format!("X-{i}: v\r\n")).collect();
+    let many_headers = format!("PROBE / HTTP/1.1\r\n{many_headers}\r\n");
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            b"PROBE / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n".to_vec(),
+            413,
+        ),
+        (
+            b"PROBE / HTTP/1.1\r\nContent-Length: nope\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            b"PROBE / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            501,
+        ),
+        (huge_head.into_bytes(), 431),
+        (many_headers.into_bytes(), 431),
+        (
+            b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\nClient-Id: b\r\n\r\n".to_vec(),
+            400,
+        ),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), 400),
+    ];
+    for (raw, status) in cases {
+        // The request has no Connection: close, yet the server closes: the
+        // stream cannot be trusted after a framing error.
+        let out = exchange(s.addr, &raw);
+        let r = Reply::parse(&out);
+        assert_eq!(
+            r.status,
+            status,
+            "{:?} -> {out:?}",
+            String::from_utf8_lossy(&raw[..raw.len().min(60)])
+        );
+        assert_eq!(r.header("Connection"), Some("close"));
+    }
+    // A head that never ends is cut off at the limit, not buffered forever.
+    let mut c = connect(s.addr);
+    let chunk = vec![b'a'; 1024];
+    c.write_all(b"PROBE / HTTP/1.1\r\nX: ").unwrap();
+    let mut refused = false;
+    for _ in 0..64 {
+        if c.write_all(&chunk).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    let out = read_to_close(&mut c);
+    assert!(refused || out.starts_with("HTTP/1.1 431"), "{out:?}");
+    assert_alive(s.addr);
+}
+
+#[test]
+fn random_garbage_never_hurts_the_server() {
+    let s = Server::start(&["--transport", "both"]);
+    // A fixed-seed generator: the same bytes every run.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let udp = udp_socket();
+    for round in 0..200 {
+        let len = (next() % 600) as usize;
+        let mut raw: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if round % 3 == 0 {
+            // Mostly-valid shapes reach deeper into the parser.
+            raw = format!("REGISTER / HTTP/1.1\r\nClient-Id: {}\r\n", round).into_bytes();
+            raw.extend((0..len % 50).map(|_| next() as u8));
+            raw.extend_from_slice(b"\r\n\r\n");
+        }
+        let mut c = connect(s.addr);
+        let _ = c.write_all(&raw);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let _ = read_to_close(&mut c);
+        let _ = udp.send_to(&raw, s.addr);
+    }
+    assert_alive(s.addr);
+    let r = udp_exchange(
+        &udp,
+        s.addr,
+        b"PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: final\r\n\r\n",
+        WAIT,
+    );
+    // Earlier garbage may have earned replies still queued; find ours.
+    let mut got = r.unwrap_or_default();
+    let deadline = Instant::now() + WAIT;
+    while !got.contains("Request-Id: final") && Instant::now() < deadline {
+        let mut buf = [0u8; 65536];
+        if let Ok((n, _)) = udp.recv_from(&mut buf) {
+            got = String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    assert!(got.starts_with("HTTP/1.1 200 PROBEACK"), "{got:?}");
+}
+
+#[test]
+fn keep_alive_serves_many_requests_and_pipelines() {
+    let s = Server::start(&[]);
+    let mut c = connect(s.addr);
+    for _ in 0..3 {
+        c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
+        let r = read_reply(&mut c);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("Connection"), None);
+    }
+    // Two requests in one write, answered in order on the same connection.
+    let two = format!(
+        "{}{}",
+        build(
+            "REGISTER",
+            &[("Client-Id", "k"), ("Client-Port", "7")],
+            false
+        ),
+        build("PROBE", &[], false)
+    );
+    c.write_all(two.as_bytes()).unwrap();
+    assert_eq!(read_reply(&mut c).phrase, "REGACK");
+    assert_eq!(read_reply(&mut c).phrase, "PROBEACK");
+    // A request body within the limit is skipped, not taken as a request.
+    c.write_all(b"PROBE / HTTP/1.1\r\nContent-Length: 11\r\n\r\nPROBE / x\r\n")
+        .unwrap();
+    assert_eq!(read_reply(&mut c).phrase, "PROBEACK");
+    c.write_all(build("PROBE", &[], true).as_bytes()).unwrap();
+    let r = read_reply(&mut c);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_eq!(
+        read_to_close(&mut c),
+        "",
+        "server closes after Connection: close"
+    );
+}
+
+#[test]
+fn http10_clients_get_one_response_and_a_close() {
+    let s = Server::start(&[]);
+    let out = exchange(s.addr, b"PROBE / HTTP/1.0\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200 PROBEACK"), "{out:?}");
+    assert!(out.contains("Connection: close"));
+}
+
+#[test]
+fn slow_loris_gets_408_and_idle_connections_close() {
+    let s = Server::start(&["--header-timeout", "1", "--idle-timeout", "1"]);
+    let mut c = connect(s.addr);
+    c.write_all(b"PROBE / HTTP/1.1\r\nHost:").unwrap();
+    let started = Instant::now();
+    let out = read_to_close(&mut c);
+    assert!(out.starts_with("HTTP/1.1 408 Request Timeout"), "{out:?}");
+    assert!(started.elapsed() < WAIT);
+
+    // An idle keep-alive connection is closed quietly.
+    let mut c = connect(s.addr);
+    c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
+    assert_eq!(read_reply(&mut c).status, 200);
+    assert_eq!(read_to_close(&mut c), "");
+    assert_alive(s.addr);
+}
+
+#[test]
+fn rate_limit_answers_429_with_retry_after() {
+    let s = Server::start(&["--per-ip-rate", "1", "--per-ip-burst", "2"]);
+    let mut c = connect(s.addr);
+    // Twenty pipelined requests arrive together: far past a burst of 2.
+    let all: String = (0..20).map(|_| build("PROBE", &[], false)).collect();
+    c.write_all(all.as_bytes()).unwrap();
+    let replies: Vec<Reply> = (0..20).map(|_| read_reply(&mut c)).collect();
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(limited.len() >= 10, "{replies:?}");
+    let r = limited[0];
+    assert_eq!(r.phrase, "Too Many Requests");
+    assert!(
+        r.header("Retry-After")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|v| v >= 1)
+    );
+    assert!(r.body.contains("rate limited"));
+}
+
+#[test]
+fn connection_caps_answer_503_and_429() {
+    let s = Server::start(&["--max-conns", "2"]);
+    let _a = connect(s.addr);
+    let _b = connect(s.addr);
+    // The server counts a connection once it accepted it; give it a moment
+    // by making sure both are served.
+    let mut c = connect(s.addr);
+    let out = read_to_close(&mut c);
+    // Either both earlier connections were counted (503) or, on a very
+    // slow machine, not yet; retry until they are.
+    if !out.starts_with("HTTP/1.1 503") {
+        eventually("503 once two connections are open", || {
+            let mut c = connect(s.addr);
+            c.write_all(build("PROBE", &[], true).as_bytes()).ok();
+            read_to_close(&mut c).starts_with("HTTP/1.1 503")
+        });
+    }
+    drop((_a, _b));
+    eventually("a free slot after the others closed", || {
+        let mut c = connect(s.addr);
+        c.write_all(build("PROBE", &[], true).as_bytes()).ok();
+        read_to_close(&mut c).starts_with("HTTP/1.1 200")
+    });
+
+    let p = Server::start(&["--per-ip-conns", "1"]);
+    let mut first = connect(p.addr);
+    first
+        .write_all(build("PROBE", &[], false).as_bytes())
+        .unwrap();
+    assert_eq!(read_reply(&mut first).status, 200);
+    let mut second = connect(p.addr);
+    let out = read_to_close(&mut second);
+    assert!(out.starts_with("HTTP/1.1 429"), "{out:?}");
+    assert!(out.contains("Retry-After:"));
+}
+
+#[test]
+fn max_registrations_answers_503() {
+    let s = Server::start(&["--max-registrations", "2"]);
+    register(s.addr, "a", 1);
+    register(s.addr, "b", 2);
+    let r = request(
+        s.addr,
+        "REGISTER",
+        &[("Client-Id", "c"), ("Client-Port", "3")],
+    );
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("full"), "{r:?}");
+}
+
+#[test]
+fn registrations_expire() {
+    let s = Server::start(&["--expires", "1"]);
+    let t = register(s.addr, "short", 1);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "short"), ("Client-Token", &t)],
+    );
+    assert_eq!(r.header("Expires"), None);
+    // Lapsed after at most 2 s (whole seconds, rounded up); waiting longer
+    // only makes the outcome surer.
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "short"), ("Client-Token", &t)],
+    );
+    assert_eq!(r.status, 404);
+    // And a lapsed waiting client is never handed out.
+    let u = register(s.addr, "u", 2);
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "u"), ("Client-Token", &u)],
+    );
+    assert_eq!(r.header("Peer-Id"), None);
+}
+
+#[test]
+fn udp_serves_every_request_with_request_ids() {
+    let s = Server::start(&["-u"]);
+    let sock = udp_socket();
+    let probe = udp_exchange(
+        &sock,
+        s.addr,
+        b"PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: p1\r\n\r\n",
+        WAIT,
+    )
+    .unwrap();
+    let r = Reply::parse(&probe);
+    assert_eq!(
+        (r.status, r.header("Transport"), r.header("Request-Id")),
+        (200, Some("udp"), Some("p1"))
+    );
+
+    let reg = b"REGISTER / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram\r\nClient-Port: 4444\r\nRequest-Id: r1\r\n\r\n";
+    let first = udp_exchange(&sock, s.addr, reg, WAIT).unwrap();
+    // A retransmission gets the very same response, not a REGNACK.
+    let again = udp_exchange(&sock, s.addr, reg, WAIT).unwrap();
+    assert_eq!(first, again);
+    let r = Reply::parse(&first);
+    assert_eq!(r.phrase, "REGACK");
+    let token = r.header("Client-Token").unwrap().to_owned();
+    // A new Request-Id is a new request, executed: the id is taken now.
+    let other = b"REGISTER / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram\r\nClient-Port: 4444\r\nRequest-Id: r2\r\n\r\n";
+    assert_eq!(
+        Reply::parse(&udp_exchange(&sock, s.addr, other, WAIT).unwrap()).status,
+        409
+    );
+
+    for (method, extra, phrase) in [
+        ("BRIDGE", String::new(), "BRIDGEACK"),
+        ("CHAT", "Peer-Id: dgram2\r\n".to_owned(), "CHATACK"),
+        ("QUIT", String::new(), "QUITACK"),
+    ] {
+        if method == "CHAT" {
+            let reg2 = b"REGISTER / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram2\r\nClient-Port: 4445\r\nRequest-Id: r3\r\n\r\n";
+            udp_exchange(&sock, s.addr, reg2, WAIT).unwrap();
+        }
+        let raw = format!(
+            "{method} / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram\r\nClient-Token: {token}\r\n{extra}Request-Id: {method}\r\n\r\n"
+        );
+        let r = Reply::parse(&udp_exchange(&sock, s.addr, raw.as_bytes(), WAIT).unwrap());
+        assert_eq!(r.phrase, phrase);
+        assert_eq!(r.header("Request-Id"), Some(method));
+    }
+}
+
+#[test]
+fn udp_retransmitted_quit_is_executed_once() {
+    let s = Server::start(&["--transport", "both"]);
+    let token = register(s.addr, "once", 1);
+    let sock = udp_socket();
+    let quit = format!(
+        "QUIT / HTTP/1.1\r\nHost: t\r\nClient-Id: once\r\nClient-Token: {token}\r\nRequest-Id: q\r\n\r\n"
+    );
+    let first = udp_exchange(&sock, s.addr, quit.as_bytes(), WAIT).unwrap();
+    // Re-register in between: executing the QUIT again would remove this.
+    let token2 = register(s.addr, "once", 2);
+    let second = udp_exchange(&sock, s.addr, quit.as_bytes(), WAIT).unwrap();
+    assert_eq!(first, second);
+    assert!(first.starts_with("HTTP/1.1 200 QUITACK"));
+    let r = request(
+        s.addr,
+        "BRIDGE",
+        &[("Client-Id", "once"), ("Client-Token", &token2)],
+    );
+    assert_eq!(r.status, 200, "the second registration survived: {r:?}");
+}
+
+#[test]
+fn udp_never_amplifies_and_drops_when_rate_limited() {
+    let s = Server::start(&["-u"]);
+    let sock = udp_socket();
+    for raw in [
+        &b"PROBE / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\n\r\n",
+        b"x\r\n\r\n",
+        b"\r\n",
+    ] {
+        if let Some(resp) = udp_exchange(&sock, s.addr, raw, Duration::from_millis(500)) {
+            assert!(resp.len() <= 3 * raw.len(), "{raw:?} -> {resp:?}");
+        }
+    }
+    // Over the limit, datagrams go unanswered; the limit is per source.
+    let limited = Server::start(&["-u", "--per-ip-rate", "1", "--per-ip-burst", "1"]);
+    let probe = b"PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: 1\r\n\r\n";
+    assert!(udp_exchange(&sock, limited.addr, probe, WAIT).is_some());
+    let mut answered = 0;
+    for i in 0..20 {
+        let raw = format!("PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: x{i}\r\n\r\n");
+        sock.send_to(raw.as_bytes(), limited.addr).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while sock.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    assert!(
+        answered < 20,
+        "a burst of 1 at 1/s cannot answer 20 at once"
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    let s = Server::start(&["--transport", "both"]);
+    assert_alive(s.addr);
+    let mut idle = connect(s.addr);
+    idle.write_all(build("PROBE", &[], false).as_bytes())
+        .unwrap();
+    assert_eq!(read_reply(&mut idle).status, 200);
+    let started = Instant::now();
+    let status = s.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < WAIT);
+    // The idle keep-alive connection was closed, not left hanging.
+    assert_eq!(read_to_close(&mut idle), "");
+}
+
+#[test]
+fn port_in_use_is_a_clear_error() {
+    let s = Server::start(&[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["--bind", "127.0.0.1", "--port", &s.addr.port().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on TCP 127.0.0.1:"), "{err}");
+}
