@@ -173,7 +173,8 @@ fn error_statuses_with_reasons() {
     let s = Server::start(&[]);
     let a = register(s.addr, "a", 1001);
     let long_id = "x".repeat(33);
-    let cases: Vec<(&str, Vec<(&str, &str)>, u16)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
+    let cases: Vec<Case> = vec![
         ("REGISTER", vec![("Client-Port", "1")], 400),
         (
             "REGISTER",

@@ -207,8 +207,7 @@ pub fn register(addr: SocketAddr, id: &str, port: u16) -> String {
 
 /// A UDP client socket on 127.0.0.1.
 pub fn udp_socket() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s
+    UdpSocket::bind("127.0.0.1:0").expect("bind udp")
 }
 
 /// Sends one datagram and waits up to `wait` for one back.
