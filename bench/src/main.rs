@@ -1,1 +1,268 @@
-fn main() {}
+//! `chat-bench`: to chat-server what redis-benchmark is to Redis.
+//!
+//! `run` drives one load and prints requests/s and latency; `compare` runs
+//! chat-server and a reference HTTP server (nginx) side by side, rounds
+//! interleaved so that both see the same machine, and prints the table of
+//! medians; `fill` registers many ids and reports the server's memory per
+//! registration.
+
+mod load;
+mod stats;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::load::{Load, Mode, Op};
+use crate::stats::{Summary, median};
+
+#[derive(Parser, Debug)]
+#[command(name = "chat-bench", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Drive one load and print requests/s and p50/p99 latency
+    Run(RunArgs),
+    /// Measure chat-server against a reference HTTP server, interleaved
+    Compare(CompareArgs),
+    /// Register many fresh ids; with --pid, report memory per registration
+    Fill(FillArgs),
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// Seconds measured per run
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Seconds of load before measuring starts
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Spread clients over source addresses 127.0.0.1..=127.0.0.N (1 = off)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: u8,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Server address
+    #[arg(long, default_value = "127.0.0.1:5555")]
+    target: SocketAddr,
+    #[arg(long, value_enum, default_value_t = Mode::Keepalive)]
+    mode: Mode,
+    #[arg(long, value_enum, default_value_t = Op::Probe)]
+    op: Op,
+    /// Concurrent clients
+    #[arg(short = 'c', long, default_value_t = 16)]
+    concurrency: usize,
+    /// Path for --op get
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// chat-server's address
+    #[arg(long)]
+    server: SocketAddr,
+    /// The reference HTTP server's address (answers GET --path)
+    #[arg(long)]
+    reference: SocketAddr,
+    /// Name of the reference server in the table
+    #[arg(long, default_value = "nginx")]
+    reference_name: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Rounds per row; the table shows medians
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrency levels, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct FillArgs {
+    #[arg(long, default_value = "127.0.0.1:5555")]
+    target: SocketAddr,
+    /// Registrations to make
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Keep-alive connections to make them over
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// The server's process id, to read its resident memory before and after
+    #[arg(long)]
+    pid: Option<u32>,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: u8,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-bench: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(a) => {
+            let load = Load {
+                target: a.target,
+                mode: a.mode,
+                op: a.op,
+                concurrency: a.concurrency,
+                duration: secs(a.common.duration)?,
+                warmup: secs(a.common.warmup)?,
+                sources: a.common.sources,
+                path: a.path,
+            };
+            let s = load::run(&load).await?;
+            println!(
+                "{:?} {:?} c={}: {:.0} requests/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+                load.op,
+                load.mode,
+                load.concurrency,
+                s.rate(),
+                s.quantile_ms(0.5),
+                s.quantile_ms(0.99),
+                s.errors
+            );
+            Ok(())
+        }
+        Command::Compare(a) => compare(a).await,
+        Command::Fill(a) => fill(a).await,
+    }
+}
+
+fn secs(s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s).context("durations are non-negative seconds")
+}
+
+/// The three columns of one row: reference GET, PROBE, REGISTER.
+const COLUMNS: [Op; 3] = [Op::Get, Op::Probe, Op::Register];
+
+async fn compare(a: CompareArgs) -> anyhow::Result<()> {
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    println!(
+        "| connections | clients | {r} GET req/s | PROBE req/s | vs {r} | REGISTER req/s | vs {r} | p50 / p99 ms ({r} · PROBE · REGISTER) |",
+        r = a.reference_name
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for mode in [Mode::Transient, Mode::Keepalive] {
+        for &c in &a.concurrency {
+            // rates[column][round], and latency quantiles likewise.
+            let mut rates = [vec![], vec![], vec![]];
+            let mut p50 = [vec![], vec![], vec![]];
+            let mut p99 = [vec![], vec![], vec![]];
+            for round in 0..a.rounds {
+                // Rotate who goes first, so neither side always meets a
+                // machine warmed (or heated) by the other.
+                for k in 0..COLUMNS.len() {
+                    let col = (k + round) % COLUMNS.len();
+                    let op = COLUMNS[col];
+                    let load = Load {
+                        target: if op == Op::Get { a.reference } else { a.server },
+                        mode,
+                        op,
+                        concurrency: c,
+                        duration: secs(a.common.duration)?,
+                        warmup: secs(a.common.warmup)?,
+                        sources: a.common.sources,
+                        path: a.path.clone(),
+                    };
+                    let s: Summary = load::run(&load).await?;
+                    if s.errors > 0 {
+                        eprintln!("warning: {op:?} {mode:?} c={c}: {} errors", s.errors);
+                    }
+                    rates[col].push(s.rate());
+                    p50[col].push(s.quantile_ms(0.5));
+                    p99[col].push(s.quantile_ms(0.99));
+                }
+            }
+            let r: Vec<f64> = rates.iter().map(|v| median(v)).collect();
+            let l50: Vec<f64> = p50.iter().map(|v| median(v)).collect();
+            let l99: Vec<f64> = p99.iter().map(|v| median(v)).collect();
+            println!(
+                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {:.2}/{:.2} · {:.2}/{:.2} · {:.2}/{:.2} |",
+                match mode {
+                    Mode::Transient => "transient",
+                    _ => "keep-alive",
+                },
+                r[0],
+                r[1],
+                r[1] / r[0],
+                r[2],
+                r[2] / r[0],
+                l50[0],
+                l99[0],
+                l50[1],
+                l99[1],
+                l50[2],
+                l99[2],
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn fill(a: FillArgs) -> anyhow::Result<()> {
+    let before = a.pid.map(rss_bytes).transpose()?;
+    let started = std::time::Instant::now();
+    let n = load::fill(a.target, a.count, a.connections, a.sources).await?;
+    let took = started.elapsed();
+    println!(
+        "registered {n} fresh ids in {:.1} s ({:.0}/s)",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    if let (Some(pid), Some(before)) = (a.pid, before) {
+        let after = rss_bytes(pid)?;
+        let per = after.saturating_sub(before) as f64 / n.max(1) as f64;
+        println!(
+            "server resident memory: {:.1} MiB before, {:.1} MiB after: {per:.0} bytes per registration",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory of process `pid`, from /proc (Linux).
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| {
+        format!("cannot read /proc/{pid}/status (is the pid right, and is this Linux?)")
+    })?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS line in /proc/PID/status")?;
+    Ok(kib * 1024)
+}

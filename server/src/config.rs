@@ -62,6 +62,10 @@ pub struct Options {
     /// Seconds an idle keep-alive connection is kept open; 0 = off
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub idle_timeout: u64,
+
+    /// Worker threads, each with its own listening sockets; 0 = one per core
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub workers: usize,
 }
 
 /// Which sockets the server opens.

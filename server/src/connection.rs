@@ -17,12 +17,11 @@ use std::time::Duration;
 use chat_proto::rendezvous::{
     ErrorStatus, Failure, MAX_HEAD, Parsed, Response, ResponseFraming, parse_request,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
 
 use crate::state::State;
+use crate::stream::Stream;
 
 /// Timeouts for one connection.
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +39,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// Serves one connection until it closes.
 pub async fn serve(
-    mut stream: TcpStream,
+    mut stream: Stream,
     peer: SocketAddr,
     state: Arc<State>,
     timeouts: Timeouts,
@@ -48,11 +47,21 @@ pub async fn serve(
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut out: Vec<u8> = Vec::with_capacity(512);
-    // Where the current request started: from accept for the first one.
-    let mut started = Instant::now();
+    let mut now = Instant::now();
+    // When the current request must be complete (from accept, for the
+    // first one), or when an idle keep-alive connection is closed.
+    let mut deadline = now + timeouts.header;
     // Between requests on a keep-alive connection, where the idle timeout
     // applies instead of the header timeout.
     let mut idle = false;
+    // One timer for the connection's life. It is moved only when it would
+    // fire too late; firing early just re-arms it, which costs far less
+    // than re-arming it for every request.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    let stop = shutdown.changed();
+    tokio::pin!(stop);
+    let mut stopping = false;
     // How far `buf` has been searched for the end of a head.
     let mut scanned = 0;
     loop {
@@ -78,7 +87,7 @@ pub async fn serve(
                 Ok(()) => state.answer(&head, peer.ip()),
                 Err(f) => Response::Error(f),
             };
-            let close = head.close || *shutdown.borrow();
+            let close = head.close || stopping;
             response.encode(
                 head.method,
                 &mut out,
@@ -89,14 +98,16 @@ pub async fn serve(
             );
             buf.drain(..total);
             scanned = 0;
-            started = Instant::now();
-            idle = buf.is_empty();
             if close {
                 if stream.write_all(&out).await.is_ok() && !buf.is_empty() {
                     linger(stream).await;
                 }
                 return;
             }
+            // The next request's clock starts now, or, if none has begun,
+            // the idle clock does.
+            idle = buf.is_empty();
+            deadline = now + if idle { timeouts.idle } else { timeouts.header };
         }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
@@ -104,33 +115,45 @@ pub async fn serve(
             }
             out.clear();
         }
-        let deadline = if idle {
-            Instant::now() + timeouts.idle
-        } else {
-            started + timeouts.header
-        };
-        let waiting_for_request = buf.is_empty();
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
-            read = timeout_at(deadline, stream.read_buf(&mut buf)) => match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return,
-                Ok(Ok(_)) => {
-                    if idle {
-                        idle = false;
-                        started = Instant::now();
+            biased;
+            read = stream.read(&mut buf) => {
+                now = Instant::now();
+                match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if idle {
+                            idle = false;
+                            deadline = now + timeouts.header;
+                        }
                     }
                 }
-                Err(_elapsed) if idle => return,
-                Err(_elapsed) => {
+            }
+            () = &mut timer => {
+                now = Instant::now();
+                if now < deadline {
+                    timer.as_mut().reset(deadline);
+                } else if idle {
+                    return;
+                } else {
                     let f = Failure::new(
                         ErrorStatus::RequestTimeout,
                         format!("request not complete within {} s", timeouts.header.as_secs()),
                     );
                     return finish_with_error(stream, out, f).await;
                 }
-            },
+            }
             // Shutting down: an idle connection just closes; one mid-request
-            // gets its answer (with Connection: close) first.
-            _ = shutdown.changed(), if waiting_for_request => return,
+            // gets its answer, with Connection: close, first.
+            _ = &mut stop, if !stopping => {
+                stopping = true;
+                if buf.is_empty() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -152,7 +175,7 @@ fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
 }
 
 /// Sends a last error response and closes with a lingering close.
-async fn finish_with_error(mut stream: TcpStream, mut out: Vec<u8>, failure: Failure) {
+async fn finish_with_error(mut stream: Stream, mut out: Vec<u8>, failure: Failure) {
     tracing::debug!(status = failure.status.code(), reason = %failure.reason, "closing connection");
     Response::Error(failure).encode(
         None,
@@ -169,14 +192,15 @@ async fn finish_with_error(mut stream: TcpStream, mut out: Vec<u8>, failure: Fai
 
 /// Half-closes, then reads and discards what the client still sends, for a
 /// bounded time and amount, so our last response is not reset away.
-pub async fn linger(mut stream: TcpStream) {
-    if stream.shutdown().await.is_err() {
+pub async fn linger(mut stream: Stream) {
+    if stream.shutdown_write().is_err() {
         return;
     }
     let deadline = Instant::now() + LINGER_TIME;
-    let mut sink = [0u8; 4096];
+    let mut sink = Vec::with_capacity(4096);
     let mut drained = 0;
     while drained < LINGER_BYTES {
+        sink.clear();
         match timeout_at(deadline, stream.read(&mut sink)).await {
             Ok(Ok(n)) if n > 0 => drained += n,
             _ => return,

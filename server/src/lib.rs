@@ -11,6 +11,7 @@ pub mod limits;
 pub mod registry;
 pub mod replay;
 pub mod state;
+pub mod stream;
 pub mod tcp;
 pub mod udp;
 
@@ -32,7 +33,13 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the server until SIGINT or SIGTERM.
-pub async fn run(options: Options) -> anyhow::Result<()> {
+///
+/// The server runs as nginx does: one worker thread per core, each with
+/// its own single-threaded runtime and its own listening sockets in a
+/// SO_REUSEPORT group, so the kernel spreads connections over the workers
+/// and a connection lives on the thread that accepted it, with no
+/// cross-thread wake-ups. The registry is the one thing they share.
+pub fn run(options: Options) -> anyhow::Result<()> {
     // Transient connections cost a descriptor each while they close; use
     // all the kernel allows us rather than the shell's default of 1024.
     if let Ok(n) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -43,40 +50,66 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tcp: transport != Transport::Udp,
         udp: transport != Transport::Tcp,
     };
+    let workers = match options.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let state = Arc::new(State::new(transports, &options.limits()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
+    // Bind every socket before starting anything, so that a port in use is
+    // an error at start-up, not a dead worker later.
     let mut addr = SocketAddr::new(options.bind, options.port);
-    let mut tasks = Vec::new();
-    if transports.tcp {
-        let listener = tcp::bind(addr).with_context(|| format!("cannot listen on TCP {addr}"))?;
-        // With --port 0, UDP takes the port TCP was given.
-        addr = listener.local_addr()?;
-        announce(addr, "tcp");
-        tasks.push(tokio::spawn(tcp::run(
-            listener,
-            Arc::clone(&state),
-            options.timeouts(),
-            shutdown_rx.clone(),
-            done_tx.clone(),
-        )));
+    // SO_REUSEPORT would let us join a group another chat-server of the
+    // same user already holds and silently split its traffic; a plain bind
+    // first tells that the port is taken (and picks one for --port 0).
+    addr = exclusive_probe(addr, transports)?;
+    let mut sockets: Vec<(Option<std::net::TcpListener>, Option<std::net::UdpSocket>)> = Vec::new();
+    for i in 0..workers {
+        let tcp = if transports.tcp {
+            let l = tcp::bind(addr).with_context(|| format!("cannot listen on TCP {addr}"))?;
+            // With --port 0, the others take the port the first was given.
+            addr = l.local_addr()?;
+            Some(l)
+        } else {
+            None
+        };
+        let udp = if transports.udp {
+            let u = udp::bind(addr).with_context(|| format!("cannot listen on UDP {addr}"))?;
+            addr = u.local_addr()?;
+            Some(u)
+        } else {
+            None
+        };
+        if i == 0 {
+            if tcp.is_some() {
+                announce(addr, "tcp");
+            }
+            if udp.is_some() {
+                announce(addr, "udp");
+            }
+        }
+        sockets.push((tcp, udp));
     }
-    if transports.udp {
-        let socket = udp::bind(addr).with_context(|| format!("cannot listen on UDP {addr}"))?;
-        addr = socket.local_addr()?;
-        announce(addr, "udp");
-        tasks.push(tokio::spawn(udp::run(
-            socket,
-            Arc::clone(&state),
-            shutdown_rx.clone(),
-        )));
-    }
-    drop(done_tx);
 
-    let sweeper = {
+    let mut threads = Vec::new();
+    for (i, (tcp, udp)) in sockets.into_iter().enumerate() {
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
+        let shutdown = shutdown_rx.clone();
+        let timeouts = options.timeouts();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker(tcp, udp, state, timeouts, shutdown))
+            .context("cannot start a worker thread")?;
+        threads.push(thread);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let signal = runtime.block_on(async {
+        let sweeper = async {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tick.tick().await;
@@ -89,28 +122,104 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     );
                 }
             }
-        })
-    };
-
-    let signal = wait_for_signal().await?;
+        };
+        tokio::select! {
+            s = wait_for_signal() => s,
+            () = sweeper => unreachable!("the sweeper never ends"),
+        }
+    })?;
     tracing::info!("{signal}: shutting down");
     let _ = shutdown_tx.send(true);
-    sweeper.abort();
-    for t in tasks {
-        let _ = t.await;
-    }
-    // Every connection task holds a clone of `done`; when all are gone,
-    // recv returns None.
-    if tokio::time::timeout(DRAIN_TIME, done_rx.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "connections still open after {} s; closing them",
-            DRAIN_TIME.as_secs()
-        );
+    for t in threads {
+        if let Ok(Err(e)) = t.join() {
+            tracing::warn!("worker ended with an error: {e:#}");
+        }
     }
     Ok(())
+}
+
+/// One worker thread: its listeners, its connections, until shutdown.
+fn worker(
+    tcp: Option<std::net::TcpListener>,
+    udp: Option<std::net::UdpSocket>,
+    state: Arc<State>,
+    timeouts: connection::Timeouts,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a worker's runtime")?;
+    runtime.block_on(async move {
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let mut tasks = Vec::new();
+        if let Some(listener) = tcp {
+            tasks.push(tokio::spawn(tcp::run(
+                listener,
+                Arc::clone(&state),
+                timeouts,
+                shutdown.clone(),
+                done_tx.clone(),
+            )));
+        }
+        if let Some(u) = udp {
+            let socket = tokio::net::UdpSocket::from_std(u)?;
+            tasks.push(tokio::spawn(udp::run(
+                socket,
+                Arc::clone(&state),
+                shutdown.clone(),
+            )));
+        }
+        drop(done_tx);
+        for t in tasks {
+            let _ = t.await;
+        }
+        // Every connection task holds a clone of `done`; when all are
+        // gone, recv returns None.
+        if tokio::time::timeout(DRAIN_TIME, done_rx.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open after {} s; closing them",
+                DRAIN_TIME.as_secs()
+            );
+        }
+        Ok(())
+    })
+}
+/// Binds `addr` without SO_REUSEPORT for each transport, then lets go:
+/// fails if anything holds the port, and returns the address with the port
+/// the kernel picked when asked for port 0.
+fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<SocketAddr> {
+    // With --port 0 a port free for TCP may be taken for UDP; try a few.
+    for _ in 0..16 {
+        let tcp = if transports.tcp {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on TCP {addr}"))?;
+            Some(l)
+        } else {
+            None
+        };
+        let picked = match &tcp {
+            Some(l) => l.local_addr()?,
+            None => addr,
+        };
+        if !transports.udp {
+            return Ok(picked);
+        }
+        match std::net::UdpSocket::bind(picked) {
+            Ok(u) => return Ok(u.local_addr()?),
+            Err(e) if addr.port() != 0 => {
+                return Err(e).with_context(|| format!("cannot listen on UDP {picked}"));
+            }
+            Err(_) => continue,
+        }
+    }
+    anyhow::bail!(
+        "cannot find a port free for both TCP and UDP on {}",
+        addr.ip()
+    )
 }
 
 fn announce(addr: SocketAddr, transport: &str) {

@@ -9,6 +9,7 @@
 //! Memory is the constraint that shapes it: an entry is 48 bytes plus its
 //! 33-byte key, so a million registrations fit in under 200 MB of hash table.
 
+use std::collections::hash_map::{Entry, OccupiedEntry, VacantEntry};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -30,7 +31,7 @@ const IDLE: u64 = 0;
 const BUSY: u64 = u64::MAX;
 
 /// One registration, kept small (see the module comment).
-struct Entry {
+struct Record {
     token: Token,
     // IPv4 addresses are stored IPv4-mapped, which costs one byte less than
     // `IpAddr` and keeps the entry at 48 bytes.
@@ -42,7 +43,7 @@ struct Entry {
     seq: u64,
 }
 
-impl Entry {
+impl Record {
     fn addr(&self) -> SocketAddr {
         let ip = match self.ip.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
@@ -56,6 +57,12 @@ impl Entry {
     }
 }
 
+/// Where a new registration goes.
+enum Slot<'a> {
+    Occupied(OccupiedEntry<'a, ClientId, Record>),
+    Vacant(VacantEntry<'a, ClientId, Record>),
+}
+
 /// The state of one client as the registry sees it (for tests and stats).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientState {
@@ -67,19 +74,26 @@ pub enum ClientState {
 /// All registrations and the queue of clients waiting for a peer.
 pub struct Registry {
     config: Config,
-    clients: HashMap<ClientId, Entry>,
+    clients: HashMap<ClientId, Record>,
     /// Waiting clients by arrival: first come, first served.
     waiting: BTreeMap<u64, ClientId>,
     next_seq: u64,
+    last_full_sweep: Option<Duration>,
 }
 
 impl Registry {
     pub fn new(config: Config) -> Registry {
+        // Sized for the configured maximum up front (capped, so a huge
+        // limit does not reserve memory it may never use): growing a
+        // table of a million entries rehashes all of them at once. Only
+        // the touched pages of the reservation become resident.
+        let reserve = config.max_registrations.min(1 << 20);
         Registry {
             config,
-            clients: HashMap::new(),
+            clients: HashMap::with_capacity(reserve),
             waiting: BTreeMap::new(),
             next_seq: 1,
+            last_full_sweep: None,
         }
     }
 
@@ -144,32 +158,9 @@ impl Registry {
         };
         let expires_at = self.deadline(now);
         let expires = self.config.expires.as_secs() as u32;
-        if let Some(e) = self.clients.get_mut(&id).filter(|e| e.live(now)) {
-            if token != Some(e.token) {
-                return Err(Failure::new(
-                    ErrorStatus::RegNack,
-                    format!(
-                        "id {id} is registered by another client: choose another id, or send its Client-Token to refresh"
-                    ),
-                ));
-            }
-            // A refresh: the token stays, so that a lost response cannot
-            // lock the client out; the contact follows the client.
-            e.ip = ip;
-            e.port = port;
-            e.expires_at = expires_at;
-            return Ok(Response::RegAck {
-                id,
-                addr: e.addr(),
-                token: e.token,
-                expires,
-            });
-        }
-        // A new registration, or one that lapsed and was not swept yet.
-        self.remove(&id);
         let max = self.config.max_registrations;
-        if max != 0 && self.clients.len() >= max {
-            self.sweep(now);
+        if max != 0 && self.clients.len() >= max && !self.clients.contains_key(&id) {
+            self.make_room(now);
             if self.clients.len() >= max {
                 return Err(Failure {
                     retry_after: Some(60),
@@ -180,13 +171,47 @@ impl Registry {
                 });
             }
         }
+        // One hash-table probe for the common cases (a fresh id, a
+        // refresh): at a million entries each probe is a cache miss.
+        let mut lapsed_seq = None;
+        let slot = match self.clients.entry(id) {
+            Entry::Occupied(o) if o.get().live(now) => {
+                let e = o.into_mut();
+                if token != Some(e.token) {
+                    return Err(Failure::new(
+                        ErrorStatus::RegNack,
+                        format!(
+                            "id {id} is registered by another client: choose another id, or send its Client-Token to refresh"
+                        ),
+                    ));
+                }
+                // A refresh: the token stays, so that a lost response
+                // cannot lock the client out; the contact follows the
+                // client.
+                e.ip = ip;
+                e.port = port;
+                e.expires_at = expires_at;
+                return Ok(Response::RegAck {
+                    id,
+                    addr: e.addr(),
+                    token: e.token,
+                    expires,
+                });
+            }
+            // Lapsed but not swept yet: the id is free again.
+            Entry::Occupied(o) => {
+                lapsed_seq = Some(o.get().seq);
+                Slot::Occupied(o)
+            }
+            Entry::Vacant(v) => Slot::Vacant(v),
+        };
         let token = fresh_token().map_err(|_| {
             Failure::new(
                 ErrorStatus::Unavailable,
                 "server cannot make a token right now; try again",
             )
         })?;
-        let entry = Entry {
+        let entry = Record {
             token,
             ip,
             port,
@@ -194,13 +219,36 @@ impl Registry {
             seq: IDLE,
         };
         let addr = entry.addr();
-        self.clients.insert(id, entry);
+        match slot {
+            Slot::Occupied(mut o) => {
+                o.insert(entry);
+            }
+            Slot::Vacant(v) => {
+                v.insert(entry);
+            }
+        }
+        if let Some(seq) = lapsed_seq.filter(|&s| s != IDLE && s != BUSY) {
+            self.waiting.remove(&seq);
+        }
         Ok(Response::RegAck {
             id,
             addr,
             token,
             expires,
         })
+    }
+
+    /// When full, drop lapsed registrations, but at most once a second: a
+    /// sweep walks the whole table, and a flood of REGISTERs against a
+    /// full server must not make it walk the table for each one.
+    fn make_room(&mut self, now: Duration) {
+        if self
+            .last_full_sweep
+            .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(1))
+        {
+            self.last_full_sweep = Some(now);
+            self.sweep(now);
+        }
     }
 
     fn bridge(
@@ -324,7 +372,7 @@ impl Registry {
         Ok(())
     }
 
-    fn live(&self, id: &ClientId, now: Duration) -> Option<&Entry> {
+    fn live(&self, id: &ClientId, now: Duration) -> Option<&Record> {
         self.clients.get(id).filter(|e| e.live(now))
     }
 
@@ -859,6 +907,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_registry_sweeps_at_most_once_a_second() {
+        let mut h = Harness::new(10, 1);
+        h.register("a", 1, secs(0.0));
+        let full = |h: &mut Harness, t| {
+            status(&h.send(
+                Request::Register {
+                    id: id("b"),
+                    port: 2,
+                    token: None,
+                },
+                secs(t),
+            ))
+        };
+        assert_eq!(full(&mut h, 9.5), 503);
+        // a lapsed at 10 s, but the last sweep was under a second ago.
+        assert_eq!(full(&mut h, 10.2), 503);
+        assert_eq!(full(&mut h, 10.6), 200);
+    }
+
+    #[test]
     fn token_failure_is_503_and_stores_nothing() {
         let mut reg = Registry::new(Config {
             expires: Duration::from_secs(10),
@@ -893,6 +961,6 @@ mod tests {
     fn entries_stay_small() {
         // The memory target (256 bytes per registration with hash-table
         // overhead) rests on this.
-        assert!(std::mem::size_of::<(ClientId, Entry)>() <= 88);
+        assert!(std::mem::size_of::<(ClientId, Record)>() <= 88);
     }
 }

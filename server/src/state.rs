@@ -93,7 +93,7 @@ impl State {
             },
             Ok(request) => {
                 let now = self.now();
-                lock(&self.registry).handle(request, source, now, Token::random)
+                lock(&self.registry).handle(request, source, now, fresh_token)
             }
         }
     }
@@ -110,6 +110,13 @@ impl State {
     pub fn registrations(&self) -> usize {
         lock(&self.registry).len()
     }
+}
+
+/// A fresh client token from the thread's CSPRNG (ChaCha, seeded and
+/// reseeded from the operating system), which costs no system call per
+/// REGISTER.
+fn fresh_token() -> Result<Token, std::convert::Infallible> {
+    Ok(Token::from_bytes(rand::random()))
 }
 
 /// Locks `m`. A panic while it was held cannot leave the registry

@@ -14,45 +14,68 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chat_proto::rendezvous::{ErrorStatus, Failure, Response, ResponseFraming};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::connection::{self, Timeouts};
 use crate::limits::{ConnRefusal, Source};
 use crate::state::{State, lock};
+use crate::stream::{Listener, Stream};
 
 /// Most refused connections being answered at once.
 const MAX_REFUSING: usize = 256;
 
 /// Binds a listener the way a server should: address reuse so a restart
-/// does not wait out TIME_WAIT, and a deep backlog for bursts of
-/// transient connections.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// does not wait out TIME_WAIT, port reuse so each worker has a listener
+/// of its own, and a deep backlog for bursts of transient connections.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    #[cfg(all(
+        unix,
+        not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+    ))]
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // `--bind ::` serves IPv4 too, as most servers do.
         let _ = socket.set_only_v6(false);
     }
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux,
+    // which saves a system call per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    let listener: std::net::TcpListener = socket.into();
+    // Not fatal where unsupported: connections are then accepted at once.
+    if let Err(e) = crate::stream::defer_accept(&listener, DEFER_ACCEPT_SECS) {
+        tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
+    }
+    Ok(listener)
 }
+
+/// How long the kernel holds a connection that has sent nothing before
+/// handing it to accept anyway.
+const DEFER_ACCEPT_SECS: u32 = 5;
 
 /// Accepts connections until shutdown.
 pub async fn run(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     state: Arc<State>,
     timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
+    let listener = match Listener::new(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot watch the listening socket: {e}");
+            return;
+        }
+    };
     let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
@@ -70,7 +93,6 @@ pub async fn run(
         let opened = lock(&state.conns).open(source);
         match opened {
             Ok(()) => {
-                let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
                 let shutdown = shutdown.clone();
                 let done = done.clone();
@@ -86,7 +108,7 @@ pub async fn run(
 }
 
 fn refuse(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     refusal: ConnRefusal,
     refusing: &Arc<AtomicUsize>,

@@ -32,13 +32,21 @@ pub const REPLAY_BYTES: usize = 64 * 1024 * 1024;
 /// The amplification bound: response bytes per request byte.
 pub const MAX_AMPLIFICATION: usize = 3;
 
-/// Binds the UDP socket.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// Binds a UDP socket. Each worker has one, in a SO_REUSEPORT group; the
+/// kernel picks the socket by hashing the source address and port, so a
+/// client's retransmissions reach the worker whose replay cache holds the
+/// response.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
+    #[cfg(all(
+        unix,
+        not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))
+    ))]
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
@@ -46,7 +54,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     let _ = socket.set_recv_buffer_size(4 << 20);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Serves datagrams until shutdown.

@@ -444,22 +444,21 @@ fn rate_limit_answers_429_with_retry_after() {
 #[test]
 fn connection_caps_answer_503_and_429() {
     let s = Server::start(&["--max-conns", "2"]);
-    let _a = connect(s.addr);
-    let _b = connect(s.addr);
-    // The server counts a connection once it accepted it; give it a moment
-    // by making sure both are served.
-    let mut c = connect(s.addr);
-    let out = read_to_close(&mut c);
-    // Either both earlier connections were counted (503) or, on a very
-    // slow machine, not yet; retry until they are.
-    if !out.starts_with("HTTP/1.1 503") {
-        eventually("503 once two connections are open", || {
-            let mut c = connect(s.addr);
-            c.write_all(build("PROBE", &[], true).as_bytes()).ok();
-            read_to_close(&mut c).starts_with("HTTP/1.1 503")
-        });
+    // Two connections mid-request hold both slots. (They send a byte: the
+    // server's listener defers accepting connections that sent nothing.)
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect(s.addr);
+        c.write_all(b"PROBE").unwrap();
+        held.push(c);
     }
-    drop((_a, _b));
+    eventually("503 once two connections are open", || {
+        let mut c = connect(s.addr);
+        c.write_all(build("PROBE", &[], true).as_bytes()).ok();
+        let out = read_to_close(&mut c);
+        out.starts_with("HTTP/1.1 503") && out.contains("Retry-After:")
+    });
+    drop(held);
     eventually("a free slot after the others closed", || {
         let mut c = connect(s.addr);
         c.write_all(build("PROBE", &[], true).as_bytes()).ok();

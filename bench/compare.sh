@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Reruns the whole server comparison of docs/BENCHMARKS.md in one sitting:
+# nginx (Debian's nginx-light) serving a fixed 150-byte response against
+# chat-server, transient and keep-alive, at concurrency 1, 16 and 64, rounds
+# interleaved; then chat-server's memory per registration after one million
+# registrations. Usage: bench/compare.sh [rounds] [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+secs=${2:-3}
+
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  echo "installing nginx-light..." >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null
+fi
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release -q -p chat-server -p chat-bench
+bench=target/release/chat-bench
+server=target/release/chat-server
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid" 2>/dev/null)" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+nginx_port=$(free_port)
+body=$(head -c 150 /dev/zero | tr '\0' 'x')
+mkdir -p "$work/logs"
+cat > "$work/nginx.conf" <<CONF
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $work/nginx.pid;
+error_log $work/logs/error.log warn;
+daemon off;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 65;
+  client_body_temp_path $work/body;
+  proxy_temp_path $work/proxy;
+  server {
+    listen 127.0.0.1:$nginx_port reuseport;
+    location / { default_type text/plain; return 200 "$body"; }
+  }
+}
+CONF
+"$nginx_bin" -p "$work" -c "$work/nginx.conf" &
+pids+=($!)
+
+"$server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+  --max-registrations 0 --expires 86400 >"$work/server.out" 2>"$work/server.err" &
+server_pid=$!
+pids+=($server_pid)
+for _ in $(seq 100); do
+  grep -q listening "$work/server.out" 2>/dev/null && break
+  sleep 0.05
+done
+server_addr=$(awk '{print $3; exit}' "$work/server.out")
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && break
+  sleep 0.05
+done
+
+echo "# chat-server vs nginx-light $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///'), $(nproc) cores, $(date -u +%F)"
+echo "# $rounds rounds of ${secs}s per cell, medians; clients spread over 127.0.0.1-254"
+echo
+"$bench" compare --server "$server_addr" --reference "127.0.0.1:$nginx_port" \
+  --rounds "$rounds" --duration "$secs" --sources 254
+echo
+# Memory: a fresh server, one million fresh ids over keep-alive.
+kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+"$server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+  --max-registrations 0 --expires 86400 >"$work/server2.out" 2>"$work/server2.err" &
+server_pid=$!
+pids+=($server_pid)
+for _ in $(seq 100); do
+  grep -q listening "$work/server2.out" 2>/dev/null && break
+  sleep 0.05
+done
+server_addr=$(awk '{print $3; exit}' "$work/server2.out")
+"$bench" fill --target "$server_addr" --count 1000000 --pid "$server_pid"

@@ -1,0 +1,80 @@
+//! Latency samples and their summary.
+
+use std::time::Duration;
+
+/// What one run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Latencies in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Summary {
+    pub fn merge(parts: impl IntoIterator<Item = Summary>, elapsed: Duration) -> Summary {
+        let mut all = Summary {
+            elapsed,
+            ..Summary::default()
+        };
+        for p in parts {
+            all.requests += p.requests;
+            all.errors += p.errors;
+            all.latencies_us.extend(p.latencies_us);
+        }
+        all.latencies_us.sort_unstable();
+        all
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The `q` quantile (0..=1) of latency, in milliseconds.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+}
+
+/// The median of `xs` (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_medians() {
+        let s = Summary::merge(
+            [Summary {
+                requests: 4,
+                latencies_us: vec![4000, 1000, 3000, 2000],
+                ..Summary::default()
+            }],
+            Duration::from_secs(2),
+        );
+        assert_eq!(s.rate(), 2.0);
+        assert_eq!(s.quantile_ms(0.0), 1.0);
+        assert_eq!(s.quantile_ms(1.0), 4.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}
