@@ -9,8 +9,17 @@
 //! - [`id`] and [`token`]: the validated values every message carries.
 //! - [`rendezvous`]: HTTP/1.1 requests and responses between a client and
 //!   `chat-server`, over TCP or one per UDP datagram.
+//! - [`peer`]: the link between two daemons, an HTTP `CHAT` request
+//!   upgraded to a stream of [`frame`]s.
+//! - [`ipc`]: the control socket between `chatctl` and `chatd`, also
+//!   [`frame`]d; [`local`] says where that socket lives.
 
+pub mod frame;
 pub mod id;
+pub mod ipc;
+#[cfg(feature = "local")]
+pub mod local;
+pub mod peer;
 pub mod rendezvous;
 pub mod token;
 

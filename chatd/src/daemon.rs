@@ -1,0 +1,577 @@
+//! The daemon's core: one task that owns the session, the history and the
+//! attached shells, and turns what happens into what to do.
+//!
+//! Every IO task (the peer listener, each link's reader, each shell, each
+//! server request) reports to the core through one channel; the core feeds
+//! the session, carries out its actions, and once per turn of its loop
+//! commits the history, announces the new records to followers, and only
+//! then flushes the frames queued for peers. That order is what makes an
+//! acknowledgement mean "stored": the ack leaves after the commit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chat_proto::ClientId;
+use chat_proto::frame::encode;
+use chat_proto::ipc::{self, DaemonFrame, Failure, FailureKind, Record, RecordKind, Reply, State};
+use chat_proto::peer::{Hello, MAX_FRAME, PeerFrame};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::history::History;
+use crate::ipc::{ClientHandle, ClientKey};
+use crate::peer::{self, Decision, LinkHandle, LinkOut};
+use crate::rendezvous;
+use crate::session::{Action, Command, Input, LinkId, Session, Ticket};
+
+/// How many queued events one turn of the loop takes before committing.
+const BATCH: usize = 1024;
+/// How long stopping waits for the server to acknowledge our QUIT.
+const QUIT_WAIT: Duration = Duration::from_secs(2);
+
+/// What the IO tasks tell the core.
+pub enum CoreEvent {
+    Session(Input),
+    /// A peer connected and asks to chat.
+    Incoming {
+        hello: Hello,
+        addr: SocketAddr,
+        decide: oneshot::Sender<Decision>,
+    },
+    /// A link's reader and writer are running.
+    LinkReady {
+        link: LinkId,
+        handle: LinkHandle,
+    },
+    /// A shell attached.
+    Attach {
+        key: ClientKey,
+        handle: ClientHandle,
+    },
+    /// A shell left; `reason` when it broke the protocol.
+    Detach {
+        key: ClientKey,
+        reason: Option<String>,
+    },
+    /// A shell's request; the permit bounds its requests in flight.
+    Request {
+        key: ClientKey,
+        id: u64,
+        request: ipc::Request,
+        permit: OwnedSemaphorePermit,
+    },
+}
+
+/// Something interested in the daemon's state: systemd's STATUS= line.
+pub type StateHook = Box<dyn FnMut(&ipc::Status) + Send>;
+
+struct Client {
+    handle: ClientHandle,
+    /// `tail --follow` requests being served.
+    follows: Vec<u64>,
+    /// `wait` requests not yet satisfied, with their permits.
+    waits: Vec<(u64, State, OwnedSemaphorePermit)>,
+}
+
+/// The core's state.
+pub struct Core {
+    me: ClientId,
+    session: Session,
+    history: History,
+    server: String,
+    rendezvous: Arc<rendezvous::Client>,
+    events: mpsc::Sender<CoreEvent>,
+    links: HashMap<LinkId, LinkHandle>,
+    /// Frames queued this turn, per link, flushed after the commit.
+    outgoing: HashMap<LinkId, Vec<u8>>,
+    closing: Vec<LinkId>,
+    /// Closed links whose writers may still be sending their last frames.
+    draining: Vec<LinkHandle>,
+    deciders: HashMap<LinkId, oneshot::Sender<Decision>>,
+    clients: HashMap<ClientKey, Client>,
+    tickets: HashMap<Ticket, (ClientKey, u64, OwnedSemaphorePermit)>,
+    next_ticket: Ticket,
+    /// Stored this turn, announced after the commit.
+    fresh: Vec<Record>,
+    storage_error: Option<String>,
+    state_hook: Option<StateHook>,
+    last_state: Option<(State, Option<ClientId>)>,
+}
+
+impl Core {
+    pub fn new(
+        me: ClientId,
+        session: Session,
+        history: History,
+        server: String,
+        events: mpsc::Sender<CoreEvent>,
+        state_hook: Option<StateHook>,
+    ) -> Core {
+        Core {
+            me,
+            session,
+            history,
+            rendezvous: Arc::new(rendezvous::Client::new(server.clone())),
+            server,
+            events,
+            links: HashMap::new(),
+            outgoing: HashMap::new(),
+            closing: Vec::new(),
+            draining: Vec::new(),
+            deciders: HashMap::new(),
+            clients: HashMap::new(),
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            fresh: Vec::new(),
+            storage_error: None,
+            state_hook,
+            last_state: None,
+        }
+    }
+
+    /// Registers as soon as the loop runs (`chatd --register`); the outcome
+    /// is logged, as no shell asked.
+    pub fn register_at_start(&mut self) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.session.handle(
+            Input::Command {
+                ticket,
+                command: Command::Register,
+            },
+            std::time::Instant::now(),
+        );
+    }
+
+    /// Runs until `stop` resolves (or every sender is gone), then leaves
+    /// the peer and the server.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<CoreEvent>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        self.report_state();
+        loop {
+            let wake = self.session.poll_timeout().map(Instant::from_std);
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { break };
+                    self.event(event);
+                    for _ in 0..BATCH {
+                        match rx.try_recv() {
+                            Ok(event) => self.event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep_until(wake) => {
+                    self.session.handle_timeout(std::time::Instant::now());
+                    self.execute();
+                }
+                () = &mut stop => break,
+            }
+            self.flush();
+        }
+        self.stop(&mut rx).await;
+    }
+
+    async fn stop(&mut self, rx: &mut mpsc::Receiver<CoreEvent>) {
+        self.session
+            .handle(Input::Shutdown, std::time::Instant::now());
+        let quitting = self.execute();
+        self.flush();
+        // Wait (bounded) for the server's QUITACK, still serving events so
+        // the reply is taken in; then let the link writers finish.
+        let deadline = Instant::now() + QUIT_WAIT;
+        let mut pending = quitting;
+        while pending > 0 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(CoreEvent::Session(input @ Input::ServerReply { .. }))) => {
+                    pending -= 1;
+                    self.session.handle(input, std::time::Instant::now());
+                    self.execute();
+                    self.flush();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for (_, handle) in self.links.drain() {
+            let _ = handle.out.send(LinkOut::Close);
+            self.draining.push(handle);
+        }
+        let writers = self
+            .draining
+            .drain(..)
+            .map(|h| async move { h.out.closed().await });
+        let _ = tokio::time::timeout(Duration::from_secs(1), futures_join_all(writers)).await;
+    }
+
+    fn event(&mut self, event: CoreEvent) {
+        let now = std::time::Instant::now();
+        match event {
+            CoreEvent::Session(input) => {
+                if let Input::LinkClosed { link, .. } = &input {
+                    self.links.remove(link);
+                    self.outgoing.remove(link);
+                }
+                self.session.handle(input, now);
+            }
+            CoreEvent::Incoming {
+                hello,
+                addr,
+                decide,
+            } => {
+                let link = self.session.next_link();
+                tracing::info!(peer = %hello.id, %addr, "peer asks to chat");
+                self.deciders.insert(link, decide);
+                self.session.handle(Input::Incoming { link, hello }, now);
+            }
+            CoreEvent::LinkReady { link, handle } => {
+                self.links.insert(link, handle);
+            }
+            CoreEvent::Attach { key, handle } => {
+                self.clients.insert(
+                    key,
+                    Client {
+                        handle,
+                        follows: Vec::new(),
+                        waits: Vec::new(),
+                    },
+                );
+            }
+            CoreEvent::Detach { key, reason } => {
+                if let (Some(reason), Some(c)) = (reason, self.clients.get(&key)) {
+                    let _ = c.handle.queue.try_send(DaemonFrame::Dropped { reason });
+                }
+                self.clients.remove(&key);
+            }
+            CoreEvent::Request {
+                key,
+                id,
+                request,
+                permit,
+            } => self.request(key, id, request, permit, now),
+        }
+        self.execute();
+    }
+
+    fn request(
+        &mut self,
+        key: ClientKey,
+        id: u64,
+        request: ipc::Request,
+        permit: OwnedSemaphorePermit,
+        now: std::time::Instant,
+    ) {
+        let command = match request {
+            ipc::Request::Id => return self.answer(key, id, Ok(Reply::Id { id: self.me })),
+            ipc::Request::Status => {
+                return self.answer(key, id, Ok(Reply::Status(self.session.status())));
+            }
+            ipc::Request::Register => Command::Register,
+            ipc::Request::Bridge { peer } => Command::Bridge { peer },
+            ipc::Request::Chat => Command::Chat,
+            ipc::Request::Send { text } => Command::Send { text },
+            ipc::Request::Quit => Command::Quit,
+            ipc::Request::Tail { last, follow } => {
+                // Announce what is stored but not yet announced, so that the
+                // snapshot below and the live records that follow it meet
+                // exactly: every record once, in order.
+                self.flush();
+                let records = match self.history.last(last) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return self.answer(
+                            key,
+                            id,
+                            Err(Failure::new(FailureKind::Storage, e.to_string())),
+                        );
+                    }
+                };
+                self.send_records(key, id, records);
+                if follow {
+                    if let Some(c) = self.clients.get_mut(&key) {
+                        c.follows.push(id);
+                    }
+                    drop(permit);
+                    return;
+                }
+                return self.answer(key, id, Ok(Reply::Done));
+            }
+            ipc::Request::History { peer, grep, limit } => {
+                self.flush();
+                let records = match self.history.search(peer, grep.as_deref(), limit) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return self.answer(
+                            key,
+                            id,
+                            Err(Failure::new(FailureKind::Storage, e.to_string())),
+                        );
+                    }
+                };
+                self.send_records(key, id, records);
+                return self.answer(key, id, Ok(Reply::Done));
+            }
+            ipc::Request::Wait { state } => {
+                if self.session.state() == state {
+                    return self.answer(key, id, Ok(Reply::Reached { state }));
+                }
+                if let Some(c) = self.clients.get_mut(&key) {
+                    c.waits.push((id, state, permit));
+                }
+                return;
+            }
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, (key, id, permit));
+        self.session.handle(Input::Command { ticket, command }, now);
+    }
+
+    fn send_records(&mut self, key: ClientKey, id: u64, records: Vec<Record>) {
+        for record in records {
+            if !self.push(key, DaemonFrame::Record { id, record }) {
+                return;
+            }
+        }
+    }
+
+    fn answer(&mut self, key: ClientKey, id: u64, result: Result<Reply, Failure>) {
+        self.push(key, DaemonFrame::Reply { id, result });
+    }
+
+    /// Queues a frame for a shell; a shell whose queue is full is dropped.
+    fn push(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
+        let Some(c) = self.clients.get(&key) else {
+            return false;
+        };
+        match c.handle.queue.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::info!(key, "dropping a shell that fell behind");
+                c.handle.lagged.store(true, Ordering::Release);
+                self.clients.remove(&key);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.clients.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// Carries out the session's actions; returns how many server requests
+    /// it started.
+    fn execute(&mut self) -> usize {
+        let mut started = 0;
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Server { op, request } => {
+                    started += 1;
+                    let client = Arc::clone(&self.rendezvous);
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let result = client.request(&request).await;
+                        if let Err(e) = &result {
+                            tracing::debug!("{} failed: {e}", request.method());
+                        }
+                        let _ = events
+                            .send(CoreEvent::Session(Input::ServerReply { op, result }))
+                            .await;
+                    });
+                }
+                Action::Connect { link, addr, hello } => {
+                    tracing::info!(%addr, "connecting to peer");
+                    tokio::spawn(peer::connect(link, addr, hello, self.events.clone()));
+                }
+                Action::Accept { link } => {
+                    if let Some(d) = self.deciders.remove(&link) {
+                        let _ = d.send(Decision::Accept { link, me: self.me });
+                    }
+                }
+                Action::Refuse {
+                    link,
+                    status,
+                    reason,
+                } => {
+                    if let Some(d) = self.deciders.remove(&link) {
+                        let _ = d.send(Decision::Refuse { status, reason });
+                    }
+                }
+                Action::Send { link, mut frame } => {
+                    if let PeerFrame::Message { sent_ms, .. } = &mut frame {
+                        *sent_ms = now_ms();
+                    }
+                    let buf = self.outgoing.entry(link).or_default();
+                    if let Err(e) = encode(&frame, MAX_FRAME, buf) {
+                        tracing::error!("cannot encode a frame for the peer: {e}");
+                    }
+                }
+                Action::Close { link } => self.closing.push(link),
+                Action::Record(kind) => self.store(kind),
+                Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {
+                    Some((key, id, permit)) => {
+                        self.answer(key, id, result);
+                        drop(permit);
+                    }
+                    // Asked by the daemon itself (--register).
+                    None => match result {
+                        Ok(r) => tracing::info!("{r:?}"),
+                        Err(f) => tracing::warn!("{}", f.message),
+                    },
+                },
+                Action::SaveToken(token) => {
+                    if let Err(e) = self.history.save_token(&self.server, token) {
+                        tracing::error!("cannot save the client token: {e}");
+                    }
+                }
+            }
+        }
+        started
+    }
+
+    fn store(&mut self, kind: RecordKind) {
+        let result = self
+            .history
+            .begin()
+            .and_then(|()| self.history.append(now_ms(), kind));
+        match result {
+            Ok(record) => self.fresh.push(record),
+            Err(e) => {
+                tracing::error!("{e}");
+                self.storage_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+
+    /// The end of a turn: commit, announce, then let frames out.
+    fn flush(&mut self) {
+        if let Err(e) = self.history.commit() {
+            tracing::error!("{e}");
+            self.storage_error.get_or_insert(e.to_string());
+        }
+        if let Some(err) = self.storage_error.take() {
+            // Nothing stored may be acknowledged: drop what was queued for
+            // peers and close the links, so senders are told their messages
+            // were not delivered rather than left believing they were.
+            self.outgoing.clear();
+            self.fresh.clear();
+            let links: Vec<LinkId> = self.links.keys().copied().collect();
+            for link in links {
+                self.session.handle(
+                    Input::LinkClosed {
+                        link,
+                        reason: format!("this daemon could not store messages: {err}"),
+                    },
+                    std::time::Instant::now(),
+                );
+                self.closing.push(link);
+            }
+            self.execute();
+            let _ = self.history.commit();
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        if !fresh.is_empty() {
+            let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
+            for key in keys {
+                let follows = match self.clients.get(&key) {
+                    Some(c) if !c.follows.is_empty() => c.follows.clone(),
+                    _ => continue,
+                };
+                'records: for record in &fresh {
+                    for &id in &follows {
+                        if !self.push(
+                            key,
+                            DaemonFrame::Record {
+                                id,
+                                record: record.clone(),
+                            },
+                        ) {
+                            break 'records;
+                        }
+                    }
+                }
+            }
+            self.report_state();
+        }
+        for (link, bytes) in self.outgoing.drain() {
+            if bytes.is_empty() {
+                continue;
+            }
+            match self.links.get(&link) {
+                Some(handle) => {
+                    let _ = handle.out.send(LinkOut::Data(bytes));
+                }
+                None => tracing::debug!(link, "frames for a link that is gone"),
+            }
+        }
+        for link in self.closing.drain(..) {
+            if let Some(handle) = self.links.remove(&link) {
+                let _ = handle.out.send(LinkOut::Close);
+                self.draining.push(handle);
+            }
+        }
+        self.draining.retain(|h| !h.out.is_closed());
+    }
+
+    /// Answers `wait`s and tells the state hook, when the state changed.
+    fn report_state(&mut self) {
+        let status = self.session.status();
+        let now = (status.state, status.peer);
+        if self.last_state == Some(now) {
+            return;
+        }
+        self.last_state = Some(now);
+        if let Some(hook) = &mut self.state_hook {
+            hook(&status);
+        }
+        let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
+        for key in keys {
+            let reached: Vec<u64> = match self.clients.get_mut(&key) {
+                Some(c) => {
+                    let (hit, keep): (Vec<_>, Vec<_>) =
+                        c.waits.drain(..).partition(|(_, s, _)| *s == status.state);
+                    c.waits = keep;
+                    hit.into_iter().map(|(id, _, _)| id).collect()
+                }
+                None => continue,
+            };
+            for id in reached {
+                self.answer(
+                    key,
+                    id,
+                    Ok(Reply::Reached {
+                        state: status.state,
+                    }),
+                );
+            }
+        }
+    }
+}
+
+/// Awaits every future (a handful of link writers at most).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    for f in futures {
+        f.await;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wall clock, for record and message times.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

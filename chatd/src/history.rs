@@ -1,0 +1,378 @@
+//! The history: every message sent and received and every state change,
+//! in SQLite, so nothing is lost because no shell was attached, nor across
+//! a restart.
+//!
+//! The database lives in the daemon's data directory, in WAL mode with
+//! `synchronous=NORMAL`: a commit is a write to the log, not an fsync, and
+//! a crash of the daemon (not of the machine) loses nothing committed.
+//! Writes are grouped: the daemon opens a transaction, stores all the
+//! records one turn of its loop produced, and commits before it sends the
+//! acknowledgements that promise those records are stored.
+
+use std::path::Path;
+
+use chat_proto::ClientId;
+use chat_proto::Token;
+use chat_proto::ipc::{Record, RecordKind, State};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Why the history failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("history database: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// The open history of one daemon.
+pub struct History {
+    conn: Connection,
+    me: ClientId,
+    in_tx: bool,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms  INTEGER NOT NULL,
+    kind     TEXT    NOT NULL CHECK (kind IN ('message', 'state', 'notice')),
+    me       TEXT    NOT NULL,
+    peer     TEXT,
+    outgoing INTEGER,
+    state    TEXT,
+    text     TEXT
+);
+CREATE INDEX IF NOT EXISTS records_peer ON records (peer, seq);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+";
+
+impl History {
+    /// Opens (creating if needed) the history at `path`.
+    pub fn open(path: &Path, me: ClientId) -> Result<History, HistoryError> {
+        let open_err = |source| HistoryError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        // Another process reading the file (a backup, sqlite3) may hold a
+        // lock for a moment; wait rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(History {
+            conn,
+            me,
+            in_tx: false,
+        })
+    }
+
+    /// An in-memory history, for tests.
+    #[cfg(test)]
+    pub fn in_memory(me: ClientId) -> History {
+        let conn = Connection::open_in_memory().expect("in-memory sqlite");
+        conn.execute_batch(SCHEMA).expect("schema");
+        History {
+            conn,
+            me,
+            in_tx: false,
+        }
+    }
+
+    /// Starts grouping writes (a no-op if a group is open).
+    pub fn begin(&mut self) -> Result<(), HistoryError> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN")?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the grouped writes durable.
+    pub fn commit(&mut self) -> Result<(), HistoryError> {
+        if self.in_tx {
+            self.in_tx = false;
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+
+    /// Stores a record; returns it with its place and time.
+    pub fn append(&mut self, time_ms: i64, kind: RecordKind) -> Result<Record, HistoryError> {
+        let me = self.me.as_str();
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO records (time_ms, kind, me, peer, outgoing, state, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        match &kind {
+            RecordKind::Message {
+                from,
+                to,
+                text,
+                outgoing,
+            } => {
+                let peer = if *outgoing { to } else { from };
+                stmt.execute(params![
+                    time_ms,
+                    "message",
+                    me,
+                    peer.as_str(),
+                    *outgoing,
+                    None::<&str>,
+                    text
+                ])?;
+            }
+            RecordKind::State { state, peer } => {
+                stmt.execute(params![
+                    time_ms,
+                    "state",
+                    me,
+                    peer.map(|p| p.to_string()),
+                    None::<bool>,
+                    state.as_str(),
+                    None::<&str>
+                ])?;
+            }
+            RecordKind::Notice { text } => {
+                stmt.execute(params![
+                    time_ms,
+                    "notice",
+                    me,
+                    None::<&str>,
+                    None::<bool>,
+                    None::<&str>,
+                    text
+                ])?;
+            }
+        }
+        let seq = self.conn.last_insert_rowid() as u64;
+        Ok(Record { seq, time_ms, kind })
+    }
+
+    /// The last `n` records, oldest first, up to and including `upto`.
+    pub fn last(&self, n: u32) -> Result<Vec<Record>, HistoryError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, time_ms, kind, me, peer, outgoing, state, text FROM records ORDER BY seq DESC LIMIT ?1")?;
+        let mut rows: Vec<Record> = stmt
+            .query_map([n], row_to_record)?
+            .filter_map(Result::ok)
+            .flatten()
+            .collect();
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Messages matching the filters, oldest first; at most `limit` (the
+    /// newest ones).
+    pub fn search(
+        &self,
+        peer: Option<ClientId>,
+        grep: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Record>, HistoryError> {
+        let pattern = grep.map(|g| {
+            format!(
+                "%{}%",
+                g.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, kind, me, peer, outgoing, state, text FROM records
+             WHERE kind = 'message'
+               AND (?1 IS NULL OR peer = ?1)
+               AND (?2 IS NULL OR text LIKE ?2 ESCAPE '\\')
+             ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let mut rows: Vec<Record> = stmt
+            .query_map(
+                params![peer.map(|p| p.to_string()), pattern, limit],
+                row_to_record,
+            )?
+            .filter_map(Result::ok)
+            .flatten()
+            .collect();
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// The token saved for `server`, if any.
+    pub fn token(&self, server: &str) -> Result<Option<Token>, HistoryError> {
+        let key = format!("token {} {server}", self.me);
+        let value: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(value.and_then(|v| v.parse().ok()))
+    }
+
+    /// Saves the token the server gave us.
+    pub fn save_token(&mut self, server: &str, token: Token) -> Result<(), HistoryError> {
+        let key = format!("token {} {server}", self.me);
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, token.to_string()],
+        )?;
+        Ok(())
+    }
+}
+
+/// A row as a record; `None` for rows this version does not understand
+/// (written by a newer one), which are skipped rather than fatal.
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Record>> {
+    let seq: i64 = row.get(0)?;
+    let time_ms: i64 = row.get(1)?;
+    let kind: String = row.get(2)?;
+    let me: String = row.get(3)?;
+    let peer: Option<String> = row.get(4)?;
+    let outgoing: Option<bool> = row.get(5)?;
+    let state: Option<String> = row.get(6)?;
+    let text: Option<String> = row.get(7)?;
+    let id = |s: &str| s.parse::<ClientId>().ok();
+    let kind = match kind.as_str() {
+        "message" => {
+            let (Some(me), Some(peer)) = (id(&me), peer.as_deref().and_then(id)) else {
+                return Ok(None);
+            };
+            let outgoing = outgoing.unwrap_or(false);
+            let (from, to) = if outgoing { (me, peer) } else { (peer, me) };
+            RecordKind::Message {
+                from,
+                to,
+                text: text.unwrap_or_default(),
+                outgoing,
+            }
+        }
+        "state" => {
+            let Some(state) = state.and_then(|s| s.parse::<State>().ok()) else {
+                return Ok(None);
+            };
+            RecordKind::State {
+                state,
+                peer: peer.as_deref().and_then(id),
+            }
+        }
+        "notice" => RecordKind::Notice {
+            text: text.unwrap_or_default(),
+        },
+        _ => return Ok(None),
+    };
+    Ok(Some(Record {
+        seq: seq as u64,
+        time_ms,
+        kind,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ClientId {
+        s.parse().unwrap()
+    }
+
+    fn msg(from: &str, to: &str, text: &str, outgoing: bool) -> RecordKind {
+        RecordKind::Message {
+            from: id(from),
+            to: id(to),
+            text: text.into(),
+            outgoing,
+        }
+    }
+
+    #[test]
+    fn append_then_read_in_order() {
+        let mut h = History::in_memory(id("me"));
+        h.begin().unwrap();
+        let a = h.append(1, msg("me", "bob", "hi bob", true)).unwrap();
+        let b = h
+            .append(
+                2,
+                RecordKind::State {
+                    state: State::Chatting,
+                    peer: Some(id("bob")),
+                },
+            )
+            .unwrap();
+        let c = h.append(3, msg("bob", "me", "hi", false)).unwrap();
+        h.commit().unwrap();
+        assert!(a.seq < b.seq && b.seq < c.seq);
+        assert_eq!(h.last(2).unwrap(), vec![b.clone(), c.clone()]);
+        assert_eq!(h.last(100).unwrap(), vec![a, b, c]);
+    }
+
+    #[test]
+    fn search_by_peer_and_text_with_wildcards_escaped() {
+        let mut h = History::in_memory(id("me"));
+        h.append(1, msg("me", "bob", "100% sure", true)).unwrap();
+        h.append(2, msg("carol", "me", "1005 sure", false)).unwrap();
+        h.append(3, msg("bob", "me", "under_score", false)).unwrap();
+        h.append(
+            4,
+            RecordKind::Notice {
+                text: "100% notice".into(),
+            },
+        )
+        .unwrap();
+        let texts = |rs: Vec<Record>| -> Vec<String> {
+            rs.into_iter()
+                .map(|r| match r.kind {
+                    RecordKind::Message { text, .. } => text,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            texts(h.search(None, Some("100%"), 10).unwrap()),
+            vec!["100% sure"]
+        );
+        assert_eq!(
+            texts(h.search(Some(id("bob")), None, 10).unwrap()),
+            vec!["100% sure", "under_score"]
+        );
+        assert_eq!(
+            texts(h.search(None, Some("r_s"), 10).unwrap()),
+            vec!["under_score"]
+        );
+        assert_eq!(texts(h.search(None, None, 1).unwrap()), vec!["under_score"]);
+    }
+
+    #[test]
+    fn tokens_per_server() {
+        let mut h = History::in_memory(id("me"));
+        assert!(h.token("a:1").unwrap().is_none());
+        let t = Token::from_bytes([3; 16]);
+        h.save_token("a:1", t).unwrap();
+        h.save_token("a:1", t).unwrap();
+        assert_eq!(h.token("a:1").unwrap(), Some(t));
+        assert!(h.token("b:1").unwrap().is_none());
+    }
+
+    #[test]
+    fn survives_reopening() {
+        let dir = std::env::temp_dir().join(format!("chatd-history-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("history.db");
+        {
+            let mut h = History::open(&path, id("me")).unwrap();
+            h.append(1, msg("me", "bob", "kept", true)).unwrap();
+        }
+        let h = History::open(&path, id("me")).unwrap();
+        assert_eq!(h.last(10).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,196 @@
+//! The control socket's IO: one task per attached shell.
+//!
+//! Each connection states its protocol version first; then its requests go
+//! to the core, and whatever the core has for it (replies, records for
+//! `tail -f`) goes out through a bounded queue drained by a writer task.
+//! A shell that reads too slowly for its queue is dropped with a last frame
+//! saying so, never allowed to hold the daemon or the other shells up
+//! (tailscale's choice). A malformed or oversized frame ends that one
+//! connection with an error frame; nothing else notices.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chat_proto::frame::{Decoder, encode};
+use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, VERSION};
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::Listener as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::timeout;
+
+use crate::daemon::CoreEvent;
+
+/// Frames waiting for one shell; past this, a follower is dropped.
+pub const QUEUE: usize = 4096;
+/// Requests one shell may have in flight; its reader waits beyond that, so
+/// replies always fit the queue.
+pub const IN_FLIGHT: usize = 1024;
+/// Time a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Identifies one attached shell.
+pub type ClientKey = u64;
+
+/// The core's handle on one shell.
+pub struct ClientHandle {
+    pub queue: mpsc::Sender<DaemonFrame>,
+    /// Set by the core when the queue overflowed: the writer then ends the
+    /// connection with a last `Dropped` frame.
+    pub lagged: Arc<AtomicBool>,
+}
+
+/// Accepts shells until the core goes away.
+pub async fn accept_loop(listener: Listener, core: mpsc::Sender<CoreEvent>) {
+    let mut next: ClientKey = 1;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let key = next;
+                next += 1;
+                let core = core.clone();
+                tokio::spawn(async move { serve(stream, key, core).await });
+            }
+            Err(e) => {
+                tracing::warn!("accepting a control connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if core.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
+    // `&Stream` reads and writes: the reader and the writer share it.
+    let stream = Arc::new(stream);
+    let mut recv = &*stream;
+    let mut send = &*stream;
+    let mut decoder = Decoder::new(MAX_FRAME);
+    // The hello exchange: both sides state their version.
+    let theirs = match timeout(HELLO_TIMEOUT, read_frame::<Hello>(&mut recv, &mut decoder)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(reason)) => {
+            tracing::debug!(key, "bad hello: {reason}");
+            let _ = write_frame(&mut send, &DaemonFrame::Dropped { reason }).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    if write_frame(&mut send, &Hello::ours("chatd")).await.is_err() || theirs.protocol != VERSION {
+        // The client reports the mismatch with both versions.
+        tracing::debug!(
+            key,
+            theirs = theirs.protocol,
+            ours = VERSION,
+            "protocol mismatch with {}",
+            theirs.software
+        );
+        return;
+    }
+    let (queue, rx) = mpsc::channel(QUEUE);
+    let lagged = Arc::new(AtomicBool::new(false));
+    // Only the core holds the queue's sender: when it lets go (the shell
+    // detached, or fell behind), the writer drains what is queued and ends.
+    let handle = ClientHandle {
+        queue,
+        lagged: Arc::clone(&lagged),
+    };
+    if core.send(CoreEvent::Attach { key, handle }).await.is_err() {
+        return;
+    }
+    let mut writer = tokio::spawn(writer(Arc::clone(&stream), rx, lagged));
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let reading = async {
+        loop {
+            match read_frame::<ClientFrame>(&mut recv, &mut decoder).await {
+                Ok(Some(frame)) => {
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                        return None;
+                    };
+                    let event = CoreEvent::Request {
+                        key,
+                        id: frame.id,
+                        request: frame.request,
+                        permit,
+                    };
+                    if core.send(event).await.is_err() {
+                        return None;
+                    }
+                }
+                Ok(None) => return None,
+                Err(reason) => {
+                    tracing::debug!(key, "dropping control connection: {reason}");
+                    return Some(reason);
+                }
+            }
+        }
+    };
+    tokio::select! {
+        reason = reading => {
+            let _ = core.send(CoreEvent::Detach { key, reason }).await;
+            let _ = (&mut writer).await;
+        }
+        // The core dropped this shell (it fell behind): the writer has
+        // said so and ended.
+        _ = &mut writer => {}
+    }
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut &Stream,
+    decoder: &mut Decoder,
+) -> Result<Option<T>, String> {
+    loop {
+        match decoder.decode::<T>() {
+            Ok(Some(v)) => return Ok(Some(v)),
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad frame from chatctl: {e}")),
+        }
+        match recv.read_buf(decoder.buffer()).await {
+            Ok(0) if decoder.has_partial() => return Err("connection closed mid-frame".into()),
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn write_frame<T: serde::Serialize>(send: &mut &Stream, value: &T) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    encode(value, MAX_FRAME, &mut out).map_err(std::io::Error::other)?;
+    send.write_all(&out).await
+}
+
+async fn writer(stream: Arc<Stream>, mut rx: mpsc::Receiver<DaemonFrame>, lagged: Arc<AtomicBool>) {
+    let mut send = &*stream;
+    let mut out = Vec::with_capacity(4096);
+    while let Some(first) = rx.recv().await {
+        out.clear();
+        let mut next = Some(first);
+        // Everything queued goes out in one write.
+        while let Some(frame) = next.take() {
+            if let Err(e) = encode(&frame, MAX_FRAME, &mut out) {
+                tracing::warn!("a frame for chatctl could not be encoded: {e}");
+            }
+            if out.len() > 256 * 1024 {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if send.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+    if lagged.load(Ordering::Acquire) {
+        let reason = format!(
+            "dropped: this shell fell more than {QUEUE} events behind; run `chatctl tail` again to catch up from history"
+        );
+        let _ = write_frame(&mut send, &DaemonFrame::Dropped { reason }).await;
+    }
+    let _ = send.flush().await;
+}

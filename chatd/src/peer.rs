@@ -1,0 +1,297 @@
+//! The peer link's IO: the listener on `--port`, outgoing connections, the
+//! HTTP-style handshake, and a reader and a writer task per open link.
+//!
+//! The session decides; this module only moves bytes. Incoming handshakes
+//! are parsed here and handed to the core, which answers with a decision;
+//! frames read from a link go to the core in order, and the core's frames
+//! go out through the link's writer, which coalesces whatever is queued into
+//! one write.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_proto::frame::Decoder;
+use chat_proto::peer::{Answer, Hello, MAX_FRAME, Opening, PeerFrame, parse_answer, parse_hello};
+use chat_proto::rendezvous::MAX_HEAD;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, timeout_at};
+
+use crate::daemon::CoreEvent;
+use crate::session::{Input, LinkId};
+
+/// How long a handshake may take, either way.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the core sends a link's writer.
+#[derive(Debug)]
+pub enum LinkOut {
+    Data(Vec<u8>),
+    /// Send what is queued, then close.
+    Close,
+}
+
+/// The core's side of an open link.
+#[derive(Clone, Debug)]
+pub struct LinkHandle {
+    pub out: mpsc::UnboundedSender<LinkOut>,
+}
+
+/// The core's answer to an incoming handshake.
+#[derive(Debug)]
+pub enum Decision {
+    Accept {
+        link: LinkId,
+        me: chat_proto::ClientId,
+    },
+    Refuse {
+        status: u16,
+        reason: String,
+    },
+}
+
+/// Binds the peer port, so that a port in use is an error at start-up.
+pub fn bind(port: u16) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Accepts peers until the core goes away.
+pub async fn accept_loop(listener: std::net::TcpListener, core: mpsc::Sender<CoreEvent>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot watch the peer port: {e}");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let core = core.clone();
+                tokio::spawn(async move { incoming(stream, addr, core).await });
+            }
+            Err(e) => {
+                tracing::warn!("accepting a peer failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if core.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<CoreEvent>) {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut buf = Vec::with_capacity(1024);
+    let (hello, used) = loop {
+        match timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        match parse_hello(&buf) {
+            Ok(Some(Opening { hello, used })) => break (hello, used),
+            Ok(None) if buf.len() <= MAX_HEAD => continue,
+            Ok(None) => return refuse(stream, 431, "handshake too large".into()).await,
+            Err(e) => return refuse(stream, 400, e.to_string()).await,
+        }
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err((status, reason)) => return refuse(stream, status, reason).await,
+    };
+    tracing::debug!(%addr, peer = %hello.id, "peer asks to chat");
+    let (decide, decision) = oneshot::channel();
+    if core
+        .send(CoreEvent::Incoming {
+            hello,
+            addr,
+            decide,
+        })
+        .await
+        .is_err()
+    {
+        return refuse(stream, 409, "the daemon is stopping".into()).await;
+    }
+    match timeout_at(deadline, decision).await {
+        Ok(Ok(Decision::Accept { link, me })) => {
+            let mut out = Vec::new();
+            Answer::Accepted { id: me }.encode(&mut out);
+            if stream.write_all(&out).await.is_err() {
+                let _ = core
+                    .send(CoreEvent::Session(Input::LinkClosed {
+                        link,
+                        reason: "connection lost during the handshake".into(),
+                    }))
+                    .await;
+                return;
+            }
+            let handle = start(stream, link, buf.split_off(used), core.clone());
+            let _ = core.send(CoreEvent::LinkReady { link, handle }).await;
+        }
+        Ok(Ok(Decision::Refuse { status, reason })) => refuse(stream, status, reason).await,
+        _ => refuse(stream, 409, "no decision in time".into()).await,
+    }
+}
+
+async fn refuse(mut stream: TcpStream, status: u16, reason: String) {
+    let mut out = Vec::new();
+    Answer::Refused { status, reason }.encode(&mut out);
+    if stream.write_all(&out).await.is_ok() {
+        let _ = stream.shutdown().await;
+        // Drain briefly so our answer is not reset away by unread input.
+        let mut sink = [0u8; 1024];
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(Ok(n)) = timeout_at(deadline, stream.read(&mut sink)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Opens link `link` to `addr` and reports the outcome to the core.
+pub async fn connect(link: LinkId, addr: SocketAddr, hello: Hello, core: mpsc::Sender<CoreEvent>) {
+    let outcome = async {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let late = || format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs());
+        let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(late()),
+        };
+        let _ = stream.set_nodelay(true);
+        let mut out = Vec::new();
+        hello.encode(&addr.to_string(), &mut out);
+        match timeout_at(deadline, stream.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(late()),
+        }
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            match timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    return Err("the peer closed the connection during the handshake".into());
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(late()),
+            }
+            match parse_answer(&buf) {
+                Ok(Some((Answer::Accepted { id }, used))) => {
+                    return Ok((stream, id, buf.split_off(used)));
+                }
+                Ok(Some((Answer::Refused { status, reason }, _))) => {
+                    return Err(format!("refused ({status}): {reason}"));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("not a chatd: {e}")),
+            }
+        }
+    };
+    match outcome.await {
+        Ok((stream, peer, leftover)) => {
+            let handle = start(stream, link, leftover, core.clone());
+            let _ = core.send(CoreEvent::LinkReady { link, handle }).await;
+            let _ = core
+                .send(CoreEvent::Session(Input::LinkUp { link, peer }))
+                .await;
+        }
+        Err(reason) => {
+            let _ = core
+                .send(CoreEvent::Session(Input::LinkFailed { link, reason }))
+                .await;
+        }
+    }
+}
+
+/// Starts the reader and writer of an open link.
+fn start(
+    stream: TcpStream,
+    link: LinkId,
+    leftover: Vec<u8>,
+    core: mpsc::Sender<CoreEvent>,
+) -> LinkHandle {
+    let (read, write) = stream.into_split();
+    let (out, rx) = mpsc::unbounded_channel();
+    tokio::spawn(reader(read, link, leftover, core));
+    tokio::spawn(writer(write, rx));
+    LinkHandle { out }
+}
+
+async fn reader(
+    mut read: OwnedReadHalf,
+    link: LinkId,
+    leftover: Vec<u8>,
+    core: mpsc::Sender<CoreEvent>,
+) {
+    let mut decoder = Decoder::new(MAX_FRAME);
+    decoder.extend(&leftover);
+    let reason = 'read: loop {
+        loop {
+            match decoder.decode::<PeerFrame>() {
+                Ok(Some(frame)) => {
+                    if core
+                        .send(CoreEvent::Session(Input::Frame { link, frame }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'read format!("the peer sent a bad frame ({e})"),
+            }
+        }
+        match read.read_buf(decoder.buffer()).await {
+            Ok(0) if decoder.has_partial() => break "connection closed mid-frame".to_owned(),
+            Ok(0) => break "connection closed".to_owned(),
+            Ok(_) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    let _ = core
+        .send(CoreEvent::Session(Input::LinkClosed { link, reason }))
+        .await;
+}
+
+async fn writer(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<LinkOut>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut close = false;
+        let mut next = Some(first);
+        // Coalesce everything already queued into one write.
+        while let Some(item) = next.take() {
+            match item {
+                LinkOut::Data(bytes) => {
+                    if batch.is_empty() {
+                        batch = bytes;
+                    } else {
+                        batch.extend_from_slice(&bytes);
+                    }
+                }
+                LinkOut::Close => {
+                    close = true;
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !batch.is_empty() {
+            if write.write_all(&batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+        }
+        if close {
+            let _ = write.shutdown().await;
+            return;
+        }
+    }
+}

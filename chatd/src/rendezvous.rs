@@ -1,0 +1,229 @@
+//! Talking to chat-server: a PROBE first to learn which transport it
+//! serves, then one request per call, over TCP (a connection per request,
+//! closed by the server, as the seeds did) or UDP (one datagram each way,
+//! retransmitted after 0.5 s, doubling, for about 8 s, as SIP does).
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chat_proto::rendezvous::{
+    MAX_DATAGRAM, Parsed, Request, RequestFraming, Response, parse_response,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::{Instant, timeout_at};
+
+/// How long a TCP connect, or a whole TCP exchange, may take.
+const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first UDP retransmission interval; it doubles after each.
+const UDP_FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Give up on a UDP request after this long.
+const UDP_GIVE_UP: Duration = Duration::from_secs(8);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// A client of one server.
+pub struct Client {
+    server: String,
+    /// What the last PROBE found; forgotten after a failure so that a
+    /// server restarted with another transport is found again.
+    transport: Mutex<Option<Transport>>,
+}
+
+impl Client {
+    /// `server` is `host:port`.
+    pub fn new(server: String) -> Client {
+        Client {
+            server,
+            transport: Mutex::new(None),
+        }
+    }
+
+    /// Sends `request`; `Err` is a reason a person can read, for when the
+    /// server could not be reached or answered nonsense.
+    pub async fn request(&self, request: &Request) -> Result<Response, String> {
+        let addr = self.resolve().await?;
+        let known = *self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let transport = match known {
+            Some(t) => t,
+            None => {
+                let t = self.probe(addr).await?;
+                *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+                t
+            }
+        };
+        let result = match transport {
+            Transport::Tcp => tcp_exchange(addr, &self.server, request).await,
+            Transport::Udp => udp_exchange(addr, &self.server, request).await,
+        };
+        if result.is_err() {
+            *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        result
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, String> {
+        let mut addrs = tokio::net::lookup_host(&self.server)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.server))?;
+        addrs
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.server))
+    }
+
+    /// TCP first (the default server transport); UDP if TCP is refused.
+    async fn probe(&self, addr: SocketAddr) -> Result<Transport, String> {
+        let tcp_err = match tcp_exchange(addr, &self.server, &Request::Probe).await {
+            Ok(Response::ProbeAck { transports, .. }) if transports.tcp => {
+                return Ok(Transport::Tcp);
+            }
+            Ok(other) => format!("unexpected answer to PROBE: {other:?}"),
+            Err(e) => e,
+        };
+        match udp_exchange(addr, &self.server, &Request::Probe).await {
+            Ok(Response::ProbeAck { transports, .. }) if transports.udp => Ok(Transport::Udp),
+            Ok(other) => Err(format!("unexpected answer to PROBE: {other:?}")),
+            Err(udp_err) => Err(format!("{tcp_err}; over UDP: {udp_err}")),
+        }
+    }
+}
+
+async fn tcp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result<Response, String> {
+    let deadline = Instant::now() + TCP_TIMEOUT;
+    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("{addr}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "{addr}: no answer within {} s",
+                TCP_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(256);
+    request.encode(
+        &mut out,
+        &RequestFraming {
+            host: Some(host),
+            request_id: None,
+            close: true,
+        },
+    );
+    let method = request.method();
+    let exchange = async {
+        stream.write_all(&out).await?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before a whole response",
+                ));
+            }
+            match parse_response(&buf, method, false) {
+                Ok(Parsed::Complete((head, _))) => return Ok(head.response),
+                Ok(Parsed::Partial) => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+    };
+    match timeout_at(deadline, exchange).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(format!("{addr}: {e}")),
+        Err(_) => Err(format!(
+            "{addr}: no answer within {} s",
+            TCP_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result<Response, String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|_| "bad bind address")?
+    } else {
+        "[::]:0".parse().map_err(|_| "bad bind address")?
+    };
+    let socket = UdpSocket::bind(bind)
+        .await
+        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let rid = request_id();
+    let mut out = Vec::with_capacity(256);
+    request.encode(
+        &mut out,
+        &RequestFraming {
+            host: Some(host),
+            request_id: Some(&rid),
+            close: false,
+        },
+    );
+    let method = request.method();
+    let give_up = Instant::now() + UDP_GIVE_UP;
+    let mut wait = UDP_FIRST_RETRY;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        socket
+            .send(&out)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let retry_at = (Instant::now() + wait).min(give_up);
+        loop {
+            match timeout_at(retry_at, socket.recv(&mut buf)).await {
+                Err(_) => break,
+                // An ICMP "port unreachable" from an earlier send: keep
+                // trying until the deadline, the server may be starting.
+                Ok(Err(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Ok(Ok(n)) => {
+                    if let Ok(Parsed::Complete((head, _))) = parse_response(&buf[..n], method, true)
+                    {
+                        if head.request_id.as_deref() == Some(rid.as_str()) {
+                            return Ok(head.response);
+                        }
+                    }
+                    // Someone else's datagram, or an old answer: ignore.
+                }
+            }
+            if Instant::now() >= retry_at {
+                break;
+            }
+        }
+        if Instant::now() >= give_up {
+            return Err(format!(
+                "{addr}: no answer over UDP within {} s",
+                UDP_GIVE_UP.as_secs()
+            ));
+        }
+        wait *= 2;
+    }
+}
+
+/// A Request-Id unique enough to tell our retransmissions apart.
+fn request_id() -> String {
+    let t = chat_proto::Token::random()
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| {
+            format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            )
+        });
+    t[..16.min(t.len())].to_owned()
+}

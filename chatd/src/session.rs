@@ -1,0 +1,1981 @@
+//! The session: what one chatd is doing, as a pure state machine.
+//!
+//! Inputs are the user's commands, the server's answers, and what happens on
+//! the peer link; outputs are [`Action`]s for the driver to carry out
+//! (send this request, open that connection, store this record, reply to
+//! that command). The session reads no clock and opens no socket: `now` is
+//! passed in, and [`Session::poll_timeout`] says when to call
+//! [`Session::handle_timeout`] next. So registration refreshes, heartbeats,
+//! turn-taking and every failure path are unit tests, not sleeps.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chat_proto::ipc::{Failure, FailureKind, RecordKind, Reply, State, Status, Turn};
+use chat_proto::peer::{Hello, MAX_TEXT, PeerFrame};
+use chat_proto::rendezvous::{ErrorStatus, Request, Response};
+use chat_proto::{ClientId, Token};
+
+/// Identifies a user command awaiting its reply (the driver's handle).
+pub type Ticket = u64;
+/// Identifies one peer connection.
+pub type LinkId = u64;
+/// Identifies one request to the server.
+pub type OpId = u64;
+
+/// What the session is started with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: ClientId,
+    /// The port peers connect to.
+    pub port: u16,
+    /// The server, as configured, for status and messages.
+    pub server: String,
+    /// Keep the walkie-talkie discipline.
+    pub turns: bool,
+    /// Send a ping this often on a quiet link.
+    pub ping_every: Duration,
+    /// A link silent for this long is dead.
+    pub peer_timeout: Duration,
+    /// Retry a failed background refresh after this long.
+    pub retry_after: Duration,
+}
+
+impl Config {
+    pub fn new(id: ClientId, port: u16, server: String, turns: bool) -> Config {
+        Config {
+            id,
+            port,
+            server,
+            turns,
+            ping_every: Duration::from_secs(3),
+            peer_timeout: Duration::from_secs(9),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A user command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Register,
+    Bridge { peer: Option<ClientId> },
+    Chat,
+    Send { text: String },
+    Quit,
+}
+
+/// Something that happened.
+#[derive(Clone, Debug)]
+pub enum Input {
+    Command {
+        ticket: Ticket,
+        command: Command,
+    },
+    /// The server answered (`Ok`, possibly an HTTP error) or could not be
+    /// reached (`Err`, a reason for people).
+    ServerReply {
+        op: OpId,
+        result: Result<Response, String>,
+    },
+    /// An outgoing link completed its handshake with `peer`.
+    LinkUp {
+        link: LinkId,
+        peer: ClientId,
+    },
+    /// An outgoing link could not be opened.
+    LinkFailed {
+        link: LinkId,
+        reason: String,
+    },
+    /// A peer connected and asked to chat; answer with Accept or Refuse.
+    Incoming {
+        link: LinkId,
+        hello: Hello,
+    },
+    Frame {
+        link: LinkId,
+        frame: PeerFrame,
+    },
+    /// A link ended without a Bye (reset, end of stream).
+    LinkClosed {
+        link: LinkId,
+        reason: String,
+    },
+    /// The daemon is stopping: leave the peer and the server.
+    Shutdown,
+}
+
+/// Something for the driver to do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Server {
+        op: OpId,
+        request: Request,
+    },
+    Connect {
+        link: LinkId,
+        addr: SocketAddr,
+        hello: Hello,
+    },
+    Accept {
+        link: LinkId,
+    },
+    Refuse {
+        link: LinkId,
+        status: u16,
+        reason: String,
+    },
+    /// Send a frame on a link. Frames that follow a `Record` must not leave
+    /// before that record is durably stored (acks promise storage).
+    Send {
+        link: LinkId,
+        frame: PeerFrame,
+    },
+    /// Flush what was sent, then close.
+    Close {
+        link: LinkId,
+    },
+    /// Store and announce.
+    Record(RecordKind),
+    Reply {
+        ticket: Ticket,
+        result: Result<Reply, Failure>,
+    },
+    /// Persist the client token (so a restarted daemon reclaims its id).
+    SaveToken(Token),
+}
+
+/// Why the session wants a server request.
+#[derive(Clone, Debug)]
+enum Purpose {
+    Register(Ticket),
+    Refresh,
+    Bridge {
+        ticket: Ticket,
+        peer: Option<ClientId>,
+        retried: bool,
+    },
+    /// Re-register after the server forgot us, then carry on with `then`.
+    Reregister {
+        then: Box<Purpose>,
+    },
+    /// Rejoin the waiting pool of a server that forgot we were waiting.
+    Rejoin,
+    /// Tell the server we chat with `peer` (nobody waits on the answer).
+    Chat {
+        peer: ClientId,
+        retried: bool,
+    },
+    Quit(Option<Ticket>),
+}
+
+#[derive(Clone, Debug)]
+struct Registration {
+    addr: SocketAddr,
+    refresh_at: Instant,
+    lapses_at: Instant,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    None,
+    Waiting,
+    Ready {
+        peer: ClientId,
+        addr: SocketAddr,
+    },
+    Connecting {
+        peer: ClientId,
+        addr: SocketAddr,
+        link: LinkId,
+        ticket: Ticket,
+    },
+    Chatting(Chat),
+}
+
+#[derive(Clone, Debug)]
+struct Chat {
+    peer: ClientId,
+    link: LinkId,
+    my_turn: bool,
+    next_id: u64,
+    /// Sent messages not yet acknowledged: the command to answer, and when.
+    unacked: HashMap<u64, (Ticket, Instant)>,
+    next_ping: Instant,
+    deadline: Instant,
+}
+
+/// One daemon's session.
+pub struct Session {
+    config: Config,
+    token: Option<Token>,
+    reg: Option<Registration>,
+    phase: Phase,
+    ops: HashMap<OpId, Purpose>,
+    next_op: OpId,
+    next_link: LinkId,
+    /// A background refresh is in flight (at most one).
+    refreshing: bool,
+    out: VecDeque<Action>,
+}
+
+impl Session {
+    /// A session; `token` is the one saved by an earlier run, if any.
+    pub fn new(config: Config, token: Option<Token>) -> Session {
+        Session {
+            config,
+            token,
+            reg: None,
+            phase: Phase::None,
+            ops: HashMap::new(),
+            next_op: 1,
+            next_link: 1,
+            refreshing: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self.phase {
+            Phase::Chatting(_) => State::Chatting,
+            Phase::Ready { .. } | Phase::Connecting { .. } => State::Ready,
+            Phase::Waiting => State::Waiting,
+            Phase::None if self.reg.is_some() => State::Registered,
+            Phase::None => State::Idle,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let (peer, turn) = match &self.phase {
+            Phase::Ready { peer, .. } | Phase::Connecting { peer, .. } => (Some(*peer), None),
+            Phase::Chatting(c) => (
+                Some(c.peer),
+                self.config
+                    .turns
+                    .then_some(if c.my_turn { Turn::Mine } else { Turn::Peers }),
+            ),
+            _ => (None, None),
+        };
+        Status {
+            id: self.config.id,
+            state: self.state(),
+            peer,
+            server: self.config.server.clone(),
+            port: self.config.port,
+            turn,
+            addr: self.reg.as_ref().map(|r| r.addr),
+        }
+    }
+
+    /// A new link id for an incoming connection (the driver names links so
+    /// that events from a link the session dropped can be told apart).
+    pub fn next_link(&mut self) -> LinkId {
+        let l = self.next_link;
+        self.next_link += 1;
+        l
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let refresh = self
+            .reg
+            .as_ref()
+            .filter(|_| !self.refreshing)
+            .map(|r| r.refresh_at);
+        let link = match &self.phase {
+            Phase::Chatting(c) => Some(c.next_ping.min(c.deadline)),
+            _ => None,
+        };
+        [refresh, link].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(reg) = &self.reg {
+            if !self.refreshing && now >= reg.refresh_at {
+                if now >= reg.lapses_at {
+                    self.reg = None;
+                    self.notice("registration lapsed: the server could not be reached to refresh it; run `chatctl register` once it is back");
+                    self.phase_lost_with_registration();
+                } else {
+                    self.refreshing = true;
+                    self.server(Purpose::Refresh, now);
+                }
+            }
+        }
+        if let Phase::Chatting(c) = &mut self.phase {
+            if now >= c.deadline {
+                let secs = self.config.peer_timeout.as_secs();
+                let peer = c.peer;
+                self.end_chat(
+                    format!("lost {peer}: nothing heard for {secs} s"),
+                    format!("not delivered: lost {peer} (nothing heard for {secs} s)"),
+                    true,
+                );
+            } else if now >= c.next_ping {
+                c.next_ping = now + self.config.ping_every;
+                let link = c.link;
+                self.out.push_back(Action::Send {
+                    link,
+                    frame: PeerFrame::Ping,
+                });
+            }
+        }
+    }
+
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Command { ticket, command } => self.command(ticket, command, now),
+            Input::ServerReply { op, result } => self.server_reply(op, result, now),
+            Input::LinkUp { link, peer } => self.link_up(link, peer, now),
+            Input::LinkFailed { link, reason } => {
+                if let Phase::Connecting {
+                    link: l,
+                    ticket,
+                    peer,
+                    addr,
+                } = self.phase
+                {
+                    if l == link {
+                        self.set_phase(Phase::None);
+                        self.reply(
+                            ticket,
+                            Err(Failure::new(
+                                FailureKind::Peer,
+                                format!("cannot chat with {peer} at {addr}: {reason}; run `chatctl bridge` for another peer"),
+                            )),
+                        );
+                    }
+                }
+            }
+            Input::Incoming { link, hello } => self.incoming(link, hello, now),
+            Input::Frame { link, frame } => self.frame(link, frame, now),
+            Input::LinkClosed { link, reason } => {
+                if let Phase::Chatting(c) = &self.phase {
+                    if c.link == link {
+                        let peer = c.peer;
+                        self.end_chat(
+                            format!("lost {peer}: {reason}"),
+                            format!("not delivered: lost {peer} ({reason})"),
+                            false,
+                        );
+                    }
+                }
+            }
+            Input::Shutdown => {
+                if let Phase::Chatting(c) = &self.phase {
+                    let link = c.link;
+                    self.out.push_back(Action::Send {
+                        link,
+                        frame: PeerFrame::Bye,
+                    });
+                    self.end_chat(
+                        "left the chat: chatd is stopping".into(),
+                        "not delivered: chatd is stopping".into(),
+                        true,
+                    );
+                }
+                if let Phase::Connecting { link, ticket, .. } = self.phase {
+                    self.out.push_back(Action::Close { link });
+                    self.reply(
+                        ticket,
+                        Err(Failure::new(FailureKind::ShuttingDown, "chatd is stopping")),
+                    );
+                }
+                self.set_phase(Phase::None);
+                if self.reg.is_some() {
+                    self.server(Purpose::Quit(None), now);
+                    self.reg = None;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, ticket: Ticket, command: Command, now: Instant) {
+        match command {
+            Command::Register => self.server(Purpose::Register(ticket), now),
+            Command::Bridge { peer } => {
+                if let Err(f) = self.can_bridge(peer) {
+                    return self.reply(ticket, Err(f));
+                }
+                self.server(
+                    Purpose::Bridge {
+                        ticket,
+                        peer,
+                        retried: false,
+                    },
+                    now,
+                );
+            }
+            Command::Chat => match self.phase.clone() {
+                Phase::Ready { peer, addr } => {
+                    let link = self.next_link();
+                    self.set_phase(Phase::Connecting {
+                        peer,
+                        addr,
+                        link,
+                        ticket,
+                    });
+                    let hello = Hello {
+                        id: self.config.id,
+                        turns: self.config.turns,
+                    };
+                    self.out.push_back(Action::Connect { link, addr, hello });
+                }
+                Phase::Waiting => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    "waiting for a peer to connect: the peer that bridges next runs `chatctl chat`",
+                ),
+                Phase::Connecting { peer, .. } => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    format!("already connecting to {peer}"),
+                ),
+                Phase::Chatting(c) => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    format!("already chatting with {}", c.peer),
+                ),
+                Phase::None if self.reg.is_none() => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    "not registered: run `chatctl register`, then `chatctl bridge`",
+                ),
+                Phase::None => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    "no peer yet: run `chatctl bridge` first",
+                ),
+            },
+            Command::Send { text } => self.send(ticket, text, now),
+            Command::Quit => {
+                match &self.phase {
+                    Phase::Chatting(c) => {
+                        let link = c.link;
+                        self.out.push_back(Action::Send {
+                            link,
+                            frame: PeerFrame::Bye,
+                        });
+                        let peer = c.peer;
+                        self.end_chat(
+                            format!("left the chat with {peer}"),
+                            format!("not delivered: you left the chat with {peer}"),
+                            true,
+                        );
+                    }
+                    Phase::Connecting {
+                        link, ticket: t, ..
+                    } => {
+                        let (link, t) = (*link, *t);
+                        self.out.push_back(Action::Close { link });
+                        self.fail(t, FailureKind::State, "cancelled by `chatctl quit`");
+                    }
+                    _ => {}
+                }
+                self.set_phase(Phase::None);
+                if self.reg.is_some() || self.token.is_some() {
+                    self.reg = None;
+                    self.server(Purpose::Quit(Some(ticket)), now);
+                } else {
+                    self.reply(ticket, Ok(Reply::Quit));
+                }
+                self.record_state();
+            }
+        }
+    }
+
+    fn can_bridge(&self, peer: Option<ClientId>) -> Result<(), Failure> {
+        if self.reg.is_none() {
+            return Err(Failure::new(
+                FailureKind::State,
+                "not registered: run `chatctl register` first",
+            ));
+        }
+        if peer == Some(self.config.id) {
+            return Err(Failure::new(
+                FailureKind::Invalid,
+                "that is your own id: name another peer",
+            ));
+        }
+        match &self.phase {
+            Phase::Chatting(c) => Err(Failure::new(
+                FailureKind::State,
+                format!("already chatting with {}: run `chatctl quit` first", c.peer),
+            )),
+            Phase::Connecting { peer, .. } => Err(Failure::new(
+                FailureKind::State,
+                format!("connecting to {peer}; wait for `chatctl chat` to finish"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn send(&mut self, ticket: Ticket, text: String, now: Instant) {
+        let turns = self.config.turns;
+        let me = self.config.id;
+        let Phase::Chatting(c) = &mut self.phase else {
+            let why = match self.phase {
+                Phase::Waiting => "not chatting yet: waiting for a peer to connect",
+                Phase::Ready { .. } | Phase::Connecting { .. } => {
+                    "not chatting yet: run `chatctl chat` to connect to your peer"
+                }
+                _ if self.reg.is_none() => {
+                    "not chatting: run `chatctl register`, `chatctl bridge` and `chatctl chat` first"
+                }
+                _ => "not chatting: run `chatctl bridge` and `chatctl chat` first",
+            };
+            return self.fail(ticket, FailureKind::State, why);
+        };
+        if text.is_empty() {
+            return self.fail(
+                ticket,
+                FailureKind::Invalid,
+                "nothing to send: the message is empty",
+            );
+        }
+        if text.len() > MAX_TEXT {
+            return self.fail(
+                ticket,
+                FailureKind::Invalid,
+                format!(
+                    "message is {} bytes; at most {MAX_TEXT} are allowed",
+                    text.len()
+                ),
+            );
+        }
+        if turns && !c.my_turn {
+            let peer = c.peer;
+            return self.fail(
+                ticket,
+                FailureKind::Turn,
+                format!("not your turn: wait for {peer}'s message (turn mode)"),
+            );
+        }
+        let id = c.next_id;
+        c.next_id += 1;
+        c.unacked.insert(id, (ticket, now));
+        if turns {
+            c.my_turn = false;
+        }
+        let (link, peer) = (c.link, c.peer);
+        self.out.push_back(Action::Record(RecordKind::Message {
+            from: me,
+            to: peer,
+            text: text.clone(),
+            outgoing: true,
+        }));
+        let sent_ms = 0; // filled in by the driver, which owns the wall clock
+        self.out.push_back(Action::Send {
+            link,
+            frame: PeerFrame::Message { id, sent_ms, text },
+        });
+    }
+
+    fn link_up(&mut self, link: LinkId, peer: ClientId, now: Instant) {
+        let Phase::Connecting {
+            link: l,
+            ticket,
+            peer: expected,
+            addr,
+        } = self.phase
+        else {
+            // A link the session gave up on: close it.
+            return self.out.push_back(Action::Close { link });
+        };
+        if l != link {
+            return self.out.push_back(Action::Close { link });
+        }
+        if peer != expected {
+            self.out.push_back(Action::Close { link });
+            self.set_phase(Phase::None);
+            return self.fail(
+                ticket,
+                FailureKind::Peer,
+                format!(
+                    "the daemon at {addr} is {peer}, not {expected}: run `chatctl bridge` again"
+                ),
+            );
+        }
+        self.start_chat(peer, link, true, now);
+        self.reply(ticket, Ok(Reply::Chatting { peer }));
+        self.server(
+            Purpose::Chat {
+                peer,
+                retried: false,
+            },
+            now,
+        );
+    }
+
+    fn incoming(&mut self, link: LinkId, hello: Hello, now: Instant) {
+        let me = self.config.id;
+        let refuse = |status: u16, reason: String| Action::Refuse {
+            link,
+            status,
+            reason,
+        };
+        if hello.id == me {
+            return self
+                .out
+                .push_back(refuse(400, format!("{me} cannot chat with itself")));
+        }
+        match &self.phase {
+            Phase::Chatting(_) | Phase::Connecting { .. } => {
+                self.out
+                    .push_back(refuse(409, format!("{me} is busy in another chat")));
+            }
+            Phase::Waiting => {
+                self.out.push_back(Action::Accept { link });
+                self.start_chat(hello.id, link, false, now);
+            }
+            Phase::Ready { peer, .. } if *peer == hello.id => {
+                // Both were handed each other; whoever connects first wins.
+                self.out.push_back(Action::Accept { link });
+                self.start_chat(hello.id, link, false, now);
+            }
+            _ => self.out.push_back(refuse(
+                403,
+                format!("{me} is not waiting for a chat: it must run `chatctl bridge` first"),
+            )),
+        }
+    }
+
+    fn start_chat(&mut self, peer: ClientId, link: LinkId, initiator: bool, now: Instant) {
+        self.set_phase(Phase::Chatting(Chat {
+            peer,
+            link,
+            // The initiator writes first.
+            my_turn: initiator,
+            next_id: 1,
+            unacked: HashMap::new(),
+            next_ping: now + self.config.ping_every,
+            deadline: now + self.config.peer_timeout,
+        }));
+    }
+
+    fn frame(&mut self, link: LinkId, frame: PeerFrame, now: Instant) {
+        let me = self.config.id;
+        let timeout = self.config.peer_timeout;
+        let Phase::Chatting(c) = &mut self.phase else {
+            return;
+        };
+        if c.link != link {
+            return;
+        }
+        c.deadline = now + timeout;
+        match frame {
+            PeerFrame::Message { id, text, .. } => {
+                c.my_turn = true;
+                let peer = c.peer;
+                self.out.push_back(Action::Record(RecordKind::Message {
+                    from: peer,
+                    to: me,
+                    text,
+                    outgoing: false,
+                }));
+                self.out.push_back(Action::Send {
+                    link,
+                    frame: PeerFrame::Ack { id },
+                });
+            }
+            PeerFrame::Ack { id } => {
+                if let Some((ticket, sent)) = c.unacked.remove(&id) {
+                    let round_trip_us = now.saturating_duration_since(sent).as_micros() as u64;
+                    self.reply(ticket, Ok(Reply::Sent { id, round_trip_us }));
+                }
+            }
+            PeerFrame::Ping => {}
+            PeerFrame::Bye => {
+                let peer = c.peer;
+                self.end_chat(
+                    format!("{peer} left the chat"),
+                    format!("not delivered: {peer} left the chat"),
+                    true,
+                );
+            }
+        }
+    }
+
+    /// Ends the chat: fails what was not acknowledged, records why, and
+    /// goes back to a state from which the daemon can bridge again.
+    fn end_chat(&mut self, notice: String, undelivered: String, close: bool) {
+        let Phase::Chatting(c) = std::mem::replace(&mut self.phase, Phase::None) else {
+            return;
+        };
+        if close {
+            self.out.push_back(Action::Close { link: c.link });
+        }
+        let mut unacked: Vec<_> = c.unacked.into_iter().collect();
+        unacked.sort_by_key(|(id, _)| *id);
+        for (_, (ticket, _)) in unacked {
+            self.fail(ticket, FailureKind::Peer, undelivered.clone());
+        }
+        self.notice(&notice);
+        self.record_state();
+    }
+
+    fn server_reply(&mut self, op: OpId, result: Result<Response, String>, now: Instant) {
+        let Some(purpose) = self.ops.remove(&op) else {
+            return;
+        };
+        let server = self.config.server.clone();
+        let unreachable = |why: &str| format!("cannot reach the server {server}: {why}");
+        match (purpose, result) {
+            (
+                Purpose::Register(ticket),
+                Ok(Response::RegAck {
+                    addr,
+                    token,
+                    expires,
+                    ..
+                }),
+            ) => {
+                self.registered(addr, token, expires, now);
+                self.reply(ticket, Ok(Reply::Registered { addr, expires }));
+            }
+            (
+                Purpose::Refresh,
+                Ok(Response::RegAck {
+                    addr,
+                    token,
+                    expires,
+                    ..
+                }),
+            ) => {
+                self.refreshing = false;
+                let forgotten = self.token != Some(token);
+                self.registered(addr, token, expires, now);
+                if forgotten && matches!(self.phase, Phase::Waiting) {
+                    // The server restarted and lost its waiting pool.
+                    self.server(Purpose::Rejoin, now);
+                }
+            }
+            (
+                Purpose::Reregister { then },
+                Ok(Response::RegAck {
+                    addr,
+                    token,
+                    expires,
+                    ..
+                }),
+            ) => {
+                self.registered(addr, token, expires, now);
+                self.server(*then, now);
+            }
+            (Purpose::Register(ticket), Ok(Response::Error(f))) => {
+                if f.status == ErrorStatus::RegNack {
+                    self.drop_registration();
+                }
+                self.fail(ticket, FailureKind::Server, server_refused(&f));
+            }
+            (Purpose::Refresh, Ok(Response::Error(f))) => {
+                self.refreshing = false;
+                self.drop_registration();
+                self.notice(&format!("registration lost: {}", server_refused(&f)));
+                self.phase_lost_with_registration();
+            }
+            (Purpose::Reregister { then }, Ok(Response::Error(f))) => {
+                self.drop_registration();
+                let message = format!(
+                    "the server forgot this daemon and refused to register it again: {}",
+                    f.reason
+                );
+                self.phase_lost_with_registration();
+                self.fail_purpose(*then, FailureKind::Server, message);
+            }
+            (Purpose::Refresh, Err(why)) => {
+                self.refreshing = false;
+                if let Some(r) = &mut self.reg {
+                    r.refresh_at = now + self.config.retry_after;
+                }
+                tracing::warn!(
+                    "{}; retrying in {} s",
+                    unreachable(&why),
+                    self.config.retry_after.as_secs()
+                );
+            }
+            (
+                Purpose::Bridge {
+                    ticket,
+                    peer,
+                    retried,
+                },
+                Ok(resp),
+            ) => match resp {
+                Response::BridgeAck {
+                    peer: Some((p, addr)),
+                } => {
+                    self.set_phase(Phase::Ready { peer: p, addr });
+                    self.reply(
+                        ticket,
+                        Ok(Reply::Bridged {
+                            peer: Some((p, addr)),
+                        }),
+                    );
+                }
+                Response::BridgeAck { peer: None } => {
+                    self.set_phase(Phase::Waiting);
+                    self.reply(ticket, Ok(Reply::Bridged { peer: None }));
+                }
+                Response::Error(f) if forgot_us(&f) && !retried => {
+                    self.server(
+                        Purpose::Reregister {
+                            then: Box::new(Purpose::Bridge {
+                                ticket,
+                                peer,
+                                retried: true,
+                            }),
+                        },
+                        now,
+                    );
+                }
+                Response::Error(f) => self.fail(ticket, FailureKind::Server, server_refused(&f)),
+                other => self.fail(
+                    ticket,
+                    FailureKind::Server,
+                    format!("unexpected answer from the server: {other:?}"),
+                ),
+            },
+            (
+                Purpose::Rejoin,
+                Ok(Response::BridgeAck {
+                    peer: Some((p, addr)),
+                }),
+            ) => {
+                if matches!(self.phase, Phase::Waiting) {
+                    self.set_phase(Phase::Ready { peer: p, addr });
+                }
+            }
+            (Purpose::Rejoin, _) => {}
+            (Purpose::Chat { peer, retried }, Ok(Response::Error(f)))
+                if forgot_us(&f) && !retried =>
+            {
+                self.server(
+                    Purpose::Reregister {
+                        then: Box::new(Purpose::Chat {
+                            peer,
+                            retried: true,
+                        }),
+                    },
+                    now,
+                );
+            }
+            (Purpose::Chat { peer, .. }, Ok(Response::Error(f))) => {
+                tracing::warn!(
+                    "the server did not record the chat with {peer}: {}",
+                    f.reason
+                );
+            }
+            (Purpose::Chat { .. }, _) => {}
+            (Purpose::Quit(ticket), Ok(Response::QuitAck)) => {
+                self.drop_registration();
+                if let Some(t) = ticket {
+                    self.reply(t, Ok(Reply::Quit));
+                }
+            }
+            (Purpose::Quit(ticket), Ok(Response::Error(f))) => {
+                // Unknown to the server (404) or not ours any more (401):
+                // either way we are not registered there.
+                self.drop_registration();
+                if let Some(t) = ticket {
+                    if forgot_us(&f) {
+                        self.reply(t, Ok(Reply::Quit));
+                    } else {
+                        self.fail(t, FailureKind::Server, server_refused(&f));
+                    }
+                }
+            }
+            (purpose, Err(why)) => {
+                self.fail_purpose(purpose, FailureKind::Server, unreachable(&why))
+            }
+            (purpose, Ok(other)) => self.fail_purpose(
+                purpose,
+                FailureKind::Server,
+                format!("unexpected answer from the server: {other:?}"),
+            ),
+        }
+    }
+
+    fn fail_purpose(&mut self, purpose: Purpose, kind: FailureKind, message: String) {
+        match purpose {
+            Purpose::Register(t) | Purpose::Bridge { ticket: t, .. } | Purpose::Quit(Some(t)) => {
+                self.fail(t, kind, message)
+            }
+            Purpose::Reregister { then } => self.fail_purpose(*then, kind, message),
+            Purpose::Refresh => self.refreshing = false,
+            Purpose::Rejoin | Purpose::Chat { .. } | Purpose::Quit(None) => {}
+        }
+    }
+
+    fn registered(&mut self, addr: SocketAddr, token: Token, expires: u32, now: Instant) {
+        let was = self.state();
+        if self.token != Some(token) {
+            self.token = Some(token);
+            self.out.push_back(Action::SaveToken(token));
+        }
+        let life = Duration::from_secs(u64::from(expires.max(1)));
+        self.reg = Some(Registration {
+            addr,
+            // Refresh at half-life, so one lost refresh still leaves time
+            // for retries before the server lets the registration lapse.
+            refresh_at: now + life / 2,
+            lapses_at: now + life,
+        });
+        if was != self.state() {
+            self.record_state();
+        }
+    }
+
+    fn drop_registration(&mut self) {
+        self.reg = None;
+    }
+
+    /// Without a registration there is no waiting and no handed-out peer.
+    fn phase_lost_with_registration(&mut self) {
+        if matches!(self.phase, Phase::Waiting | Phase::Ready { .. }) {
+            self.phase = Phase::None;
+        }
+        self.record_state();
+    }
+
+    fn server(&mut self, purpose: Purpose, _now: Instant) {
+        let id = self.config.id;
+        let request = match &purpose {
+            Purpose::Register(_) | Purpose::Refresh | Purpose::Reregister { .. } => {
+                Request::Register {
+                    id,
+                    port: self.config.port,
+                    token: self.token,
+                }
+            }
+            Purpose::Bridge { peer, .. } => match self.token {
+                Some(token) => Request::Bridge {
+                    id,
+                    token,
+                    peer: *peer,
+                },
+                None => {
+                    return self.fail_purpose(
+                        purpose,
+                        FailureKind::State,
+                        "not registered: run `chatctl register`".into(),
+                    );
+                }
+            },
+            Purpose::Rejoin => match self.token {
+                Some(token) => Request::Bridge {
+                    id,
+                    token,
+                    peer: None,
+                },
+                None => return,
+            },
+            Purpose::Chat { peer, .. } => match self.token {
+                Some(token) => Request::Chat {
+                    id,
+                    token,
+                    peer: *peer,
+                },
+                None => return,
+            },
+            Purpose::Quit(ticket) => match self.token {
+                Some(token) => Request::Quit { id, token },
+                None => {
+                    if let Some(t) = ticket {
+                        self.reply(*t, Ok(Reply::Quit));
+                    }
+                    return;
+                }
+            },
+        };
+        let op = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(op, purpose);
+        self.out.push_back(Action::Server { op, request });
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        let before = self.state();
+        self.phase = phase;
+        if before != self.state() || matches!(self.phase, Phase::Chatting(_) | Phase::Ready { .. })
+        {
+            self.record_state();
+        }
+    }
+
+    fn record_state(&mut self) {
+        let status = self.status();
+        let record = RecordKind::State {
+            state: status.state,
+            peer: status.peer,
+        };
+        // Identical consecutive state records say nothing new.
+        let duplicate = self
+            .out
+            .iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::Record(r @ RecordKind::State { .. }) => Some(r == &record),
+                _ => None,
+            })
+            .unwrap_or(false);
+        if !duplicate {
+            self.out.push_back(Action::Record(record));
+        }
+    }
+
+    fn notice(&mut self, text: &str) {
+        self.out.push_back(Action::Record(RecordKind::Notice {
+            text: text.to_owned(),
+        }));
+    }
+
+    fn reply(&mut self, ticket: Ticket, result: Result<Reply, Failure>) {
+        self.out.push_back(Action::Reply { ticket, result });
+    }
+
+    fn fail(&mut self, ticket: Ticket, kind: FailureKind, message: impl Into<String>) {
+        self.reply(ticket, Err(Failure::new(kind, message)));
+    }
+}
+
+/// The server does not know us (any more): it restarted or our
+/// registration lapsed.
+fn forgot_us(f: &chat_proto::rendezvous::Failure) -> bool {
+    matches!(f.status, ErrorStatus::NotFound | ErrorStatus::Unauthorized)
+}
+
+fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
+    format!(
+        "the server refused: {} ({} {})",
+        f.reason,
+        f.status.code(),
+        f.status.phrase()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_proto::rendezvous::Failure as HttpFailure;
+
+    fn id(s: &str) -> ClientId {
+        s.parse().unwrap()
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    const TOKEN: Token = Token::from_bytes([7; 16]);
+
+    /// A session with a virtual clock.
+    struct T {
+        s: Session,
+        now: Instant,
+        next_ticket: Ticket,
+    }
+
+    impl T {
+        fn new(turns: bool) -> T {
+            T {
+                s: Session::new(
+                    Config::new(id("me"), 4000, "server:5555".into(), turns),
+                    None,
+                ),
+                now: Instant::now(),
+                next_ticket: 1,
+            }
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.now += d;
+            if self.s.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.s.handle_timeout(self.now);
+            }
+        }
+
+        fn input(&mut self, i: Input) -> Vec<Action> {
+            self.s.handle(i, self.now);
+            self.drain()
+        }
+
+        fn drain(&mut self) -> Vec<Action> {
+            std::iter::from_fn(|| self.s.poll_action()).collect()
+        }
+
+        fn command(&mut self, c: Command) -> (Ticket, Vec<Action>) {
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            (ticket, self.input(Input::Command { ticket, command: c }))
+        }
+
+        /// The one server request among `actions`.
+        fn server_op(actions: &[Action]) -> (OpId, Request) {
+            let ops: Vec<_> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Server { op, request } => Some((*op, request.clone())),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(ops.len(), 1, "{actions:?}");
+            ops[0].clone()
+        }
+
+        fn register(&mut self) {
+            let (_, a) = self.command(Command::Register);
+            let (op, _) = T::server_op(&a);
+            self.input(Input::ServerReply {
+                op,
+                result: Ok(Response::RegAck {
+                    id: id("me"),
+                    addr: addr(4000),
+                    token: TOKEN,
+                    expires: 300,
+                }),
+            });
+            assert_eq!(self.s.state(), State::Registered);
+        }
+
+        /// Registered, bridged to `peer`, chatting (as initiator or not).
+        fn chatting(&mut self, initiator: bool) -> LinkId {
+            self.register();
+            let (_, a) = self.command(Command::Bridge { peer: None });
+            let (op, _) = T::server_op(&a);
+            if initiator {
+                self.input(Input::ServerReply {
+                    op,
+                    result: Ok(Response::BridgeAck {
+                        peer: Some((id("bob"), addr(5000))),
+                    }),
+                });
+                let (_, a) = self.command(Command::Chat);
+                let link = match &a[..] {
+                    [.., Action::Connect { link, addr: to, .. }] if *to == addr(5000) => *link,
+                    other => panic!("{other:?}"),
+                };
+                let a = self.input(Input::LinkUp {
+                    link,
+                    peer: id("bob"),
+                });
+                assert!(a.iter().any(|x| matches!(
+                    x,
+                    Action::Reply {
+                        result: Ok(Reply::Chatting { .. }),
+                        ..
+                    }
+                )));
+                link
+            } else {
+                self.input(Input::ServerReply {
+                    op,
+                    result: Ok(Response::BridgeAck { peer: None }),
+                });
+                assert_eq!(self.s.state(), State::Waiting);
+                let link = self.s.next_link();
+                let a = self.input(Input::Incoming {
+                    link,
+                    hello: Hello {
+                        id: id("bob"),
+                        turns: false,
+                    },
+                });
+                assert!(a.contains(&Action::Accept { link }), "{a:?}");
+                link
+            }
+        }
+    }
+
+    fn reply_of(actions: &[Action], ticket: Ticket) -> Result<Reply, Failure> {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Reply { ticket: t, result } if *t == ticket => Some(result.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no reply for {ticket} in {actions:?}"))
+    }
+
+    fn sent_messages(actions: &[Action]) -> Vec<(u64, String)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    frame: PeerFrame::Message { id, text, .. },
+                    ..
+                } => Some((*id, text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn register_saves_the_token_and_reports_the_address() {
+        let mut t = T::new(false);
+        let (ticket, a) = t.command(Command::Register);
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Register {
+                id: id("me"),
+                port: 4000,
+                token: None
+            }
+        );
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert!(a.contains(&Action::SaveToken(TOKEN)));
+        assert_eq!(
+            reply_of(&a, ticket),
+            Ok(Reply::Registered {
+                addr: addr(4000),
+                expires: 300
+            })
+        );
+        assert!(a.contains(&Action::Record(RecordKind::State {
+            state: State::Registered,
+            peer: None
+        })));
+        // Registering again refreshes with the token.
+        let (_, a) = t.command(Command::Register);
+        assert_eq!(
+            T::server_op(&a).1,
+            Request::Register {
+                id: id("me"),
+                port: 4000,
+                token: Some(TOKEN)
+            }
+        );
+    }
+
+    #[test]
+    fn a_saved_token_is_sent_at_the_first_register() {
+        let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
+        s.handle(
+            Input::Command {
+                ticket: 1,
+                command: Command::Register,
+            },
+            Instant::now(),
+        );
+        let a: Vec<_> = std::iter::from_fn(|| s.poll_action()).collect();
+        assert_eq!(
+            T::server_op(&a).1,
+            Request::Register {
+                id: id("me"),
+                port: 1,
+                token: Some(TOKEN)
+            }
+        );
+    }
+
+    #[test]
+    fn regnack_and_unreachable_server_are_clear_failures() {
+        let mut t = T::new(false);
+        let (ticket, a) = t.command(Command::Register);
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::RegNack,
+                "id me is registered by another client",
+            ))),
+        });
+        let f = reply_of(&a, ticket).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Server);
+        assert!(f.message.contains("registered by another client"), "{f:?}");
+        assert_eq!(t.s.state(), State::Idle);
+        let (ticket, a) = t.command(Command::Register);
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Err("connection refused".into()),
+        });
+        let f = reply_of(&a, ticket).unwrap_err();
+        assert!(
+            f.message
+                .contains("cannot reach the server server:5555: connection refused"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn commands_out_of_order_say_what_to_run() {
+        let mut t = T::new(false);
+        for (c, hint) in [
+            (Command::Bridge { peer: None }, "chatctl register"),
+            (Command::Chat, "chatctl register"),
+            (Command::Send { text: "x".into() }, "chatctl register"),
+        ] {
+            let (ticket, a) = t.command(c);
+            let f = reply_of(&a, ticket).unwrap_err();
+            assert_eq!(f.kind, FailureKind::State);
+            assert!(f.message.contains(hint), "{f:?}");
+        }
+        t.register();
+        let (ticket, a) = t.command(Command::Chat);
+        assert!(
+            reply_of(&a, ticket)
+                .unwrap_err()
+                .message
+                .contains("chatctl bridge")
+        );
+        let (ticket, a) = t.command(Command::Send { text: "x".into() });
+        assert!(
+            reply_of(&a, ticket)
+                .unwrap_err()
+                .message
+                .contains("not chatting")
+        );
+        let (ticket, a) = t.command(Command::Bridge {
+            peer: Some(id("me")),
+        });
+        assert_eq!(reply_of(&a, ticket).unwrap_err().kind, FailureKind::Invalid);
+    }
+
+    #[test]
+    fn bridge_then_wait_or_ready() {
+        let mut t = T::new(false);
+        t.register();
+        let (ticket, a) = t.command(Command::Bridge {
+            peer: Some(id("bob")),
+        });
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Bridge {
+                id: id("me"),
+                token: TOKEN,
+                peer: Some(id("bob"))
+            }
+        );
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        assert_eq!(
+            reply_of(&a, ticket),
+            Ok(Reply::Bridged {
+                peer: Some((id("bob"), addr(5000)))
+            })
+        );
+        assert_eq!(t.s.state(), State::Ready);
+        assert_eq!(t.s.status().peer, Some(id("bob")));
+        let (ticket, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        });
+        assert_eq!(reply_of(&a, ticket), Ok(Reply::Bridged { peer: None }));
+        assert_eq!(t.s.state(), State::Waiting);
+    }
+
+    #[test]
+    fn a_server_that_forgot_us_is_registered_with_again() {
+        let mut t = T::new(false);
+        t.register();
+        let (ticket, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "me is not registered",
+            ))),
+        });
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Register {
+                id: id("me"),
+                port: 4000,
+                token: Some(TOKEN)
+            }
+        );
+        let fresh = Token::from_bytes([8; 16]);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: fresh,
+                expires: 300,
+            }),
+        });
+        assert!(a.contains(&Action::SaveToken(fresh)));
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Bridge {
+                id: id("me"),
+                token: fresh,
+                peer: None
+            }
+        );
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        });
+        assert_eq!(reply_of(&a, ticket), Ok(Reply::Bridged { peer: None }));
+        // A second 404 is not retried forever.
+        let (ticket, a) = t.command(Command::Bridge {
+            peer: Some(id("ghost")),
+        });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "no client ghost",
+            ))),
+        });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: fresh,
+                expires: 300,
+            }),
+        });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "no client ghost",
+            ))),
+        });
+        assert!(
+            reply_of(&a, ticket)
+                .unwrap_err()
+                .message
+                .contains("no client ghost")
+        );
+    }
+
+    #[test]
+    fn registration_is_refreshed_at_half_life_and_retried() {
+        let mut t = T::new(false);
+        t.register();
+        t.advance(Duration::from_secs(149));
+        assert!(t.drain().is_empty());
+        t.advance(Duration::from_secs(1));
+        let a = t.drain();
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Register {
+                id: id("me"),
+                port: 4000,
+                token: Some(TOKEN)
+            }
+        );
+        // Unreachable: retried 5 s later, still registered meanwhile.
+        t.input(Input::ServerReply {
+            op,
+            result: Err("timed out".into()),
+        });
+        assert_eq!(t.s.state(), State::Registered);
+        t.advance(Duration::from_secs(5));
+        let (op, _) = T::server_op(&t.drain());
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
+    }
+
+    #[test]
+    fn registration_lapses_when_the_server_stays_away() {
+        let mut t = T::new(false);
+        t.register();
+        let mut now_waiting = false;
+        // Refresh attempts keep failing until the lifetime runs out.
+        for _ in 0..200 {
+            t.advance(Duration::from_secs(5));
+            let a = t.drain();
+            if let Some(Action::Server { op, .. }) =
+                a.iter().find(|x| matches!(x, Action::Server { .. }))
+            {
+                t.input(Input::ServerReply {
+                    op: *op,
+                    result: Err("connection refused".into()),
+                });
+            }
+            if t.s.state() == State::Idle {
+                now_waiting = true;
+                break;
+            }
+        }
+        assert!(now_waiting, "the registration should lapse after 300 s");
+    }
+
+    #[test]
+    fn a_refreshed_registration_after_a_server_restart_rejoins_the_pool() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        });
+        t.advance(Duration::from_secs(150));
+        let (op, _) = T::server_op(&t.drain());
+        // A restarted server issues a new token: it had forgotten us.
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: Token::from_bytes([9; 16]),
+                expires: 300,
+            }),
+        });
+        let (_, req) = T::server_op(&a);
+        assert!(matches!(req, Request::Bridge { peer: None, .. }));
+    }
+
+    #[test]
+    fn chat_as_initiator_tells_the_server_and_sends_with_acks() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        let (ticket, a) = t.command(Command::Chat);
+        let Some(Action::Connect { link, hello, .. }) = a.last().cloned() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            hello,
+            Hello {
+                id: id("me"),
+                turns: false
+            }
+        );
+        let a = t.input(Input::LinkUp {
+            link,
+            peer: id("bob"),
+        });
+        assert_eq!(
+            reply_of(&a, ticket),
+            Ok(Reply::Chatting { peer: id("bob") })
+        );
+        assert_eq!(
+            T::server_op(&a).1,
+            Request::Chat {
+                id: id("me"),
+                token: TOKEN,
+                peer: id("bob")
+            }
+        );
+        assert_eq!(t.s.state(), State::Chatting);
+
+        let (t1, a) = t.command(Command::Send {
+            text: "hello".into(),
+        });
+        assert_eq!(sent_messages(&a), vec![(1, "hello".to_owned())]);
+        assert!(a.contains(&Action::Record(RecordKind::Message {
+            from: id("me"),
+            to: id("bob"),
+            text: "hello".into(),
+            outgoing: true
+        })));
+        let (t2, a) = t.command(Command::Send {
+            text: "again".into(),
+        });
+        assert_eq!(sent_messages(&a), vec![(2, "again".to_owned())]);
+        t.now += Duration::from_millis(3);
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Ack { id: 2 },
+        });
+        assert_eq!(
+            reply_of(&a, t2),
+            Ok(Reply::Sent {
+                id: 2,
+                round_trip_us: 3000
+            })
+        );
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Ack { id: 1 },
+        });
+        assert!(matches!(reply_of(&a, t1), Ok(Reply::Sent { id: 1, .. })));
+    }
+
+    #[test]
+    fn the_daemon_at_the_address_must_be_the_peer() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        let (ticket, a) = t.command(Command::Chat);
+        let Some(Action::Connect { link, .. }) = a.last().cloned() else {
+            panic!()
+        };
+        let a = t.input(Input::LinkUp {
+            link,
+            peer: id("mallory"),
+        });
+        assert!(a.contains(&Action::Close { link }));
+        assert!(
+            reply_of(&a, ticket)
+                .unwrap_err()
+                .message
+                .contains("is mallory, not bob")
+        );
+        assert_eq!(t.s.state(), State::Registered);
+    }
+
+    #[test]
+    fn a_failed_connect_goes_back_to_registered() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        let (ticket, a) = t.command(Command::Chat);
+        let Some(Action::Connect { link, .. }) = a.last().cloned() else {
+            panic!()
+        };
+        let a = t.input(Input::LinkFailed {
+            link,
+            reason: "refused (409): bob is busy in another chat".into(),
+        });
+        let f = reply_of(&a, ticket).unwrap_err();
+        assert!(f.message.contains("bob is busy"), "{f:?}");
+        assert_eq!(t.s.state(), State::Registered);
+    }
+
+    #[test]
+    fn incoming_chats_are_accepted_only_when_waiting() {
+        let mut t = T::new(false);
+        t.register();
+        let link = t.s.next_link();
+        let a = t.input(Input::Incoming {
+            link,
+            hello: Hello {
+                id: id("eve"),
+                turns: false,
+            },
+        });
+        assert!(
+            matches!(&a[..], [Action::Refuse { status: 403, .. }]),
+            "{a:?}"
+        );
+        let link = t.chatting(false);
+        assert_eq!(t.s.status().peer, Some(id("bob")));
+        let other = t.s.next_link();
+        let a = t.input(Input::Incoming {
+            link: other,
+            hello: Hello {
+                id: id("eve"),
+                turns: false,
+            },
+        });
+        assert!(
+            matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("busy")),
+            "{a:?}"
+        );
+        // The chat is undisturbed.
+        assert_eq!(t.s.state(), State::Chatting);
+        let (_, a) = t.command(Command::Send { text: "x".into() });
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Send { link: l, .. } if *l == link))
+        );
+    }
+
+    #[test]
+    fn received_messages_are_stored_before_the_ack() {
+        let mut t = T::new(false);
+        let link = t.chatting(false);
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Message {
+                id: 9,
+                sent_ms: 0,
+                text: "hi".into(),
+            },
+        });
+        assert_eq!(
+            a,
+            vec![
+                Action::Record(RecordKind::Message {
+                    from: id("bob"),
+                    to: id("me"),
+                    text: "hi".into(),
+                    outgoing: false
+                }),
+                Action::Send {
+                    link,
+                    frame: PeerFrame::Ack { id: 9 }
+                },
+            ]
+        );
+        // Frames from another link are ignored.
+        assert!(
+            t.input(Input::Frame {
+                link: link + 100,
+                frame: PeerFrame::Bye
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn turns_alternate_starting_with_the_initiator() {
+        let mut t = T::new(true);
+        let link = t.chatting(true);
+        assert_eq!(t.s.status().turn, Some(Turn::Mine));
+        let (t1, a) = t.command(Command::Send { text: "1".into() });
+        assert_eq!(sent_messages(&a).len(), 1);
+        let _ = t1;
+        let (t2, a) = t.command(Command::Send { text: "2".into() });
+        let f = reply_of(&a, t2).unwrap_err();
+        assert_eq!(f.kind, FailureKind::Turn);
+        assert!(f.message.contains("not your turn"), "{f:?}");
+        assert_eq!(t.s.status().turn, Some(Turn::Peers));
+        t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Message {
+                id: 1,
+                sent_ms: 0,
+                text: "r".into(),
+            },
+        });
+        let (_, a) = t.command(Command::Send { text: "3".into() });
+        assert_eq!(sent_messages(&a).len(), 1);
+
+        // The responder waits for the initiator.
+        let mut r = T::new(true);
+        r.chatting(false);
+        let (t3, a) = r.command(Command::Send {
+            text: "first?".into(),
+        });
+        assert_eq!(reply_of(&a, t3).unwrap_err().kind, FailureKind::Turn);
+    }
+
+    #[test]
+    fn without_turns_both_write_at_any_time() {
+        let mut t = T::new(false);
+        t.chatting(false);
+        for i in 0..3 {
+            let (_, a) = t.command(Command::Send {
+                text: i.to_string(),
+            });
+            assert_eq!(sent_messages(&a).len(), 1);
+        }
+        assert_eq!(t.s.status().turn, None);
+    }
+
+    #[test]
+    fn messages_are_validated() {
+        let mut t = T::new(false);
+        t.chatting(true);
+        let (tk, a) = t.command(Command::Send {
+            text: String::new(),
+        });
+        assert_eq!(reply_of(&a, tk).unwrap_err().kind, FailureKind::Invalid);
+        let (tk, a) = t.command(Command::Send {
+            text: "x".repeat(MAX_TEXT + 1),
+        });
+        assert!(reply_of(&a, tk).unwrap_err().message.contains("at most"));
+    }
+
+    #[test]
+    fn pings_flow_and_silence_ends_the_chat_within_ten_seconds() {
+        let mut t = T::new(false);
+        let link = t.chatting(true);
+        let (ticket, _) = t.command(Command::Send {
+            text: "lost?".into(),
+        });
+        t.advance(Duration::from_secs(3));
+        assert_eq!(
+            t.drain(),
+            vec![Action::Send {
+                link,
+                frame: PeerFrame::Ping
+            }]
+        );
+        // A ping from the peer keeps the link alive.
+        t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Ping,
+        });
+        t.advance(Duration::from_secs(3));
+        t.drain();
+        t.advance(Duration::from_secs(3));
+        t.drain();
+        assert_eq!(t.s.state(), State::Chatting);
+        // Then nine silent seconds.
+        let mut ended = Vec::new();
+        for _ in 0..4 {
+            t.advance(Duration::from_secs(3));
+            ended.extend(t.drain());
+        }
+        assert_eq!(t.s.state(), State::Registered);
+        assert!(ended.contains(&Action::Close { link }));
+        let f = reply_of(&ended, ticket).unwrap_err();
+        assert!(
+            f.message
+                .contains("not delivered: lost bob (nothing heard for 9 s)"),
+            "{f:?}"
+        );
+        assert!(ended.iter().any(|a| matches!(a, Action::Record(RecordKind::Notice { text }) if text.contains("lost bob"))));
+    }
+
+    #[test]
+    fn bye_and_a_closed_link_end_the_chat() {
+        let mut t = T::new(false);
+        let link = t.chatting(false);
+        let (ticket, _) = t.command(Command::Send { text: "x".into() });
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Bye,
+        });
+        assert!(
+            reply_of(&a, ticket)
+                .unwrap_err()
+                .message
+                .contains("bob left the chat")
+        );
+        assert_eq!(t.s.state(), State::Registered);
+        let mut t = T::new(false);
+        let link = t.chatting(true);
+        let a = t.input(Input::LinkClosed {
+            link,
+            reason: "connection reset".into(),
+        });
+        assert!(a.iter().any(|x| matches!(x, Action::Record(RecordKind::Notice { text }) if text == "lost bob: connection reset")));
+        assert_eq!(t.s.state(), State::Registered);
+    }
+
+    #[test]
+    fn quit_leaves_the_peer_and_the_server() {
+        let mut t = T::new(false);
+        let link = t.chatting(true);
+        let (ticket, a) = t.command(Command::Quit);
+        assert!(a.contains(&Action::Send {
+            link,
+            frame: PeerFrame::Bye
+        }));
+        assert!(a.contains(&Action::Close { link }));
+        let (op, req) = T::server_op(&a);
+        assert_eq!(
+            req,
+            Request::Quit {
+                id: id("me"),
+                token: TOKEN
+            }
+        );
+        assert_eq!(t.s.state(), State::Idle);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::QuitAck),
+        });
+        assert_eq!(reply_of(&a, ticket), Ok(Reply::Quit));
+        // Quitting with nothing to leave succeeds.
+        let mut fresh = T::new(false);
+        let (ticket, a) = fresh.command(Command::Quit);
+        assert_eq!(reply_of(&a, ticket), Ok(Reply::Quit));
+    }
+
+    #[test]
+    fn shutdown_says_bye_and_quits() {
+        let mut t = T::new(false);
+        let link = t.chatting(false);
+        let a = t.input(Input::Shutdown);
+        assert!(a.contains(&Action::Send {
+            link,
+            frame: PeerFrame::Bye
+        }));
+        assert_eq!(
+            T::server_op(&a).1,
+            Request::Quit {
+                id: id("me"),
+                token: TOKEN
+            }
+        );
+    }
+
+    #[test]
+    fn state_records_follow_every_change_once() {
+        let mut t = T::new(false);
+        let mut all = Vec::new();
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        all.extend(a.clone());
+        let (op, _) = T::server_op(&a);
+        all.extend(t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        }));
+        let link = t.s.next_link();
+        all.extend(t.input(Input::Incoming {
+            link,
+            hello: Hello {
+                id: id("bob"),
+                turns: false,
+            },
+        }));
+        all.extend(t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Bye,
+        }));
+        let states: Vec<State> = all
+            .iter()
+            .filter_map(|a| match a {
+                Action::Record(RecordKind::State { state, .. }) => Some(*state),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            states,
+            vec![State::Waiting, State::Chatting, State::Registered]
+        );
+    }
+}

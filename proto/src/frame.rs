@@ -1,0 +1,173 @@
+//! Length-prefixed postcard frames: the framing of the control socket and
+//! of the peer link after its HTTP upgrade.
+//!
+//! Each frame is a little-endian `u32` byte count followed by that many
+//! bytes of a postcard-encoded value. The length prefix is what lets a
+//! reader know a message ended (local sockets have no message boundaries,
+//! and `interprocess` adds none), and it is checked against a maximum
+//! before any byte of the body is buffered, so a hostile peer cannot make a
+//! reader allocate more than that.
+//!
+//! The codec does no IO: [`Decoder`] is fed whatever bytes arrived and
+//! yields whole frames; [`encode`] appends a frame to a buffer.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Bytes of the length prefix.
+pub const PREFIX: usize = 4;
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes is larger than the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("undecodable frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+}
+
+/// Appends `value` as one frame to `out`.
+pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; PREFIX]);
+    let out_vec = std::mem::take(out);
+    let mut encoded = postcard::to_extend(value, out_vec)?;
+    let size = encoded.len() - start - PREFIX;
+    if size > max {
+        encoded.truncate(start);
+        *out = encoded;
+        return Err(FrameError::TooLarge { size, max });
+    }
+    encoded[start..start + PREFIX].copy_from_slice(&(size as u32).to_le_bytes());
+    *out = encoded;
+    Ok(())
+}
+
+/// Gathers bytes and yields whole frames.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    max: usize,
+}
+
+impl Decoder {
+    /// A decoder refusing frames larger than `max` bytes.
+    pub fn new(max: usize) -> Decoder {
+        Decoder {
+            buf: Vec::with_capacity(4096),
+            start: 0,
+            max,
+        }
+    }
+
+    /// Room to read into: the caller reads into this `Vec`'s spare
+    /// capacity or appends to it.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        // Reclaim the consumed front before growing.
+        if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2)
+        {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        &mut self.buf
+    }
+
+    /// Adds bytes that arrived.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buffer().extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived. An error means the stream
+    /// is unusable: the connection should be closed.
+    pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < PREFIX {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; PREFIX];
+        prefix.copy_from_slice(&avail[..PREFIX]);
+        let size = u32::from_le_bytes(prefix) as usize;
+        if size > self.max {
+            return Err(FrameError::TooLarge {
+                size,
+                max: self.max,
+            });
+        }
+        if avail.len() < PREFIX + size {
+            return Ok(None);
+        }
+        let body = &avail[PREFIX..PREFIX + size];
+        let value = postcard::from_bytes(body)?;
+        self.start += PREFIX + size;
+        Ok(Some(value))
+    }
+
+    /// Whether bytes of an unfinished frame are buffered (at end of stream,
+    /// that is a truncated frame rather than a clean close).
+    pub fn has_partial(&self) -> bool {
+        self.start < self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum Msg {
+        Hello(String),
+        Number(u64),
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let mut wire = Vec::new();
+        encode(&Msg::Hello("hi".into()), 100, &mut wire).unwrap();
+        encode(&Msg::Number(7), 100, &mut wire).unwrap();
+        let mut d = Decoder::new(100);
+        let mut got = Vec::new();
+        for b in wire {
+            d.extend(&[b]);
+            while let Some(m) = d.decode::<Msg>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![Msg::Hello("hi".into()), Msg::Number(7)]);
+        assert!(!d.has_partial());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_buffering() {
+        let mut d = Decoder::new(10);
+        d.extend(&1000u32.to_le_bytes());
+        assert!(matches!(
+            d.decode::<Msg>(),
+            Err(FrameError::TooLarge {
+                size: 1000,
+                max: 10
+            })
+        ));
+        let mut out = vec![1, 2, 3];
+        assert!(encode(&Msg::Hello("x".repeat(20)), 10, &mut out).is_err());
+        assert_eq!(
+            out,
+            vec![1, 2, 3],
+            "a refused frame leaves the buffer as it was"
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut d = Decoder::new(100);
+        d.extend(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.decode::<Msg>(), Err(FrameError::Malformed(_))));
+        let mut d = Decoder::new(100);
+        d.extend(&[2, 0]);
+        assert!(d.decode::<Msg>().unwrap().is_none());
+        assert!(d.has_partial());
+    }
+}

@@ -1,0 +1,291 @@
+//! The peer link between two chatd daemons.
+//!
+//! It opens the way WebSocket does: the initiator sends an HTTP/1.1 `CHAT`
+//! request naming itself, asking to upgrade to `chat-peer/1`; the other side
+//! answers `101 Switching Protocols` (or an error status with a reason, and
+//! closes). From then on both sides exchange length-prefixed postcard
+//! [`PeerFrame`]s (see [`crate::frame`]).
+//!
+//! Messages carry ids and are acknowledged by the receiving daemon once it
+//! has stored them; either side sends pings when it has nothing else to
+//! say, so a peer that vanished is noticed by the silence.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientId;
+use crate::rendezvous::{MAX_HEAD, MAX_HEADERS};
+
+/// The protocol named in `Upgrade`.
+pub const UPGRADE: &str = "chat-peer/1";
+/// The largest frame on the link.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// The longest message text, in bytes of UTF-8.
+pub const MAX_TEXT: usize = 16 * 1024;
+
+/// One frame on an upgraded link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerFrame {
+    /// A message; `id` is unique on this link, `sent_ms` is the sender's
+    /// clock in milliseconds since the Unix epoch.
+    Message { id: u64, sent_ms: i64, text: String },
+    /// The message `id` is stored by the receiver.
+    Ack { id: u64 },
+    /// Nothing to say; still here.
+    Ping,
+    /// The sender is leaving the chat.
+    Bye,
+}
+
+/// The initiator's opening request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub id: ClientId,
+    /// The initiator keeps the walkie-talkie discipline (it writes first).
+    pub turns: bool,
+}
+
+impl Hello {
+    pub fn encode(&self, host: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"CHAT / HTTP/1.1\r\nHost: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\nClient-Id: ");
+        out.extend_from_slice(self.id.as_str().as_bytes());
+        out.extend_from_slice(b"\r\nConnection: Upgrade\r\nUpgrade: ");
+        out.extend_from_slice(UPGRADE.as_bytes());
+        if self.turns {
+            out.extend_from_slice(b"\r\nChat-Turns: on");
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+    }
+}
+
+/// The answer to a [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// `101`: the link is open; `id` is the responder.
+    Accepted { id: ClientId },
+    /// Any other status, with its reason.
+    Refused { status: u16, reason: String },
+}
+
+impl Answer {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Answer::Accepted { id } => {
+                out.extend_from_slice(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ",
+                );
+                out.extend_from_slice(UPGRADE.as_bytes());
+                out.extend_from_slice(b"\r\nClient-Id: ");
+                out.extend_from_slice(id.as_str().as_bytes());
+                out.extend_from_slice(b"\r\n\r\n");
+            }
+            Answer::Refused { status, reason } => {
+                let phrase = match status {
+                    400 => "Bad Request",
+                    403 => "Forbidden",
+                    409 => "Conflict",
+                    426 => "Upgrade Required",
+                    _ => "Error",
+                };
+                let body = format!("{reason}\n");
+                out.extend_from_slice(
+                    format!(
+                        "HTTP/1.1 {status} {phrase}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+    }
+}
+
+/// Why an opening could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("not a chat-peer handshake: {0}")]
+    Malformed(String),
+    #[error("handshake larger than {MAX_HEAD} bytes")]
+    TooLarge,
+}
+
+/// A handshake to refuse: the status and the reason to send.
+pub type Refusal = (u16, String);
+
+/// A complete opening request.
+#[derive(Debug)]
+pub struct Opening {
+    /// The hello, or why to refuse it.
+    pub hello: Result<Hello, Refusal>,
+    /// Bytes of `buf` the request took.
+    pub used: usize,
+}
+
+/// Parses the initiator's request from the front of `buf`: `None` until the
+/// whole head has arrived; with it, the bytes consumed. An inner `Err` is a
+/// well-formed request to refuse, with the status and reason to send.
+pub fn parse_hello(buf: &[u8]) -> Result<Option<Opening>, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(HandshakeError::TooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+    };
+    let get = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let hello = (|| {
+        if req.method != Some("CHAT") {
+            return Err((
+                400,
+                format!(
+                    "expected a CHAT request, got {:?}",
+                    req.method.unwrap_or("")
+                ),
+            ));
+        }
+        let upgrade = get("Upgrade").unwrap_or("");
+        if !upgrade.eq_ignore_ascii_case(UPGRADE) {
+            return Err((426, format!("send Upgrade: {UPGRADE}")));
+        }
+        let id = get("Client-Id")
+            .ok_or((400, "missing Client-Id header".to_owned()))?
+            .parse::<ClientId>()
+            .map_err(|e| (400, format!("bad Client-Id: {e}")))?;
+        let turns = get("Chat-Turns").is_some_and(|v| v.eq_ignore_ascii_case("on"));
+        Ok(Hello { id, turns })
+    })();
+    Ok(Some(Opening { hello, used }))
+}
+
+/// Parses the responder's answer from the front of `buf`.
+pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(HandshakeError::TooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+    };
+    let get = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let status = resp.code.unwrap_or(0);
+    if status == 101 {
+        let id = get("Client-Id")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| HandshakeError::Malformed("101 without a valid Client-Id".into()))?;
+        return Ok(Some((Answer::Accepted { id }, head)));
+    }
+    let len: usize = get("Content-Length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if len > crate::rendezvous::MAX_BODY {
+        return Err(HandshakeError::TooLarge);
+    }
+    if buf.len() < head + len {
+        return Ok(None);
+    }
+    let reason = String::from_utf8_lossy(&buf[head..head + len])
+        .trim()
+        .to_owned();
+    let reason = if reason.is_empty() {
+        resp.reason.unwrap_or("refused").to_owned()
+    } else {
+        reason
+    };
+    Ok(Some((Answer::Refused { status, reason }, head + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_round_trip() {
+        let hello = Hello {
+            id: "alice".parse().unwrap(),
+            turns: true,
+        };
+        let mut buf = Vec::new();
+        hello.encode("127.0.0.1:4000", &mut buf);
+        buf.extend_from_slice(b"\x05\x00"); // the first frame may follow at once
+        let Opening { hello: got, used } = parse_hello(&buf).unwrap().unwrap();
+        assert_eq!(got, Ok(hello));
+        assert_eq!(&buf[used..], b"\x05\x00");
+
+        for answer in [
+            Answer::Accepted {
+                id: "bob".parse().unwrap(),
+            },
+            Answer::Refused {
+                status: 409,
+                reason: "bob is busy in another chat".into(),
+            },
+        ] {
+            let mut buf = Vec::new();
+            answer.encode(&mut buf);
+            let (got, used) = parse_answer(&buf).unwrap().unwrap();
+            assert_eq!(got, answer);
+            assert_eq!(used, buf.len());
+        }
+    }
+
+    #[test]
+    fn bad_openings_are_refused_with_a_reason() {
+        let Opening { hello: r, .. } = parse_hello(b"GET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(r.unwrap_err().0, 400);
+        let Opening { hello: r, .. } = parse_hello(b"CHAT / HTTP/1.1\r\nClient-Id: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap_err().0, 426);
+        let Opening { hello: r, .. } =
+            parse_hello(b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/1\r\nClient-Id: a b\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(r.unwrap_err().0, 400);
+        assert!(parse_hello(b"\x00\x01garbage\r\n\r\n").is_err());
+        assert!(parse_hello(b"CHAT / HTTP/1.1\r\n").unwrap().is_none());
+        let long = vec![b'a'; MAX_HEAD + 1];
+        assert!(parse_hello(&long).is_err());
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            PeerFrame::Message {
+                id: 1,
+                sent_ms: 1_700_000_000_000,
+                text: "héllo".into(),
+            },
+            PeerFrame::Ack { id: 1 },
+            PeerFrame::Ping,
+            PeerFrame::Bye,
+        ];
+        let mut wire = Vec::new();
+        for f in &frames {
+            crate::frame::encode(f, MAX_FRAME, &mut wire).unwrap();
+        }
+        let mut d = crate::frame::Decoder::new(MAX_FRAME);
+        d.extend(&wire);
+        for f in frames {
+            assert_eq!(d.decode::<PeerFrame>().unwrap(), Some(f));
+        }
+    }
+}
