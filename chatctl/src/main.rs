@@ -1,1 +1,228 @@
-fn main() {}
+//! `chatctl`: the control CLI of chatd.
+//!
+//! Each command opens the daemon's local socket, states its protocol
+//! version, sends one request (or, for `send -`, one per line, pipelined)
+//! and prints the answer for people, or as JSON with `--json`.
+//! Exit status: 0 success, 1 refused or failed, 2 usage, 3 no daemon.
+
+mod conn;
+mod output;
+mod shell;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chat_proto::ClientId;
+use chat_proto::ipc::{DaemonFrame, Reply, Request, State};
+use clap::{Parser, Subcommand};
+
+use crate::conn::{Conn, Error, resolve_socket};
+use crate::output::Printer;
+
+/// Drive a chatd daemon: register with the server, bridge to a peer, chat,
+/// and read the history.
+#[derive(Parser, Debug)]
+#[command(name = "chatctl", version, max_term_width = 100)]
+struct Cli {
+    /// The daemon's control socket [default: the only one running]
+    #[arg(long, global = true, env = "CHATD_SOCKET")]
+    socket: Option<PathBuf>,
+
+    /// Machine-readable output: JSON objects, one per line
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the daemon's id (seed /id)
+    Id,
+    /// Register with the server, or refresh the registration (seed /register)
+    Register,
+    /// Ask the server for a peer, or wait for one (seed /bridge)
+    Bridge {
+        /// Ask for this peer rather than whoever waited longest
+        peer: Option<ClientId>,
+    },
+    /// Start chatting with the bridged peer (seed /chat)
+    Chat,
+    /// Send a message; with no TEXT or `-`, every line of standard input
+    /// is one. Exits 0 only when the peer stored every message
+    Send {
+        /// The message (words are joined with spaces)
+        text: Vec<String>,
+    },
+    /// End the chat and leave the server; the daemon keeps running (seed /quit)
+    Quit,
+    /// Print the last messages and events, and with -f follow new ones
+    Tail {
+        /// How many to print first
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: u32,
+        /// Keep printing new ones as they come
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Print id, state, peer, server and turn
+    Status,
+    /// Wait until the daemon is in STATE (idle, registered, waiting, ready, chatting)
+    Wait {
+        state: State,
+        /// Give up after this many seconds (exit 1)
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Search the stored messages
+    History {
+        /// Only messages with this peer
+        #[arg(long)]
+        peer: Option<ClientId>,
+        /// Only messages containing this text
+        #[arg(long)]
+        grep: Option<String>,
+        /// At most this many (the newest)
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Interactive: /id /register /bridge /chat /quit, other lines are sent
+    Shell,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let printer = Printer::new(cli.json);
+    match run(cli, &printer) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatctl: {}", e.message());
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
+    let socket = resolve_socket(cli.socket)?;
+    let mut conn = Conn::open(&socket)?;
+    let no_records = |_| {};
+    match cli.command {
+        Cmd::Id => {
+            let reply = conn.call(Request::Id, no_records)?;
+            p.reply(&reply);
+        }
+        Cmd::Register => p.reply(&conn.call(Request::Register, no_records)?),
+        Cmd::Bridge { peer } => p.reply(&conn.call(Request::Bridge { peer }, no_records)?),
+        Cmd::Chat => p.reply(&conn.call(Request::Chat, no_records)?),
+        Cmd::Quit => p.reply(&conn.call(Request::Quit, no_records)?),
+        Cmd::Status => p.reply(&conn.call(Request::Status, no_records)?),
+        Cmd::Send { text } => send(&mut conn, text, p)?,
+        Cmd::Tail { lines, follow } => {
+            let reply = conn.call(
+                Request::Tail {
+                    last: lines,
+                    follow,
+                },
+                |r| p.record(&r),
+            )?;
+            debug_assert!(matches!(reply, Reply::Done));
+        }
+        Cmd::Wait { state, timeout } => {
+            if let Some(secs) = timeout {
+                let t = Duration::try_from_secs_f64(secs)
+                    .map_err(|_| Error::Usage("--timeout takes a number of seconds".into()))?;
+                conn.set_read_timeout(Some(t.max(Duration::from_millis(1))))?;
+            }
+            match conn.call(Request::Wait { state }, no_records) {
+                Ok(reply) => p.reply(&reply),
+                Err(Error::Failed(m)) if m == "timed out" => {
+                    return Err(Error::Failed(format!(
+                        "timed out after {} s waiting for state {state}",
+                        timeout.unwrap_or_default()
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Cmd::History { peer, grep, limit } => {
+            conn.call(Request::History { peer, grep, limit }, |r| p.record(&r))?;
+        }
+        Cmd::Shell => shell::run(conn, &socket, p)?,
+    }
+    Ok(())
+}
+
+/// Most messages in flight at once from `send -`.
+const WINDOW: usize = 256;
+
+/// Sends the message given, or one per line of standard input, pipelined;
+/// fails unless the peer acknowledged every one.
+fn send(conn: &mut Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
+    if !words.is_empty() && words != ["-"] {
+        let reply = conn.call(
+            Request::Send {
+                text: words.join(" "),
+            },
+            |_| {},
+        )?;
+        p.reply(&reply);
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines().enumerate();
+    // Request number -> line number.
+    let mut in_flight = std::collections::HashMap::new();
+    let mut failed: Vec<(usize, String)> = Vec::new();
+    let mut total = 0usize;
+    let mut input_done = false;
+    while !input_done || !in_flight.is_empty() {
+        while !input_done && in_flight.len() < WINDOW {
+            match lines.next() {
+                Some((n, Ok(line))) => {
+                    if line.is_empty() {
+                        continue;
+                    }
+                    total += 1;
+                    let id = conn.send(Request::Send { text: line })?;
+                    in_flight.insert(id, n + 1);
+                }
+                Some((n, Err(e))) => {
+                    failed.push((n + 1, format!("unreadable input: {e}")));
+                    input_done = true;
+                }
+                None => input_done = true,
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        if let DaemonFrame::Reply { id, result } = conn.next_frame()? {
+            if let Some(line) = in_flight.remove(&id) {
+                match result {
+                    Ok(reply) => p.sent_line(line, &reply),
+                    Err(f) => failed.push((line, f.message)),
+                }
+            }
+        }
+    }
+    if failed.is_empty() {
+        return Ok(());
+    }
+    failed.sort();
+    let mut msg = format!("{} of {total} messages not delivered:", failed.len());
+    for (line, why) in failed.iter().take(20) {
+        msg.push_str(&format!("\n  line {line}: {why}"));
+    }
+    if failed.len() > 20 {
+        msg.push_str(&format!("\n  ... and {} more", failed.len() - 20));
+    }
+    Err(Error::Failed(msg))
+}
+
+/// Reads standard input, for the shell.
+pub fn stdin_lines() -> impl Iterator<Item = String> {
+    std::io::stdin().lines().map_while(Result::ok)
+}

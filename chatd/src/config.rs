@@ -15,7 +15,7 @@ pub struct Options {
     #[arg(long)]
     pub id: ClientId,
 
-    /// TCP port peers connect to
+    /// TCP port peers connect to (0: any free one, shown by `chatctl status`)
     #[arg(long)]
     pub port: u16,
 

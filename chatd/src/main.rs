@@ -75,6 +75,9 @@ async fn run(options: Options) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot listen for peers on port {}: {e}", options.port)
         }
     })?;
+    // With --port 0 the system picks the port; the server must be told
+    // the real one.
+    let port = peers.local_addr().map(|a| a.port()).unwrap_or(options.port);
     let data_dir = match &options.data_dir {
         Some(d) => d.clone(),
         None => default_data_dir(&id)?,
@@ -91,11 +94,11 @@ async fn run(options: Options) -> anyhow::Result<()> {
     let listener = listener_options(name)
         .create_tokio()
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    tracing::info!(%id, socket = %socket.display(), port = options.port, server = %options.server, "chatd ready");
+    tracing::info!(%id, socket = %socket.display(), port, server = %options.server, "chatd ready");
 
     let (events, rx) = mpsc::channel(4096);
     let session = Session::new(
-        Config::new(id, options.port, options.server.clone(), options.turns),
+        Config::new(id, port, options.server.clone(), options.turns),
         token,
     );
     let mut core = Core::new(

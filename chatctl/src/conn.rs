@@ -1,0 +1,233 @@
+//! One connection to a daemon's control socket, with blocking IO.
+//!
+//! chatctl is a short-lived process; plain blocking reads and writes start
+//! faster than any async runtime, which is most of what `chatctl send`
+//! costs.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chat_proto::frame::{Decoder, encode};
+use chat_proto::ipc::{
+    ClientFrame, DaemonFrame, Failure, Hello, MAX_FRAME, Record, Reply, Request, VERSION,
+};
+use chat_proto::local;
+use interprocess::local_socket::traits::Stream as _;
+use interprocess::local_socket::{GenericFilePath, Stream, ToFsName};
+
+/// What went wrong, with the exit status it maps to.
+#[derive(Debug)]
+pub enum Error {
+    /// No daemon could be reached (exit 3).
+    Unreachable(String),
+    /// The daemon refused or the operation failed (exit 1).
+    Failed(String),
+    /// The command line was wrong (exit 2).
+    Usage(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Failed(_) => 1,
+            Error::Usage(_) => 2,
+            Error::Unreachable(_) => 3,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Error::Unreachable(m) | Error::Failed(m) | Error::Usage(m) => m,
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        Error::Failed(f.message)
+    }
+}
+
+/// Finds the socket: `--socket`, then `CHATD_SOCKET`, then the only
+/// daemon's socket in the runtime directory.
+pub fn resolve_socket(given: Option<PathBuf>) -> Result<PathBuf, Error> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let found = local::list_sockets();
+    match found.len() {
+        1 => Ok(found.into_iter().next().map(|(_, p)| p).unwrap_or_default()),
+        0 => {
+            let dir = local::socket_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|e| e.to_string());
+            Err(Error::Unreachable(format!(
+                "no chatd is running: no socket in {dir}\n{}",
+                start_hint("ID")
+            )))
+        }
+        _ => {
+            let list: Vec<String> = found
+                .iter()
+                .map(|(id, p)| format!("  {id}: chatctl --socket {}", p.display()))
+                .collect();
+            Err(Error::Usage(format!(
+                "several daemons are running; choose one with --socket (or CHATD_SOCKET):\n{}",
+                list.join("\n")
+            )))
+        }
+    }
+}
+
+/// How to start a daemon, for messages.
+pub fn start_hint(id: &str) -> String {
+    format!(
+        "start one with `chatd --id {id} --port PORT --server HOST:PORT`, or `systemctl --user start chatd@{id}`"
+    )
+}
+
+/// An open, greeted connection.
+pub struct Conn {
+    stream: Stream,
+    decoder: Decoder,
+    next_id: u64,
+}
+
+impl Conn {
+    /// Connects and exchanges versions.
+    pub fn open(path: &Path) -> Result<Conn, Error> {
+        let name = path
+            .to_fs_name::<GenericFilePath>()
+            .map_err(|e| Error::Usage(format!("bad socket path {}: {e}", path.display())))?;
+        let stream = Stream::connect(name).map_err(|e| {
+            let id = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("ID")
+                .to_owned();
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => "no such socket".to_owned(),
+                std::io::ErrorKind::ConnectionRefused => {
+                    "connection refused (the daemon is not running)".to_owned()
+                }
+                _ => e.to_string(),
+            };
+            Error::Unreachable(format!(
+                "cannot reach chatd at {}: {why}\n{}",
+                path.display(),
+                start_hint(&id)
+            ))
+        })?;
+        let mut conn = Conn {
+            stream,
+            decoder: Decoder::new(MAX_FRAME),
+            next_id: 1,
+        };
+        conn.write(&Hello::ours("chatctl"))?;
+        let theirs: Hello = conn.read()?.ok_or_else(|| {
+            Error::Failed("chatd closed the connection before saying hello".into())
+        })?;
+        if theirs.protocol != VERSION {
+            return Err(Error::Failed(format!(
+                "chatctl {} speaks control protocol v{VERSION} but {} speaks v{}: use the chatctl that came with that chatd, or restart chatd after upgrading",
+                env!("CARGO_PKG_VERSION"),
+                theirs.software,
+                theirs.protocol
+            )));
+        }
+        Ok(conn)
+    }
+
+    /// Sends a request; returns its number.
+    pub fn send(&mut self, request: Request) -> Result<u64, Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.write(&ClientFrame { id, request })?;
+        Ok(id)
+    }
+
+    /// One request, its records passed to `on_record`, then its reply.
+    pub fn call(
+        &mut self,
+        request: Request,
+        mut on_record: impl FnMut(Record),
+    ) -> Result<Reply, Error> {
+        let id = self.send(request)?;
+        loop {
+            match self.next_frame()? {
+                DaemonFrame::Record { id: rid, record } if rid == id => on_record(record),
+                DaemonFrame::Reply { id: rid, result } if rid == id => {
+                    return result.map_err(Error::from);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next frame from the daemon.
+    pub fn next_frame(&mut self) -> Result<DaemonFrame, Error> {
+        match self.read::<DaemonFrame>()? {
+            Some(DaemonFrame::Dropped { reason }) => Err(Error::Failed(format!("chatd: {reason}"))),
+            Some(frame) => Ok(frame),
+            None => Err(Error::Failed(
+                "chatd closed the connection (it may have stopped)".into(),
+            )),
+        }
+    }
+
+    /// Bounds how long reads wait (`None`: forever).
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        set_timeout(&self.stream, timeout)
+            .map_err(|e| Error::Failed(format!("cannot set a timeout: {e}")))
+    }
+
+    fn write<T: serde::Serialize>(&mut self, value: &T) -> Result<(), Error> {
+        let mut out = Vec::new();
+        encode(value, MAX_FRAME, &mut out).map_err(|e| Error::Failed(e.to_string()))?;
+        self.stream
+            .write_all(&out)
+            .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.decoder.decode::<T>() {
+                Ok(Some(v)) => return Ok(Some(v)),
+                Ok(None) => {}
+                Err(e) => return Err(Error::Failed(format!("unexpected data from chatd: {e}"))),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.decoder.extend(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Error::Failed("timed out".into()));
+                }
+                Err(e) => return Err(Error::Failed(format!("lost the connection to chatd: {e}"))),
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn set_timeout(stream: &Stream, timeout: Option<Duration>) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let Stream::UdSocket(s) = stream;
+    // A duplicate descriptor shares the socket, and with it SO_RCVTIMEO.
+    let unix = std::os::unix::net::UnixStream::from(s.as_fd().try_clone_to_owned()?);
+    unix.set_read_timeout(timeout)
+}
+
+#[cfg(not(unix))]
+fn set_timeout(_stream: &Stream, _timeout: Option<Duration>) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "timeouts need Unix",
+    ))
+}

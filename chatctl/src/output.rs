@@ -1,0 +1,186 @@
+//! What chatctl prints: short lines for people, or JSON objects, one per
+//! line, for scripts (`--json`).
+
+use std::io::Write;
+
+use chat_proto::ipc::{Record, RecordKind, Reply, Status, Turn};
+use serde_json::{Value, json};
+
+/// Prints replies and records in the chosen style.
+pub struct Printer {
+    json: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool) -> Printer {
+        Printer { json }
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    fn emit(&self, human: String, machine: Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = if self.json {
+            writeln!(out, "{machine}")
+        } else {
+            writeln!(out, "{human}")
+        };
+        let _ = out.flush();
+    }
+
+    pub fn reply(&self, reply: &Reply) {
+        match reply {
+            Reply::Id { id } => self.emit(id.to_string(), json!({ "id": id })),
+            Reply::Status(s) => self.emit(status_text(s), status_json(s)),
+            Reply::Registered { addr, expires } => self.emit(
+                format!("registered as {addr} (refreshed automatically; lapses {expires} s after the server last hears from us)"),
+                json!({ "registered": true, "addr": addr.to_string(), "expires": expires }),
+            ),
+            Reply::Bridged { peer: Some((id, addr)) } => self.emit(
+                format!("peer {id} at {addr}: run `chatctl chat` to start chatting"),
+                json!({ "peer": id, "peer_addr": addr.to_string(), "waiting": false }),
+            ),
+            Reply::Bridged { peer: None } => self.emit(
+                "waiting for a peer: the next one to bridge will be handed this daemon".into(),
+                json!({ "peer": null, "waiting": true }),
+            ),
+            Reply::Chatting { peer } => self.emit(format!("chatting with {peer}"), json!({ "chatting": peer })),
+            Reply::Sent { id, round_trip_us } => self.emit(
+                format!("delivered (round trip {:.2} ms)", *round_trip_us as f64 / 1000.0),
+                json!({ "delivered": true, "id": id, "round_trip_us": round_trip_us }),
+            ),
+            Reply::Quit => self.emit("left the chat and the server".into(), json!({ "quit": true })),
+            Reply::Reached { state } => self.emit(state.to_string(), json!({ "state": state.as_str() })),
+            Reply::Done => {}
+        }
+    }
+
+    /// A line of `send -` was delivered: silent for people, one object per
+    /// line for scripts.
+    pub fn sent_line(&self, line: usize, reply: &Reply) {
+        if let (true, Reply::Sent { id, round_trip_us }) = (self.json, reply) {
+            self.emit(
+                String::new(),
+                json!({ "delivered": true, "line": line, "id": id, "round_trip_us": round_trip_us }),
+            );
+        }
+    }
+
+    pub fn record(&self, r: &Record) {
+        self.emit(record_text(r), record_json(r));
+    }
+}
+
+pub fn record_text(r: &Record) -> String {
+    let when = local_time(r.time_ms);
+    match &r.kind {
+        RecordKind::Message { from, to, text, .. } => format!("{when}  {from} → {to}: {text}"),
+        RecordKind::State {
+            state,
+            peer: Some(p),
+        } => format!("{when}  [{state} with {p}]"),
+        RecordKind::State { state, peer: None } => format!("{when}  [{state}]"),
+        RecordKind::Notice { text } => format!("{when}  * {text}"),
+    }
+}
+
+pub fn record_json(r: &Record) -> Value {
+    let time = rfc3339(r.time_ms);
+    match &r.kind {
+        RecordKind::Message {
+            from,
+            to,
+            text,
+            outgoing,
+        } => json!({
+            "type": "message", "seq": r.seq, "time": time, "from": from, "to": to, "text": text,
+            "direction": if *outgoing { "out" } else { "in" },
+        }),
+        RecordKind::State { state, peer } => json!({
+            "type": "state", "seq": r.seq, "time": time, "state": state.as_str(), "peer": peer,
+        }),
+        RecordKind::Notice { text } => json!({
+            "type": "notice", "seq": r.seq, "time": time, "text": text,
+        }),
+    }
+}
+
+fn status_text(s: &Status) -> String {
+    let mut lines = vec![format!("id:     {}", s.id), format!("state:  {}", s.state)];
+    if let Some(p) = s.peer {
+        lines.push(format!("peer:   {p}"));
+    }
+    lines.push(format!("server: {}", s.server));
+    if let Some(a) = s.addr {
+        lines.push(format!("addr:   {a} (as the server sees us)"));
+    }
+    lines.push(format!("port:   {}", s.port));
+    if let Some(t) = s.turn {
+        lines.push(format!(
+            "turn:   {}",
+            match t {
+                Turn::Mine => "yours",
+                Turn::Peers => "the peer's",
+            }
+        ));
+    }
+    lines.join("\n")
+}
+
+fn status_json(s: &Status) -> Value {
+    json!({
+        "id": s.id,
+        "state": s.state.as_str(),
+        "peer": s.peer,
+        "server": s.server,
+        "port": s.port,
+        "addr": s.addr.map(|a| a.to_string()),
+        "turn": s.turn.map(|t| match t { Turn::Mine => "mine", Turn::Peers => "peer" }),
+    })
+}
+
+/// RFC 3339, UTC, millisecond precision.
+pub fn rfc3339(ms: i64) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// Local wall-clock time, for people.
+fn local_time(ms: i64) -> String {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t
+            .to_zoned(jiff::tz::TimeZone::system())
+            .strftime("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+        Err(_) => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_messages_have_the_documented_fields() {
+        let r = Record {
+            seq: 3,
+            time_ms: 1_700_000_000_123,
+            kind: RecordKind::Message {
+                from: "a".parse().unwrap(),
+                to: "b".parse().unwrap(),
+                text: "hi".into(),
+                outgoing: true,
+            },
+        };
+        let v = record_json(&r);
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["from"], "a");
+        assert_eq!(v["to"], "b");
+        assert_eq!(v["text"], "hi");
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+    }
+}

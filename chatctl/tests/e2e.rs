@@ -1,0 +1,512 @@
+//! The whole chat, end to end: chat-server, two chatd and chatctl, the
+//! real binaries over real sockets on 127.0.0.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Stdio;
+use std::time::Instant;
+
+use common::*;
+
+/// JSON lines read from `out` on a thread of their own, so the test can
+/// wait for them with a deadline.
+fn json_lines(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn texts(d: &Daemon) -> Vec<String> {
+    d.messages().into_iter().map(|(_, _, t)| t).collect()
+}
+
+#[test]
+fn seed_flow_with_the_first_daemon_waiting() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    assert_eq!(alice.ok(&["id"]).trim(), "alice");
+    assert_eq!(alice.state(), "idle");
+    connect_pair(&alice, &bob);
+    assert_eq!(alice.status()["peer"], "bob");
+    assert_eq!(bob.status()["peer"], "alice");
+
+    assert!(bob.ok(&["send", "hello", "alice"]).contains("delivered"));
+    assert!(alice.ok(&["send", "hi bob"]).contains("delivered"));
+    assert!(bob.ok(&["send", "how are you?"]).contains("delivered"));
+    let expected = vec![
+        (
+            "bob".to_owned(),
+            "alice".to_owned(),
+            "hello alice".to_owned(),
+        ),
+        ("alice".to_owned(), "bob".to_owned(), "hi bob".to_owned()),
+        (
+            "bob".to_owned(),
+            "alice".to_owned(),
+            "how are you?".to_owned(),
+        ),
+    ];
+    assert_eq!(alice.messages(), expected);
+    assert_eq!(bob.messages(), expected);
+
+    // QUIT: bob leaves the chat and the server; alice is told and can
+    // bridge again.
+    assert!(bob.ok(&["quit"]).contains("left"));
+    assert_eq!(bob.state(), "idle");
+    alice.wait_for("registered");
+    let tail = alice.ok(&["tail", "-n", "5"]);
+    assert!(tail.contains("bob left the chat"), "{tail}");
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+}
+
+#[test]
+fn seed_flow_with_the_second_daemon_waiting() {
+    let server = Server::start(&["--transport", "both"]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&bob, &alice);
+    alice.ok(&["send", "first"]);
+    bob.ok(&["send", "second"]);
+    assert_eq!(texts(&alice), ["first", "second"]);
+    assert_eq!(texts(&bob), ["first", "second"]);
+    alice.ok(&["quit"]);
+    bob.wait_for("registered");
+}
+
+#[test]
+fn the_rendezvous_works_over_udp() {
+    let server = Server::start(&["-u"]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    bob.ok(&["send", "over udp rendezvous"]);
+    assert_eq!(texts(&alice), ["over udp rendezvous"]);
+}
+
+#[test]
+fn bridge_to_a_named_peer() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    let carol = Daemon::start("carol", server.addr, &[]);
+    for d in [&alice, &bob, &carol] {
+        d.ok(&["register"]);
+    }
+    // carol is registered but not waiting: refused with the reason.
+    let out = bob.ctl(&["bridge", "carol"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("carol is not waiting"),
+        "{}",
+        stderr(&out)
+    );
+    let out = bob.ctl(&["bridge", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nobody"), "{}", stderr(&out));
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    let out = bob.ok(&["--json", "bridge", "alice"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["peer"], "alice");
+    bob.ok(&["chat"]);
+    alice.wait_for("chatting");
+    // Chatting takes alice out of the pool: carol cannot be handed her.
+    let out = carol.ctl(&["bridge", "alice"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("alice is not waiting"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn turn_mode_refuses_out_of_turn_sends() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &["--turns"]);
+    let bob = Daemon::start("bob", server.addr, &["--turns"]);
+    connect_pair(&alice, &bob);
+    // alice waited, so bob (the initiator) writes first.
+    let out = alice.ctl(&["send", "me first?"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not your turn"), "{}", stderr(&out));
+    assert_eq!(bob.status()["turn"], "mine");
+    bob.ok(&["send", "one"]);
+    let out = bob.ctl(&["send", "two"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not your turn"));
+    alice.ok(&["send", "reply"]);
+    bob.ok(&["send", "three"]);
+    assert_eq!(texts(&alice), ["one", "reply", "three"]);
+}
+
+#[test]
+fn two_followers_see_every_message_in_order_and_a_late_tail_sees_history() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    // Followers print the history first (`-n 1000` covers all of it), then
+    // live records: whenever they attached, each message shows up once.
+    let spawn_follower = || {
+        let mut cmd = alice.ctl_cmd(&["--json", "tail", "-n", "1000", "-f"]);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("tail -f");
+        let lines = json_lines(child.stdout.take().expect("stdout"));
+        (child, lines)
+    };
+    let mut followers = vec![spawn_follower(), spawn_follower()];
+    let count = 50;
+    let lines: String = (0..count).map(|i| format!("message {i}\n")).collect();
+    let out = bob.ctl_stdin(&["send", "-"], &lines);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected: Vec<String> = (0..count).map(|i| format!("message {i}")).collect();
+    for (child, lines) in &mut followers {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while got.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(v) = lines.recv_timeout(left) else {
+                break;
+            };
+            if v["type"] == "message" {
+                assert_eq!(v["from"], "bob");
+                assert_eq!(v["to"], "alice");
+                assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+                got.push(v["text"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        assert_eq!(
+            got, expected,
+            "each follower sees every message once, in order"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // A late `tail -n` sees the earlier messages.
+    let late = alice.ok(&["tail", "-n", "3"]);
+    let shown: Vec<&str> = late.lines().collect();
+    assert_eq!(shown.len(), 3);
+    assert!(shown[2].ends_with("bob → alice: message 49"), "{late}");
+    assert!(shown[0].ends_with("bob → alice: message 47"), "{late}");
+}
+
+#[test]
+fn history_survives_a_daemon_restart_and_grep_finds_it() {
+    let server = Server::start(&[]);
+    let mut alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    bob.ok(&["send", "remember this"]);
+    alice.ok(&["send", "and this, 100%"]);
+    let status = alice.stop().expect("alice exited");
+    assert!(status.success(), "{status:?}");
+    assert!(!alice.socket.exists(), "a clean stop removes the socket");
+    bob.wait_for("registered");
+    alice.spawn();
+    assert_eq!(texts(&alice), ["remember this", "and this, 100%"]);
+    let out = alice.ok(&["history", "--grep", "100%"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let out = alice.ok(&["history", "--peer", "bob", "--limit", "1"]);
+    assert!(out.contains("and this"), "{out}");
+    // Its token was kept: registering again reclaims the id at once,
+    // although the old registration has not expired.
+    alice.ok(&["register"]);
+}
+
+#[test]
+fn a_daemon_restarted_after_a_crash_reclaims_its_id() {
+    let server = Server::start(&[]);
+    let mut alice = Daemon::start("alice", server.addr, &[]);
+    alice.ok(&["register"]);
+    alice.kill9();
+    alice.spawn();
+    // The server still holds the registration; the saved token proves
+    // it is ours.
+    alice.ok(&["register"]);
+    // Another daemon with the same id (no token) is refused.
+    let impostor = Daemon::start("alice", server.addr, &[]);
+    let out = impostor.ctl(&["register"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("registered by another client"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_killed_peer_is_noticed() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let mut bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    bob.kill9();
+    // The kernel resets bob's connection at once; without that, the
+    // heartbeat would end the chat within 10 s.
+    alice.wait_for("registered");
+    let tail = alice.ok(&["tail", "-n", "3"]);
+    assert!(tail.contains("lost bob"), "{tail}");
+    let out = alice.ctl(&["send", "anyone?"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not chatting"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_restarted_server_gets_the_daemons_back() {
+    let mut server = Server::start(&["--expires", "2"]);
+    let port = server.addr.port();
+    let alice = Daemon::start("alice", server.addr, &["--register"]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    alice.wait_for("registered");
+    bob.ok(&["register"]);
+    server.stop();
+    let _server = Server::start_on(port, &["--expires", "2"]);
+    // The new server knows nobody; the daemons register again by
+    // themselves (refreshing at half-life) or when a request meets a 404.
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    let out = bob.ok(&["bridge"]);
+    assert!(out.contains("peer alice"), "{out}");
+    bob.ok(&["chat"]);
+    alice.wait_for("chatting");
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+    let server = Server::start(&[]);
+    let mut alice = Daemon::start("alice", server.addr, &[]);
+    // A second daemon on the same socket refuses to start.
+    let out = alice.start_again_output();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+    assert!(
+        alice.ok(&["id"]).contains("alice"),
+        "the live daemon is untouched"
+    );
+    // SIGKILL leaves the socket file behind; a new daemon replaces it.
+    alice.kill9();
+    assert!(alice.socket.exists());
+    alice.spawn();
+    assert!(alice.ok(&["id"]).contains("alice"));
+}
+
+#[test]
+fn garbage_on_the_control_socket_ends_only_that_connection() {
+    use std::os::unix::net::UnixStream;
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    let mut follower = alice.ctl_cmd(&["--json", "tail", "-n", "1000", "-f"]);
+    follower.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut follower = follower.spawn().unwrap();
+    let records = json_lines(follower.stdout.take().unwrap());
+    let cases: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 64],
+        // A length prefix far past the limit.
+        u32::MAX.to_le_bytes().to_vec(),
+        // A valid hello, then a frame that does not decode.
+        {
+            let mut v = vec![9, 0, 0, 0, 1, 7];
+            v.extend_from_slice(b"chatctl");
+            v.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
+            v
+        },
+        // A hello from a future version.
+        {
+            let mut v = vec![12, 0, 0, 0, 99, 10];
+            v.extend_from_slice(b"chatctl 99");
+            v
+        },
+    ];
+    for bytes in cases {
+        let mut s = UnixStream::connect(&alice.socket).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = s.write_all(&bytes);
+        let mut sink = Vec::new();
+        // The daemon closes this connection (after at most a short reply).
+        let _ = s.read_to_end(&mut sink);
+        assert!(sink.len() < 1024);
+    }
+    // Half a frame, then silence, then close.
+    {
+        let mut s = UnixStream::connect(&alice.socket).unwrap();
+        s.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
+    }
+    // The daemon, the chat and the other shell are fine.
+    assert_eq!(alice.state(), "chatting");
+    bob.ok(&["send", "still here"]);
+    let deadline = Instant::now() + WAIT;
+    let mut seen = false;
+    while !seen {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(v) = records.recv_timeout(left) else {
+            break;
+        };
+        seen = v["text"] == "still here";
+    }
+    assert!(seen, "the other shell still follows");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
+
+#[test]
+fn send_without_a_chat_fails_clearly() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let out = alice.ctl(&["send", "hello?"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not chatting: run `chatctl register`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = alice.ctl(&["bridge"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not registered: run `chatctl register`"),
+        "{}",
+        stderr(&out)
+    );
+    // stdin mode says which lines were not delivered.
+    alice.ok(&["register"]);
+    let out = alice.ctl_stdin(&["send", "-"], "a\nb\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("2 of 2 messages not delivered")
+            && err.contains("line 1")
+            && err.contains("line 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_daemon_is_exit_3_with_a_hint() {
+    let home = tempfile::tempdir().unwrap();
+    let run = home.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["status"])
+                .env("XDG_RUNTIME_DIR", &run)
+                .env_remove("CHATD_SOCKET");
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no chatd is running") && err.contains("chatd --id"),
+        "{err}"
+    );
+    let sock = run.join("nobody.sock");
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["--socket", sock.to_str().unwrap(), "status"]);
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains(sock.to_str().unwrap()),
+        "{}",
+        stderr(&out)
+    );
+    // Usage errors are exit 2.
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["wait", "sleeping"]);
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_shell_speaks_the_seed_commands() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    alice.ok(&["register"]);
+    alice.ok(&["bridge"]);
+    let mut shell = bob.ctl_cmd(&["shell"]);
+    shell
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut shell = shell.spawn().unwrap();
+    let mut input = shell.stdin.take().unwrap();
+    writeln!(input, "/id\n/register\n/bridge\n/chat").unwrap();
+    alice.wait_for("chatting");
+    writeln!(input, "hello from the shell").unwrap();
+    eventually("the shell's message to arrive", || {
+        texts(&alice).contains(&"hello from the shell".to_owned())
+    });
+    alice.ok(&["send", "hello shell"]);
+    writeln!(input, "/quit").unwrap();
+    alice.wait_for("registered");
+    drop(input);
+    let out = shell.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("bob\n"), "{printed}");
+    assert!(printed.contains("peer alice"), "{printed}");
+    assert!(printed.contains("alice → bob: hello shell"), "{printed}");
+    assert!(out.status.success());
+}
+
+#[test]
+fn wait_times_out_with_exit_1() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let started = Instant::now();
+    let out = alice.ctl(&["wait", "chatting", "--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    assert!(started.elapsed() < WAIT);
+}
+
+#[test]
+fn a_frozen_peer_is_noticed_by_its_silence() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    // SIGSTOP: bob's socket stays open but nothing comes from it, as when a
+    // cable is pulled. Only the heartbeat can tell.
+    let pid = bob.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    alice.wait_for("registered");
+    let took = started.elapsed();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    assert!(took.as_secs() < 20, "noticed after {took:?}");
+    let tail = alice.ok(&["tail", "-n", "3"]);
+    assert!(tail.contains("lost bob: nothing heard for 9 s"), "{tail}");
+}
