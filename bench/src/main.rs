@@ -6,10 +6,12 @@
 //! medians; `fill` registers many ids and reports the server's memory per
 //! registration.
 
+mod link;
 mod load;
 mod stats;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -33,6 +35,38 @@ enum Command {
     Compare(CompareArgs),
     /// Register many fresh ids; with --pid, report memory per registration
     Fill(FillArgs),
+    /// Measure a chatting daemon's link, the CLI and idle memory against
+    /// a bare TCP ping-pong, and print the table
+    Peer(PeerArgs),
+}
+
+#[derive(Args, Debug)]
+struct PeerArgs {
+    /// Control socket of a daemon that is chatting
+    #[arg(long)]
+    socket: PathBuf,
+    /// chatctl to time (given --socket of the daemon)
+    #[arg(long)]
+    chatctl: PathBuf,
+    /// Process id of an idle daemon, to read its resident memory
+    #[arg(long)]
+    idle_pid: Option<u32>,
+    /// Messages per round-trip measurement
+    #[arg(long, default_value_t = 5000)]
+    count: usize,
+    /// Messages for the throughput measurement
+    #[arg(long, default_value_t = 200_000)]
+    flood: usize,
+    /// Messages in flight for the throughput measurement (chatd serves up
+    /// to 1024 per shell)
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Runs per command for the process timings
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Rounds; the table shows medians
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +190,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Compare(a) => compare(a).await,
         Command::Fill(a) => fill(a).await,
+        // Blocking IO, measured without the runtime's threads in the way.
+        Command::Peer(a) => tokio::task::spawn_blocking(move || peer(a)).await?,
     }
 }
 
@@ -265,4 +301,62 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS line in /proc/PID/status")?;
     Ok(kib * 1024)
+}
+
+fn peer(a: PeerArgs) -> anyhow::Result<()> {
+    const SIZE: usize = 64;
+    let mut ping = Vec::new();
+    let mut daemon = Vec::new();
+    let mut client = Vec::new();
+    let mut rate = Vec::new();
+    let mut send_ms = Vec::new();
+    let mut version_ms = Vec::new();
+    let socket = a.socket.display().to_string();
+    let ctl = a.chatctl.display().to_string();
+    let send_argv: Vec<String> = [&ctl, "--socket", &socket, "send", &"x".repeat(SIZE)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let version_argv = vec![ctl.clone(), "--version".to_owned()];
+    for _ in 0..a.rounds.max(1) {
+        let p = link::tcp_ping_pong(a.count, SIZE)?;
+        ping.push(link::quantile_ms(&p, 0.5));
+        let one = link::through_daemon(&a.socket, a.count, SIZE, 1)?;
+        daemon.push(link::quantile_ms(&one.daemon_rtt_us, 0.5));
+        client.push(link::quantile_ms(&one.client_rtt_us, 0.5));
+        let flood = link::through_daemon(&a.socket, a.flood, SIZE, a.window)?;
+        rate.push(flood.rate());
+        version_ms.push(link::process_time_ms(&version_argv, a.runs, None)?);
+        send_ms.push(link::process_time_ms(&send_argv, a.runs, None)?);
+    }
+    let (ping, daemon, client) = (median(&ping), median(&daemon), median(&client));
+    let (send, version) = (median(&send_ms), median(&version_ms));
+    println!("| measure | result | compared with | ratio | target |");
+    println!("|---|---:|---|---:|---|");
+    println!(
+        "| round trip of a 64-byte message, send → stored and acknowledged by the peer daemon (p50) | {:.1} µs | bare TCP ping-pong, 64 bytes: {:.1} µs | {:.2}× | ≤ 2× |",
+        daemon * 1000.0,
+        ping * 1000.0,
+        daemon / ping
+    );
+    println!(
+        "| the same, seen by a client of the control socket (p50) | {:.1} µs | bare TCP ping-pong: {:.1} µs | {:.2}× | (includes the local socket hop) |",
+        client * 1000.0,
+        ping * 1000.0,
+        client / ping
+    );
+    println!(
+        "| messages/s over one link, {} in flight, each stored and acknowledged | {:.0} | | | ≥ 100,000 |",
+        a.window,
+        median(&rate)
+    );
+    println!(
+        "| `chatctl send` (64 bytes, acknowledged), whole process (median) | {send:.2} ms | `chatctl --version`: {version:.2} ms | {:.2}× | ≤ 1.5× |",
+        send / version
+    );
+    if let Some(pid) = a.idle_pid {
+        let rss = rss_bytes(pid)? as f64 / 1048576.0;
+        println!("| idle daemon, resident memory | {rss:.1} MiB | | | < 10 MiB |");
+    }
+    Ok(())
 }

@@ -87,11 +87,18 @@ pub fn start_hint(id: &str) -> String {
     )
 }
 
-/// An open, greeted connection.
+/// An open connection.
+///
+/// Our hello goes out with the first request, in one write, and the
+/// daemon's hello is checked when the first answer is read: a command
+/// then costs one round trip to the daemon, not two.
 pub struct Conn {
     stream: Stream,
     decoder: Decoder,
     next_id: u64,
+    /// Bytes not yet written (our hello, until the first request).
+    pending: Vec<u8>,
+    greeted: bool,
 }
 
 impl Conn {
@@ -119,13 +126,25 @@ impl Conn {
                 start_hint(&id)
             ))
         })?;
-        let mut conn = Conn {
+        let mut pending = Vec::new();
+        encode(&Hello::ours("chatctl"), MAX_FRAME, &mut pending)
+            .map_err(|e| Error::Failed(e.to_string()))?;
+        Ok(Conn {
             stream,
             decoder: Decoder::new(MAX_FRAME),
             next_id: 1,
-        };
-        conn.write(&Hello::ours("chatctl"))?;
-        let theirs: Hello = conn.read()?.ok_or_else(|| {
+            pending,
+            greeted: false,
+        })
+    }
+
+    /// Reads the daemon's hello, once, before anything else it sent.
+    fn greet(&mut self) -> Result<(), Error> {
+        if self.greeted {
+            return Ok(());
+        }
+        self.flush()?;
+        let theirs: Hello = self.read()?.ok_or_else(|| {
             Error::Failed("chatd closed the connection before saying hello".into())
         })?;
         if theirs.protocol != VERSION {
@@ -136,7 +155,8 @@ impl Conn {
                 theirs.protocol
             )));
         }
-        Ok(conn)
+        self.greeted = true;
+        Ok(())
     }
 
     /// Sends a request; returns its number.
@@ -167,6 +187,7 @@ impl Conn {
 
     /// The next frame from the daemon.
     pub fn next_frame(&mut self) -> Result<DaemonFrame, Error> {
+        self.greet()?;
         match self.read::<DaemonFrame>()? {
             Some(DaemonFrame::Dropped { reason }) => Err(Error::Failed(format!("chatd: {reason}"))),
             Some(frame) => Ok(frame),
@@ -183,11 +204,17 @@ impl Conn {
     }
 
     fn write<T: serde::Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        let mut out = Vec::new();
-        encode(value, MAX_FRAME, &mut out).map_err(|e| Error::Failed(e.to_string()))?;
-        self.stream
-            .write_all(&out)
-            .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))
+        encode(value, MAX_FRAME, &mut self.pending).map_err(|e| Error::Failed(e.to_string()))?;
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.pending);
+        self.pending.clear();
+        result.map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))
     }
 
     fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {

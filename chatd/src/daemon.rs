@@ -85,7 +85,12 @@ pub struct Core {
     rendezvous: Arc<rendezvous::Client>,
     events: mpsc::Sender<CoreEvent>,
     links: HashMap<LinkId, LinkHandle>,
-    /// Frames queued this turn, per link, flushed after the commit.
+    /// Frames queued this turn that promise nothing about storage
+    /// (messages, pings), per link: they leave before the commit, so our
+    /// own bookkeeping is not on the message's way to the peer.
+    early: HashMap<LinkId, Vec<u8>>,
+    /// Frames that must wait for the commit (acks, and byes, which must
+    /// not overtake the acks before them), per link.
     outgoing: HashMap<LinkId, Vec<u8>>,
     closing: Vec<LinkId>,
     /// Closed links whose writers may still be sending their last frames.
@@ -118,6 +123,7 @@ impl Core {
             server,
             events,
             links: HashMap::new(),
+            early: HashMap::new(),
             outgoing: HashMap::new(),
             closing: Vec::new(),
             draining: Vec::new(),
@@ -174,6 +180,11 @@ impl Core {
                 }
                 () = &mut stop => break,
             }
+            if self.send_early() {
+                // Let the link writers put those frames on the wire while
+                // we commit.
+                tokio::task::yield_now().await;
+            }
             self.flush();
         }
         self.stop(&mut rx).await;
@@ -218,6 +229,7 @@ impl Core {
                 if let Input::LinkClosed { link, .. } = &input {
                     self.links.remove(link);
                     self.outgoing.remove(link);
+                    self.early.remove(link);
                 }
                 self.session.handle(input, now);
             }
@@ -408,7 +420,14 @@ impl Core {
                     if let PeerFrame::Message { sent_ms, .. } = &mut frame {
                         *sent_ms = now_ms();
                     }
-                    let buf = self.outgoing.entry(link).or_default();
+                    let buf = match frame {
+                        PeerFrame::Message { .. } | PeerFrame::Ping => {
+                            self.early.entry(link).or_default()
+                        }
+                        PeerFrame::Ack { .. } | PeerFrame::Bye => {
+                            self.outgoing.entry(link).or_default()
+                        }
+                    };
                     if let Err(e) = encode(&frame, MAX_FRAME, buf) {
                         tracing::error!("cannot encode a frame for the peer: {e}");
                     }
@@ -450,8 +469,22 @@ impl Core {
         }
     }
 
+    /// Hands the frames that need no commit to their links' writers;
+    /// returns whether there were any.
+    fn send_early(&mut self) -> bool {
+        let mut any = false;
+        for (link, bytes) in self.early.drain() {
+            if let Some(handle) = self.links.get(&link) {
+                any = true;
+                let _ = handle.out.send(LinkOut::Data(bytes));
+            }
+        }
+        any
+    }
+
     /// The end of a turn: commit, announce, then let frames out.
     fn flush(&mut self) {
+        self.send_early();
         if let Err(e) = self.history.commit() {
             tracing::error!("{e}");
             self.storage_error.get_or_insert(e.to_string());
@@ -461,6 +494,7 @@ impl Core {
             // peers and close the links, so senders are told their messages
             // were not delivered rather than left believing they were.
             self.outgoing.clear();
+            self.early.clear();
             self.fresh.clear();
             let links: Vec<LinkId> = self.links.keys().copied().collect();
             for link in links {
