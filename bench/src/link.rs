@@ -131,22 +131,67 @@ fn read<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// A bare TCP ping-pong of `size`-byte messages between two threads on
-/// 127.0.0.1: the floor any link on this machine stands on. Returns the
-/// sorted round trips in microseconds.
+/// A bare TCP ping-pong of `size`-byte messages on 127.0.0.1 between this
+/// process and an echo process (this program again, `chat-bench echo`):
+/// the floor any link between two daemons, which are two processes, stands
+/// on. Two threads of one process would be faster than any two processes
+/// can be (no address-space switch), and so the wrong yardstick. Returns
+/// the sorted round trips in microseconds.
 pub fn tcp_ping_pong(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
+    let exe = std::env::current_exe().context("cannot find chat-bench itself")?;
+    let mut echo = Command::new(exe)
+        .args(["echo", "--size", &size.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the echo process")?;
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let out = echo
+            .stdout
+            .take()
+            .context("no stdout from the echo process")?;
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    let port: u16 = line
+        .trim()
+        .parse()
+        .context("the echo process did not say its port")?;
+    let result = (|| -> anyhow::Result<Vec<u64>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        let msg = vec![7u8; size];
+        let mut back = vec![0u8; size];
+        let mut rtts = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            s.write_all(&msg)?;
+            s.read_exact(&mut back)?;
+            rtts.push(t.elapsed().as_micros() as u64);
+        }
+        Ok(rtts)
+    })();
+    let _ = echo.kill();
+    let _ = echo.wait();
+    let mut rtts = result?;
+    rtts.sort_unstable();
+    Ok(rtts)
+}
+
+/// The same ping-pong between two threads of this process: faster than two
+/// processes can ever be, shown for context.
+pub fn tcp_ping_pong_threads(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
         let mut buf = vec![0u8; size];
-        loop {
-            match s.read_exact(&mut buf) {
-                Ok(()) => s.write_all(&buf)?,
-                Err(_) => return Ok(()),
-            }
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&buf)?;
         }
+        Ok(())
     });
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
@@ -163,6 +208,21 @@ pub fn tcp_ping_pong(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
     let _ = echo.join();
     rtts.sort_unstable();
     Ok(rtts)
+}
+
+/// The other end of [`tcp_ping_pong`]: prints its port, then echoes
+/// `size`-byte messages on one connection until it closes.
+pub fn echo(size: usize) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let (mut s, _) = listener.accept()?;
+    s.set_nodelay(true)?;
+    let mut buf = vec![0u8; size];
+    while s.read_exact(&mut buf).is_ok() {
+        s.write_all(&buf)?;
+    }
+    Ok(())
 }
 
 /// The median whole-process time of `argv`, over `runs` runs, in ms.

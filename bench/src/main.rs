@@ -38,6 +38,12 @@ enum Command {
     /// Measure a chatting daemon's link, the CLI and idle memory against
     /// a bare TCP ping-pong, and print the table
     Peer(PeerArgs),
+    /// The echo end of the bare TCP ping-pong (started by `peer`)
+    #[command(hide = true)]
+    Echo {
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +198,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Fill(a) => fill(a).await,
         // Blocking IO, measured without the runtime's threads in the way.
         Command::Peer(a) => tokio::task::spawn_blocking(move || peer(a)).await?,
+        Command::Echo { size } => link::echo(size),
     }
 }
 
@@ -306,6 +313,7 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 fn peer(a: PeerArgs) -> anyhow::Result<()> {
     const SIZE: usize = 64;
     let mut ping = Vec::new();
+    let mut ping_threads = Vec::new();
     let mut daemon = Vec::new();
     let mut client = Vec::new();
     let mut rate = Vec::new();
@@ -321,6 +329,8 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
     for _ in 0..a.rounds.max(1) {
         let p = link::tcp_ping_pong(a.count, SIZE)?;
         ping.push(link::quantile_ms(&p, 0.5));
+        let t = link::tcp_ping_pong_threads(a.count, SIZE)?;
+        ping_threads.push(link::quantile_ms(&t, 0.5));
         let one = link::through_daemon(&a.socket, a.count, SIZE, 1)?;
         daemon.push(link::quantile_ms(&one.daemon_rtt_us, 0.5));
         client.push(link::quantile_ms(&one.client_rtt_us, 0.5));
@@ -334,7 +344,7 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
     println!("| measure | result | compared with | ratio | target |");
     println!("|---|---:|---|---:|---|");
     println!(
-        "| round trip of a 64-byte message, send → stored and acknowledged by the peer daemon (p50) | {:.1} µs | bare TCP ping-pong, 64 bytes: {:.1} µs | {:.2}× | ≤ 2× |",
+        "| round trip of a 64-byte message, send → stored and acknowledged by the peer daemon (p50) | {:.1} µs | bare TCP ping-pong between two processes, 64 bytes: {:.1} µs | {:.2}× | ≤ 2× |",
         daemon * 1000.0,
         ping * 1000.0,
         daemon / ping
@@ -353,6 +363,10 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
     println!(
         "| `chatctl send` (64 bytes, acknowledged), whole process (median) | {send:.2} ms | `chatctl --version`: {version:.2} ms | {:.2}× | ≤ 1.5× |",
         send / version
+    );
+    println!(
+        "| for context: the bare ping-pong between two threads of one process (p50) | {:.1} µs | | | (no address-space switch: not reachable by two daemons) |",
+        median(&ping_threads) * 1000.0
     );
     if let Some(pid) = a.idle_pid {
         let rss = rss_bytes(pid)? as f64 / 1048576.0;

@@ -6,6 +6,7 @@
 //! Exit status: 0 success, 1 refused or failed, 2 usage, 3 no daemon.
 
 mod conn;
+mod demo;
 mod output;
 mod shell;
 
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use chat_proto::ClientId;
 use chat_proto::ipc::{DaemonFrame, Reply, Request, State};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::conn::{Conn, Error, resolve_socket};
 use crate::output::Printer;
@@ -91,6 +92,23 @@ enum Cmd {
     },
     /// Interactive: /id /register /bridge /chat /quit, other lines are sent
     Shell,
+    /// Start a server and two daemons on loopback and show a chat between them
+    Demo {
+        /// Leave everything running and print how to attach to each side
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Print a completion script: `chatctl completions bash > ~/.local/share/bash-completion/completions/chatctl`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages of chat-server, chatd and chatctl into DIR
+    Man {
+        /// Where to write chat-server.1, chatd.1 and chatctl.1
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +124,21 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
+    // The commands that need no daemon.
+    match &cli.command {
+        Cmd::Demo { keep } => return demo::run(*keep),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "chatctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Cmd::Man { dir } => return man_pages(dir),
+        _ => {}
+    }
     let socket = resolve_socket(cli.socket)?;
     let mut conn = Conn::open(&socket)?;
     let no_records = |_| {};
@@ -151,6 +184,30 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
             conn.call(Request::History { peer, grep, limit }, |r| p.record(&r))?;
         }
         Cmd::Shell => shell::run(conn, &socket, p)?,
+        Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {}
+    }
+    Ok(())
+}
+
+/// Writes the three man pages, rendered from the same clap definitions the
+/// programs parse their arguments with, so they cannot drift.
+fn man_pages(dir: &std::path::Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    let pages = [
+        ("chat-server", chat_server::config::Options::command()),
+        ("chatd", chatd::config::Options::command()),
+        ("chatctl", Cli::command()),
+    ];
+    for (name, command) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command)
+            .render(&mut out)
+            .map_err(|e| Error::Failed(format!("cannot render {name}.1: {e}")))?;
+        std::fs::write(&path, out)
+            .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))?;
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -510,3 +510,86 @@ fn a_frozen_peer_is_noticed_by_its_silence() {
     let tail = alice.ok(&["tail", "-n", "3"]);
     assert!(tail.contains("lost bob: nothing heard for 9 s"), "{tail}");
 }
+
+#[test]
+fn the_demo_runs_and_cleans_up() {
+    // The demo starts the chat-server and chatd that sit next to chatctl.
+    bin("chat-server");
+    bin("chatd");
+    let mut demo = std::process::Command::new(chatctl());
+    demo.arg("demo");
+    let out = run_bounded(demo, None);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let printed = stdout(&out);
+    for expected in [
+        "alice$ chatctl register",
+        "the server hands out alice",
+        "bob: Hi Alice! This went straight from my daemon to yours.",
+        "alice: Bye for now!",
+        "left the chat and the server",
+    ] {
+        assert!(printed.contains(expected), "missing {expected:?} in:\n{printed}");
+    }
+    assert!(printed.contains("stopping the daemons and the server"), "{printed}");
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_definitions() {
+    for (shell, marker) in [("bash", "_chatctl()"), ("zsh", "#compdef chatctl"), ("fish", "complete -c chatctl")] {
+        let out = run_bounded(
+            {
+                let mut c = std::process::Command::new(chatctl());
+                c.args(["completions", shell]);
+                c
+            },
+            None,
+        );
+        assert!(out.status.success());
+        let script = stdout(&out);
+        assert!(script.contains(marker) && script.contains("history"), "{shell}: {script:.200}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["man", dir.path().to_str().unwrap()]);
+            c
+        },
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (page, option) in [("chat-server", "per\\-ip\\-rate"), ("chatd", "data\\-dir"), ("chatctl", "json")] {
+        let text = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}.1 is not a man page");
+        assert!(text.contains(option), "{page}.1 documents --{option}");
+    }
+}
+
+#[test]
+fn a_daemon_of_another_protocol_version_is_named() {
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("future.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut sink = [0u8; 256];
+        let _ = s.read(&mut sink);
+        // Hello { protocol: 99, software: "chatd 9.9.9" }, framed.
+        let mut frame = vec![13, 0, 0, 0, 99, 11];
+        frame.extend_from_slice(b"chatd 9.9.9");
+        s.write_all(&frame).unwrap();
+    });
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["--socket", path.to_str().unwrap(), "status"]);
+            c
+        },
+        None,
+    );
+    fake.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("protocol v1") && err.contains("chatd 9.9.9 speaks v99"), "{err}");
+}

@@ -1,27 +1,33 @@
-//! chatd's command line.
+//! chatd's settings: the command line, over the configuration file, over
+//! the defaults.
+//!
+//! The file is TOML, `chatd/ID.toml` (else `chatd/config.toml`) under the
+//! user's configuration directory, or the one `--config` names; every key
+//! is documented in `docs/chatd.example.toml`.
 
 use std::path::PathBuf;
 
 use chat_proto::ClientId;
 use clap::Parser;
+use serde::Deserialize;
 
 /// The chat daemon: one per identity. It holds the registration with the
 /// rendezvous server, the peer link and the history; `chatctl` drives it
 /// over a local socket.
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Debug, Clone, Default)]
 #[command(name = "chatd", version, max_term_width = 100)]
 pub struct Options {
     /// This daemon's id: 1 to 32 of A-Z a-z 0-9 . _ -
     #[arg(long)]
-    pub id: ClientId,
+    pub id: Option<ClientId>,
 
     /// TCP port peers connect to (0: any free one, shown by `chatctl status`)
     #[arg(long)]
-    pub port: u16,
+    pub port: Option<u16>,
 
     /// The rendezvous server, HOST:PORT
     #[arg(long)]
-    pub server: String,
+    pub server: Option<String>,
 
     /// Control socket path [default: $XDG_RUNTIME_DIR/chatd/ID.sock]
     #[arg(long)]
@@ -39,11 +45,120 @@ pub struct Options {
     /// Register with the server at start-up
     #[arg(long)]
     pub register: bool,
+
+    /// Configuration file [default: chatd/ID.toml, else chatd/config.toml,
+    /// under $XDG_CONFIG_HOME]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The configuration file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub id: Option<ClientId>,
+    pub port: Option<u16>,
+    pub server: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub turns: Option<bool>,
+    pub register: Option<bool>,
+}
+
+/// What the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub id: ClientId,
+    pub port: u16,
+    pub server: String,
+    pub socket: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub turns: bool,
+    pub register: bool,
+    /// The file the settings came from, if any.
+    pub config: Option<PathBuf>,
+}
+
+impl Options {
+    /// Merges the flags with the configuration file.
+    pub fn settings(self) -> Result<Settings, String> {
+        let path = match &self.config {
+            Some(p) => Some(p.clone()),
+            None => default_config(self.id.as_ref()),
+        };
+        let file: FileConfig = match &path {
+            Some(p) => chat_proto::config::load(p).map_err(|e| e.to_string())?,
+            None => FileConfig::default(),
+        };
+        self.merge(file, path)
+    }
+
+    fn merge(self, file: FileConfig, path: Option<PathBuf>) -> Result<Settings, String> {
+        let where_ = |key: &str, example: &str| match &path {
+            Some(p) => format!(
+                "pass --{key} {example}, or set `{key} = ...` in {}",
+                p.display()
+            ),
+            None => format!(
+                "pass --{key} {example}, or set it in a configuration file ({})",
+                config_dir().map_or("chatd/ID.toml".into(), |d| d
+                    .join("ID.toml")
+                    .display()
+                    .to_string())
+            ),
+        };
+        let id = self
+            .id
+            .or(file.id)
+            .ok_or_else(|| format!("no id given: {}", where_("id", "ID")))?;
+        let port = self
+            .port
+            .or(file.port)
+            .ok_or_else(|| format!("no peer port given: {}", where_("port", "PORT")))?;
+        let server = self
+            .server
+            .or(file.server)
+            .ok_or_else(|| format!("no server given: {}", where_("server", "HOST:PORT")))?;
+        Ok(Settings {
+            id,
+            port,
+            server,
+            socket: self.socket.or(file.socket),
+            data_dir: self.data_dir.or(file.data_dir),
+            turns: self.turns || file.turns.unwrap_or(false),
+            register: self.register || file.register.unwrap_or(false),
+            config: path,
+        })
+    }
+}
+
+/// `$XDG_CONFIG_HOME/chatd` (or the platform's equivalent).
+pub fn config_dir() -> Option<PathBuf> {
+    directories::BaseDirs::new().map(|b| b.config_dir().join("chatd"))
+}
+
+/// The default file, if it exists: `chatd/ID.toml`, else `chatd/config.toml`.
+fn default_config(id: Option<&ClientId>) -> Option<PathBuf> {
+    let dir = config_dir()?;
+    let mut candidates = Vec::new();
+    if let Some(id) = id {
+        candidates.push(dir.join(format!("{id}.toml")));
+    }
+    candidates.push(dir.join("config.toml"));
+    candidates.into_iter().find(|p| p.exists())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commented-out `key = value` line of the example file.
+    fn is_setting(line: &str) -> bool {
+        line.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        })
+    }
+    use std::path::Path;
 
     #[test]
     fn seed_syntax_is_accepted() {
@@ -53,11 +168,54 @@ mod tests {
             "--port=3000",
             "--server=127.0.0.2:5555",
         ]);
-        assert_eq!(o.id.as_str(), "user1");
-        assert_eq!(o.port, 3000);
-        assert_eq!(o.server, "127.0.0.2:5555");
+        let s = o.merge(FileConfig::default(), None).unwrap();
+        assert_eq!(s.id.as_str(), "user1");
+        assert_eq!(s.port, 3000);
+        assert_eq!(s.server, "127.0.0.2:5555");
         assert!(
             Options::try_parse_from(["chatd", "--id=bad id", "--port=1", "--server=x:1"]).is_err()
         );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig = chat_proto::config::parse(
+            Path::new("a.toml"),
+            "id = \"alice\"\nport = 4000\nserver = \"s:1\"\nturns = true\n",
+        )
+        .unwrap();
+        let o = Options::parse_from(["chatd", "--port", "5000"]);
+        let s = o.merge(file, Some("a.toml".into())).unwrap();
+        assert_eq!(
+            (s.id.as_str(), s.port, s.server.as_str(), s.turns),
+            ("alice", 5000, "s:1", true)
+        );
+    }
+
+    #[test]
+    fn missing_settings_say_where_to_put_them() {
+        let err = Options::parse_from(["chatd", "--id", "a", "--port", "1"])
+            .merge(FileConfig::default(), Some("/c/a.toml".into()))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "no server given: pass --server HOST:PORT, or set `server = ...` in /c/a.toml"
+        );
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key() {
+        let text = include_str!("../../docs/chatd.example.toml");
+        // Every key, uncommented, must parse into a fully set FileConfig.
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").filter(|l| is_setting(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file: FileConfig =
+            chat_proto::config::parse(Path::new("example"), &uncommented).unwrap();
+        assert!(file.id.is_some() && file.port.is_some() && file.server.is_some());
+        assert!(file.socket.is_some() && file.data_dir.is_some());
+        assert!(file.turns.is_some() && file.register.is_some());
     }
 }

@@ -14,6 +14,8 @@
 //! - [`ipc`]: the control socket between `chatctl` and `chatd`, also
 //!   [`frame`]d; [`local`] says where that socket lives.
 
+#[cfg(feature = "config")]
+pub mod config;
 pub mod frame;
 pub mod id;
 pub mod ipc;

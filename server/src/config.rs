@@ -1,9 +1,14 @@
-//! The command line: where to listen, which transports, and every limit.
+//! chat-server's settings: the command line, over the configuration file
+//! (`--config FILE`, or `config.toml` in systemd's
+//! `$CONFIGURATION_DIRECTORY`), over the defaults. Every key is documented
+//! in `docs/chat-server.example.toml`.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use serde::Deserialize;
 
 use crate::connection::Timeouts;
 use crate::registry;
@@ -12,68 +17,110 @@ use crate::state::Limits;
 /// The rendezvous server of the chat system: clients REGISTER their
 /// contact and BRIDGE to be handed a waiting peer, over HTTP/1.1 on TCP,
 /// UDP or both.
-#[derive(Parser, Debug, Clone)]
+#[derive(Parser, Debug, Clone, Default)]
 #[command(name = "chat-server", version, max_term_width = 100)]
 pub struct Options {
-    /// Address to listen on (`::` for IPv6 and IPv4)
-    #[arg(long, default_value = "0.0.0.0")]
-    pub bind: IpAddr,
+    /// Address to listen on (`::` for IPv6 and IPv4) [default: 0.0.0.0]
+    #[arg(long)]
+    pub bind: Option<IpAddr>,
 
-    /// Port to listen on (0 picks a free one, printed at start)
-    #[arg(long, default_value_t = chat_proto::rendezvous::DEFAULT_PORT)]
-    pub port: u16,
+    /// Port to listen on (0 picks a free one, printed at start) [default: 5555]
+    #[arg(long)]
+    pub port: Option<u16>,
 
-    /// Transports to serve
-    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
-    pub transport: Transport,
+    /// Transports to serve [default: tcp]
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
 
     /// Serve UDP only; the same as `--transport udp`
     #[arg(short = 'u', long, conflicts_with = "transport")]
     pub udp: bool,
 
-    /// Requests per second allowed from one address (an IPv6 /64); 0 = off
-    #[arg(long, default_value_t = 20, value_name = "N")]
-    pub per_ip_rate: u32,
+    /// Requests per second allowed from one address (an IPv6 /64); 0 = off [default: 20]
+    #[arg(long, value_name = "N")]
+    pub per_ip_rate: Option<u32>,
 
-    /// Requests one address may send at once above its rate; 0 = off
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    pub per_ip_burst: u32,
+    /// Requests one address may send at once above its rate; 0 = off [default: 100]
+    #[arg(long, value_name = "N")]
+    pub per_ip_burst: Option<u32>,
 
-    /// Concurrent TCP connections from one address; 0 = off
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    pub per_ip_conns: u32,
+    /// Concurrent TCP connections from one address; 0 = off [default: 32]
+    #[arg(long, value_name = "N")]
+    pub per_ip_conns: Option<u32>,
 
-    /// Concurrent TCP connections in all; 0 = off
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
-    pub max_conns: usize,
+    /// Concurrent TCP connections in all; 0 = off [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<usize>,
 
-    /// Registrations held at once; 0 = off
-    #[arg(long, default_value_t = 100_000, value_name = "N")]
-    pub max_registrations: usize,
+    /// Registrations held at once; 0 = off [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub max_registrations: Option<usize>,
 
-    /// Seconds a registration lives unless refreshed
-    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
-    pub expires: u32,
+    /// Seconds a registration lives unless refreshed [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub expires: Option<u32>,
 
-    /// Seconds a request may take to arrive complete; 0 = off
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
-    pub header_timeout: u64,
+    /// Seconds a request may take to arrive complete; 0 = off [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub header_timeout: Option<u64>,
 
-    /// Seconds an idle keep-alive connection is kept open; 0 = off
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
-    pub idle_timeout: u64,
+    /// Seconds an idle keep-alive connection is kept open; 0 = off [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
 
-    /// Worker threads, each with its own listening sockets; 0 = one per core
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub workers: usize,
+    /// Worker threads, each with its own listening sockets; 0 = one per core [default: 0]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Configuration file (TOML) [default: config.toml in
+    /// $CONFIGURATION_DIRECTORY, when systemd sets it]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The configuration file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub bind: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub transport: Option<Transport>,
+    pub per_ip_rate: Option<u32>,
+    pub per_ip_burst: Option<u32>,
+    pub per_ip_conns: Option<u32>,
+    pub max_conns: Option<usize>,
+    pub max_registrations: Option<usize>,
+    pub expires: Option<u32>,
+    pub header_timeout: Option<u64>,
+    pub idle_timeout: Option<u64>,
+    pub workers: Option<usize>,
 }
 
 /// Which sockets the server opens.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(ValueEnum, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp,
     Udp,
     Both,
+}
+
+/// What the server runs with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub transport: Transport,
+    pub per_ip_rate: u32,
+    pub per_ip_burst: u32,
+    pub per_ip_conns: u32,
+    pub max_conns: usize,
+    pub max_registrations: usize,
+    pub expires: u32,
+    pub header_timeout: u64,
+    pub idle_timeout: u64,
+    pub workers: usize,
+    pub config: Option<PathBuf>,
 }
 
 /// "Off" for a timeout: far enough away never to fire, near enough not to
@@ -81,14 +128,55 @@ pub enum Transport {
 const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Options {
-    pub fn transport(&self) -> Transport {
-        if self.udp {
-            Transport::Udp
-        } else {
-            self.transport
-        }
+    /// Merges the flags with the configuration file, if any.
+    pub fn settings(self) -> Result<Settings, String> {
+        let path = self.config.clone().or_else(|| {
+            std::env::var_os("CONFIGURATION_DIRECTORY")
+                .map(|d| PathBuf::from(d).join("config.toml"))
+                .filter(|p| p.exists())
+        });
+        let file = match &path {
+            Some(p) => chat_proto::config::load(p).map_err(|e| e.to_string())?,
+            None => FileConfig::default(),
+        };
+        self.merge(file, path)
     }
 
+    fn merge(self, f: FileConfig, path: Option<PathBuf>) -> Result<Settings, String> {
+        let transport = if self.udp {
+            Transport::Udp
+        } else {
+            self.transport.or(f.transport).unwrap_or(Transport::Tcp)
+        };
+        let expires = self.expires.or(f.expires).unwrap_or(300);
+        if expires == 0 {
+            return Err("expires must be at least 1 second".into());
+        }
+        Ok(Settings {
+            bind: self.bind.or(f.bind).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: self
+                .port
+                .or(f.port)
+                .unwrap_or(chat_proto::rendezvous::DEFAULT_PORT),
+            transport,
+            per_ip_rate: self.per_ip_rate.or(f.per_ip_rate).unwrap_or(20),
+            per_ip_burst: self.per_ip_burst.or(f.per_ip_burst).unwrap_or(100),
+            per_ip_conns: self.per_ip_conns.or(f.per_ip_conns).unwrap_or(32),
+            max_conns: self.max_conns.or(f.max_conns).unwrap_or(10_000),
+            max_registrations: self
+                .max_registrations
+                .or(f.max_registrations)
+                .unwrap_or(100_000),
+            expires,
+            header_timeout: self.header_timeout.or(f.header_timeout).unwrap_or(10),
+            idle_timeout: self.idle_timeout.or(f.idle_timeout).unwrap_or(60),
+            workers: self.workers.or(f.workers).unwrap_or(0),
+            config: path,
+        })
+    }
+}
+
+impl Settings {
     pub fn limits(&self) -> Limits {
         Limits {
             registry: registry::Config {
@@ -121,26 +209,91 @@ impl Options {
 mod tests {
     use super::*;
 
+    /// A commented-out `key = value` line of the example file.
+    fn is_setting(line: &str) -> bool {
+        line.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        })
+    }
+    use std::path::Path;
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut argv = vec!["chat-server"];
+        argv.extend_from_slice(args);
+        Options::parse_from(argv)
+            .merge(FileConfig::default(), None)
+            .unwrap()
+    }
+
     #[test]
     fn defaults_match_the_seeds() {
-        let o = Options::parse_from(["chat-server"]);
-        assert_eq!(o.port, 5555);
-        assert_eq!(o.transport(), Transport::Tcp);
-        assert_eq!(o.bind.to_string(), "0.0.0.0");
+        let s = settings(&[]);
+        assert_eq!(s.port, 5555);
+        assert_eq!(s.transport, Transport::Tcp);
+        assert_eq!(s.bind.to_string(), "0.0.0.0");
+        assert_eq!((s.per_ip_rate, s.per_ip_burst, s.expires), (20, 100, 300));
     }
 
     #[test]
     fn dash_u_means_udp_and_equals_syntax_works() {
-        let o = Options::parse_from(["chat-server", "-u", "--port=6000"]);
-        assert_eq!(o.transport(), Transport::Udp);
-        assert_eq!(o.port, 6000);
+        let s = settings(&["-u", "--port=6000"]);
+        assert_eq!(s.transport, Transport::Udp);
+        assert_eq!(s.port, 6000);
         assert!(Options::try_parse_from(["chat-server", "-u", "--transport", "tcp"]).is_err());
-        assert!(Options::try_parse_from(["chat-server", "--expires", "0"]).is_err());
+        assert!(
+            Options::parse_from(["chat-server", "--expires", "0"])
+                .merge(FileConfig::default(), None)
+                .is_err()
+        );
     }
 
     #[test]
     fn zero_turns_timeouts_off() {
-        let o = Options::parse_from(["chat-server", "--header-timeout", "0"]);
-        assert_eq!(o.timeouts().header, NEVER);
+        assert_eq!(
+            settings(&["--header-timeout", "0"]).timeouts().header,
+            NEVER
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let f: FileConfig = chat_proto::config::parse(
+            Path::new("s.toml"),
+            "port = 7000\ntransport = \"both\"\nper-ip-rate = 5\n",
+        )
+        .unwrap();
+        let s = Options::parse_from(["chat-server", "--per-ip-rate", "9"])
+            .merge(f, None)
+            .unwrap();
+        assert_eq!(
+            (s.port, s.transport, s.per_ip_rate),
+            (7000, Transport::Both, 9)
+        );
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key() {
+        let text = include_str!("../../docs/chat-server.example.toml");
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").filter(|l| is_setting(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f: FileConfig = chat_proto::config::parse(Path::new("example"), &uncommented).unwrap();
+        let every = [
+            f.bind.is_some(),
+            f.port.is_some(),
+            f.transport.is_some(),
+            f.per_ip_rate.is_some(),
+            f.per_ip_burst.is_some(),
+            f.per_ip_conns.is_some(),
+            f.max_conns.is_some(),
+            f.max_registrations.is_some(),
+            f.expires.is_some(),
+            f.header_timeout.is_some(),
+            f.idle_timeout.is_some(),
+            f.workers.is_some(),
+        ];
+        assert!(every.iter().all(|&b| b), "{f:?}");
     }
 }

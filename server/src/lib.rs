@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use chat_proto::rendezvous::Transports;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Options, Transport};
+use crate::config::{Settings, Transport};
 use crate::state::State;
 
 /// How long shutdown waits for connections that are mid-request.
@@ -39,27 +39,27 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// SO_REUSEPORT group, so the kernel spreads connections over the workers
 /// and a connection lives on the thread that accepted it, with no
 /// cross-thread wake-ups. The registry is the one thing they share.
-pub fn run(options: Options) -> anyhow::Result<()> {
+pub fn run(settings: Settings) -> anyhow::Result<()> {
     // Transient connections cost a descriptor each while they close; use
     // all the kernel allows us rather than the shell's default of 1024.
     if let Ok(n) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!("file descriptor limit: {n}");
     }
-    let transport = options.transport();
+    let transport = settings.transport;
     let transports = Transports {
         tcp: transport != Transport::Udp,
         udp: transport != Transport::Tcp,
     };
-    let workers = match options.workers {
+    let workers = match settings.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let state = Arc::new(State::new(transports, &options.limits()));
+    let state = Arc::new(State::new(transports, &settings.limits()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Bind every socket before starting anything, so that a port in use is
     // an error at start-up, not a dead worker later.
-    let mut addr = SocketAddr::new(options.bind, options.port);
+    let mut addr = SocketAddr::new(settings.bind, settings.port);
     // SO_REUSEPORT would let us join a group another chat-server of the
     // same user already holds and silently split its traffic; a plain bind
     // first tells that the port is taken (and picks one for --port 0).
@@ -96,7 +96,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     for (i, (tcp, udp)) in sockets.into_iter().enumerate() {
         let state = Arc::clone(&state);
         let shutdown = shutdown_rx.clone();
-        let timeouts = options.timeouts();
+        let timeouts = settings.timeouts();
         let thread = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || worker(tcp, udp, state, timeouts, shutdown))
@@ -104,6 +104,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         threads.push(thread);
     }
 
+    if let Some(path) = &settings.config {
+        tracing::info!(config = %path.display(), "configuration read");
+    }
+    // Every socket is bound and every worker started: ready (Type=notify).
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {addr}")),
+    ]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -129,6 +137,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         }
     })?;
     tracing::info!("{signal}: shutting down");
+    notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     for t in threads {
         if let Ok(Err(e)) = t.join() {
@@ -220,6 +229,13 @@ fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<S
         "cannot find a port free for both TCP and UDP on {}",
         addr.ip()
     )
+}
+
+/// Tells systemd (when it started us with Type=notify) how we are.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("cannot notify systemd: {e}");
+    }
 }
 
 fn announce(addr: SocketAddr, transport: &str) {

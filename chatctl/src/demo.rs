@@ -1,0 +1,333 @@
+//! `chatctl demo`: the whole system on loopback in a few seconds.
+//!
+//! It starts a chat-server and two daemons (alice and bob) from the
+//! binaries next to chatctl, in a temporary directory of their own, takes
+//! them through register, bridge and chat, exchanges a few messages, and
+//! prints what happened as a person would read it. Then it stops
+//! everything, or with `--keep` leaves it running and prints the commands
+//! to attach to either side.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chat_proto::ipc::{RecordKind, Reply, Request};
+
+use crate::conn::{Conn, Error};
+
+/// How long any one step may take before the demo gives up.
+const STEP: Duration = Duration::from_secs(15);
+
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+/// Everything the demo started, stopped on drop unless kept.
+struct Demo {
+    home: PathBuf,
+    procs: Vec<Proc>,
+    keep: bool,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for p in self.procs.iter_mut().rev() {
+            terminate(&mut p.child);
+        }
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+fn terminate(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        // SIGTERM, so each part takes its clean way out.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn run(keep: bool) -> Result<(), Error> {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| Error::Failed("cannot tell where chatctl is installed".into()))?;
+    let server_bin = bin.join(format!("chat-server{}", std::env::consts::EXE_SUFFIX));
+    let chatd_bin = bin.join(format!("chatd{}", std::env::consts::EXE_SUFFIX));
+    for b in [&server_bin, &chatd_bin] {
+        if !b.exists() {
+            return Err(Error::Failed(format!(
+                "the demo runs {} next to chatctl, and it is not there: build everything with `cargo build --release` (or run ./demo.sh)",
+                b.display()
+            )));
+        }
+    }
+    let home = std::env::temp_dir().join(format!("chat-demo-{}", std::process::id()));
+    let run_dir = home.join("run");
+    make_private(&run_dir)?;
+    let mut demo = Demo {
+        home: home.clone(),
+        procs: Vec::new(),
+        keep,
+    };
+    let env = |cmd: &mut Command| {
+        cmd.env("XDG_RUNTIME_DIR", &run_dir)
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+    };
+
+    say("starting a rendezvous server on 127.0.0.1");
+    let mut server = Command::new(&server_bin);
+    env(&mut server);
+    server
+        .args(["--bind", "127.0.0.1", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(log(&home, "chat-server")?);
+    let mut server = server
+        .spawn()
+        .map_err(|e| Error::Failed(format!("cannot start {}: {e}", server_bin.display())))?;
+    let addr = first_line(&mut server)?
+        .split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Failed("chat-server did not say where it listens".into()))?;
+    demo.procs.push(Proc {
+        name: "chat-server",
+        child: server,
+    });
+    say(&format!("chat-server listens on {addr}"));
+
+    let mut sockets = Vec::new();
+    for id in ["alice", "bob"] {
+        let socket = run_dir.join("chatd").join(format!("{id}.sock"));
+        let mut d = Command::new(&chatd_bin);
+        env(&mut d);
+        d.args(["--id", id, "--port", "0", "--server", &addr])
+            .stdout(Stdio::null())
+            .stderr(log(&home, id)?);
+        let child = d
+            .spawn()
+            .map_err(|e| Error::Failed(format!("cannot start {}: {e}", chatd_bin.display())))?;
+        demo.procs.push(Proc {
+            name: if id == "alice" {
+                "chatd alice"
+            } else {
+                "chatd bob"
+            },
+            child,
+        });
+        sockets.push(socket);
+    }
+    let alice = &sockets[0];
+    let bob = &sockets[1];
+    for s in &sockets {
+        wait_for_daemon(s)?;
+    }
+    say("started chatd for alice and for bob, each with its own socket and history");
+    println!();
+
+    step(alice, "alice", Request::Register)?;
+    step(bob, "bob", Request::Register)?;
+    step(alice, "alice", Request::Bridge { peer: None })?;
+    step(bob, "bob", Request::Bridge { peer: None })?;
+    step(bob, "bob", Request::Chat)?;
+    wait_chatting(alice)?;
+    let lines = [
+        (
+            bob,
+            "bob",
+            "Hi Alice! This went straight from my daemon to yours.",
+        ),
+        (
+            alice,
+            "alice",
+            "Hi Bob. It is in my history now, and your daemon got my ack.",
+        ),
+        (
+            bob,
+            "bob",
+            "And we can both write whenever we like: no more taking turns.",
+        ),
+        (alice, "alice", "Bye for now!"),
+    ];
+    for (socket, who, text) in lines {
+        step(
+            socket,
+            who,
+            Request::Send {
+                text: text.to_owned(),
+            },
+        )?;
+    }
+    println!();
+    say("the conversation, from alice's history:");
+    let mut conn = Conn::open(alice)?;
+    conn.call(
+        Request::History {
+            peer: None,
+            grep: None,
+            limit: 100,
+        },
+        |r| {
+            if let RecordKind::Message { from, text, .. } = &r.kind {
+                let when = jiff::Timestamp::from_millisecond(r.time_ms)
+                    .map(|t| {
+                        t.to_zoned(jiff::tz::TimeZone::system())
+                            .strftime("%H:%M:%S")
+                            .to_string()
+                    })
+                    .unwrap_or_default();
+                println!("    {when}  {from:>5}: {text}");
+            }
+        },
+    )?;
+    println!();
+
+    if keep {
+        let pids: Vec<String> = demo
+            .procs
+            .iter()
+            .map(|p| p.child.id().to_string())
+            .collect();
+        let ctl = bin.join("chatctl");
+        let ctl = ctl.display();
+        say("everything is still running; attach from any shell:");
+        println!();
+        println!("    {ctl} --socket {} tail -f", alice.display());
+        println!(
+            "    {ctl} --socket {} send \"hello from another shell\"",
+            bob.display()
+        );
+        println!("    {ctl} --socket {} status", alice.display());
+        println!("    {ctl} --socket {} shell", bob.display());
+        println!();
+        println!("  logs are in {}", home.display());
+        println!("  stop it all with:");
+        println!();
+        println!("    kill {} && rm -rf {}", pids.join(" "), home.display());
+        for p in &demo.procs {
+            println!("  ({} is process {})", p.name, p.child.id());
+        }
+    } else {
+        step(bob, "bob", Request::Quit)?;
+        step(alice, "alice", Request::Quit)?;
+        say("stopping the daemons and the server (run `./demo.sh --keep` to keep them)");
+    }
+    Ok(())
+}
+
+fn say(text: &str) {
+    println!("* {text}");
+}
+
+/// Sends one request as `who` and prints it as `chatctl` would.
+fn step(socket: &Path, who: &str, request: Request) -> Result<(), Error> {
+    let shown = match &request {
+        Request::Register => "register".to_owned(),
+        Request::Bridge { .. } => "bridge".to_owned(),
+        Request::Chat => "chat".to_owned(),
+        Request::Quit => "quit".to_owned(),
+        Request::Send { text } => format!("send {text:?}"),
+        other => format!("{other:?}"),
+    };
+    let mut conn = Conn::open(socket)?;
+    let reply = conn.call(request, |_| {})?;
+    let answer = match reply {
+        Reply::Registered { addr, .. } => format!("registered as {addr}"),
+        Reply::Bridged { peer: Some((p, a)) } => format!("the server hands out {p} at {a}"),
+        Reply::Bridged { peer: None } => "nobody is waiting yet: waiting for a peer".to_owned(),
+        Reply::Chatting { peer } => format!("connected: chatting with {peer}"),
+        Reply::Sent { round_trip_us, .. } => {
+            format!(
+                "stored by the peer (round trip {:.2} ms)",
+                round_trip_us as f64 / 1000.0
+            )
+        }
+        Reply::Quit => "left the chat and the server".to_owned(),
+        other => format!("{other:?}"),
+    };
+    println!("  {who:>5}$ chatctl {shown}");
+    println!("         {answer}");
+    Ok(())
+}
+
+fn wait_chatting(socket: &Path) -> Result<(), Error> {
+    let mut conn = Conn::open(socket)?;
+    conn.set_read_timeout(Some(STEP))?;
+    conn.call(
+        Request::Wait {
+            state: chat_proto::ipc::State::Chatting,
+        },
+        |_| {},
+    )?;
+    Ok(())
+}
+
+fn wait_for_daemon(socket: &Path) -> Result<(), Error> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Ok(mut c) = Conn::open(socket) {
+            if c.call(Request::Id, |_| {}).is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Failed(format!(
+                "chatd did not come up on {}",
+                socket.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn first_line(child: &mut Child) -> Result<String, Error> {
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Failed("no output from chat-server".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(STEP)
+        .map_err(|_| Error::Failed("chat-server did not start in time".into()))
+}
+
+fn log(home: &Path, name: &str) -> Result<std::fs::File, Error> {
+    std::fs::File::create(home.join(format!("{name}.log")))
+        .map_err(|e| Error::Failed(format!("cannot create a log in {}: {e}", home.display())))
+}
+
+fn make_private(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir, dir.parent().unwrap_or(dir)] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::Failed(format!("cannot make {} private: {e}", d.display())))?;
+        }
+    }
+    Ok(())
+}

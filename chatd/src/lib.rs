@@ -1,0 +1,196 @@
+//! chatd, the chat daemon, as a library: `main.rs` only parses the command
+//! line and calls [`run`]; `chatctl man` renders the man page from
+//! [`config::Options`].
+//!
+//! [`session`] is the pure state machine; [`daemon`] is the core task that
+//! drives it; [`peer`], [`rendezvous`] and [`ipc`] move bytes to peers, the
+//! server and shells; [`history`] keeps everything in SQLite; [`systemd`]
+//! speaks the service manager's protocols.
+
+pub mod config;
+pub mod daemon;
+pub mod history;
+pub mod ipc;
+pub mod peer;
+pub mod rendezvous;
+pub mod session;
+pub mod systemd;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use chat_proto::local;
+use interprocess::local_socket::traits::Stream as _;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use tokio::sync::mpsc;
+
+use crate::config::Settings;
+use crate::daemon::Core;
+use crate::history::History;
+use crate::session::{Config, Session};
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let id = settings.id;
+    if let Some(path) = &settings.config {
+        tracing::info!(config = %path.display(), "configuration read");
+    }
+    // Under socket activation the socket is systemd's: take it, and leave
+    // its file alone on the way out.
+    let activated = systemd::activated_listener()?;
+    let socket = match &settings.socket {
+        Some(p) => {
+            local::check_length(p)?;
+            p.clone()
+        }
+        None => local::default_socket(&id)?,
+    };
+    if activated.is_none() {
+        refuse_if_running(&socket)?;
+    }
+    let peers = peer::bind(settings.port).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "peer port {} is already in use: choose another with --port",
+                settings.port
+            )
+        } else {
+            anyhow::anyhow!("cannot listen for peers on port {}: {e}", settings.port)
+        }
+    })?;
+    // With --port 0 the system picks the port; the server must be told
+    // the real one.
+    let port = peers
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(settings.port);
+    let data_dir = match &settings.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir(&id)?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let history = History::open(&data_dir.join("history.db"), id)?;
+    let token = history.token(&settings.server)?;
+
+    let (listener, owned_socket) = match activated {
+        Some(listener) => {
+            tracing::info!("using the control socket systemd passed (socket activation)");
+            (listener, None)
+        }
+        None => {
+            let name = socket
+                .as_path()
+                .to_fs_name::<GenericFilePath>()
+                .with_context(|| format!("bad socket path {}", socket.display()))?;
+            let listener = listener_options(name)
+                .create_tokio()
+                .with_context(|| format!("cannot listen on {}", socket.display()))?;
+            (listener, Some(socket.clone()))
+        }
+    };
+    tracing::info!(%id, socket = %socket.display(), port, server = %settings.server, "chatd ready");
+
+    let (events, rx) = mpsc::channel(4096);
+    let session = Session::new(
+        Config::new(id, port, settings.server.clone(), settings.turns),
+        token,
+    );
+    let mut core = Core::new(
+        id,
+        session,
+        history,
+        settings.server.clone(),
+        events.clone(),
+        Some(Box::new(systemd::report_status)),
+    );
+    if settings.register {
+        core.register_at_start();
+    }
+    tokio::spawn(peer::accept_loop(peers, events.clone()));
+    tokio::spawn(ipc::accept_loop(listener, events.clone()));
+    drop(events);
+    // The control socket and the peer port are open: ready to serve.
+    systemd::notify_ready(&format!("{id}: idle, peers on port {port}"));
+    core.run(rx, async {
+        let signal = wait_for_signal().await;
+        tracing::info!("{signal}: stopping");
+        systemd::notify_stopping();
+    })
+    .await;
+    // The listener would remove its file when dropped; the runtime drops
+    // the task holding it only after we return, so remove it now.
+    if let Some(path) = owned_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn listener_options(name: interprocess::local_socket::Name<'_>) -> ListenerOptions<'_> {
+    use interprocess::os::unix::local_socket::ListenerOptionsExt;
+    // Owner only: nobody else may drive this daemon. interprocess applies
+    // the mode before bind, so there is no window with a wider one.
+    ListenerOptions::new().name(name).mode(0o600)
+}
+
+#[cfg(not(unix))]
+fn listener_options(name: interprocess::local_socket::Name<'_>) -> ListenerOptions<'_> {
+    ListenerOptions::new().name(name)
+}
+
+/// A live daemon on `socket` is left alone; a stale socket left by a
+/// crashed one (connection refused) is removed.
+fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
+    let name = socket.to_fs_name::<GenericFilePath>()?;
+    match interprocess::local_socket::Stream::connect(name) {
+        Ok(_) => bail!(
+            "already running: a chatd answers on {}; stop it first, or give this one another --socket",
+            socket.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %socket.display(), "removing the stale socket of a daemon that is gone");
+            std::fs::remove_file(socket)
+                .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot check whether a chatd already runs on {}",
+                socket.display()
+            )
+        }),
+    }
+}
+
+fn default_data_dir(id: &chat_proto::ClientId) -> anyhow::Result<PathBuf> {
+    let dirs = directories::ProjectDirs::from("", "", "chat")
+        .context("cannot find a home directory for the history: pass --data-dir")?;
+    Ok(dirs.data_dir().join(id.as_str()))
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            _ => {
+                tracing::warn!("cannot handle signals; stop with SIGKILL");
+                std::future::pending().await
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
