@@ -528,14 +528,24 @@ fn the_demo_runs_and_cleans_up() {
         "alice: Bye for now!",
         "left the chat and the server",
     ] {
-        assert!(printed.contains(expected), "missing {expected:?} in:\n{printed}");
+        assert!(
+            printed.contains(expected),
+            "missing {expected:?} in:\n{printed}"
+        );
     }
-    assert!(printed.contains("stopping the daemons and the server"), "{printed}");
+    assert!(
+        printed.contains("stopping the daemons and the server"),
+        "{printed}"
+    );
 }
 
 #[test]
 fn completions_and_man_pages_come_from_the_definitions() {
-    for (shell, marker) in [("bash", "_chatctl()"), ("zsh", "#compdef chatctl"), ("fish", "complete -c chatctl")] {
+    for (shell, marker) in [
+        ("bash", "_chatctl()"),
+        ("zsh", "#compdef chatctl"),
+        ("fish", "complete -c chatctl"),
+    ] {
         let out = run_bounded(
             {
                 let mut c = std::process::Command::new(chatctl());
@@ -546,7 +556,10 @@ fn completions_and_man_pages_come_from_the_definitions() {
         );
         assert!(out.status.success());
         let script = stdout(&out);
-        assert!(script.contains(marker) && script.contains("history"), "{shell}: {script:.200}");
+        assert!(
+            script.contains(marker) && script.contains("history"),
+            "{shell}: {script:.200}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let out = run_bounded(
@@ -558,9 +571,16 @@ fn completions_and_man_pages_come_from_the_definitions() {
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    for (page, option) in [("chat-server", "per\\-ip\\-rate"), ("chatd", "data\\-dir"), ("chatctl", "json")] {
+    for (page, option) in [
+        ("chat-server", "per\\-ip\\-rate"),
+        ("chatd", "data\\-dir"),
+        ("chatctl", "json"),
+    ] {
         let text = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
-        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}.1 is not a man page");
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}.1 is not a man page"
+        );
         assert!(text.contains(option), "{page}.1 documents --{option}");
     }
 }
@@ -591,5 +611,8 @@ fn a_daemon_of_another_protocol_version_is_named() {
     fake.join().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("protocol v1") && err.contains("chatd 9.9.9 speaks v99"), "{err}");
+    assert!(
+        err.contains("protocol v1") && err.contains("chatd 9.9.9 speaks v99"),
+        "{err}"
+    );
 }
