@@ -219,12 +219,15 @@ const WINDOW: usize = 256;
 /// fails unless the peer acknowledged every one.
 fn send(conn: &mut Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
     if !words.is_empty() && words != ["-"] {
-        let reply = conn.call(
-            Request::Send {
-                text: words.join(" "),
-            },
-            |_| {},
-        )?;
+        let text = words.join(" ");
+        if text.len() > chat_proto::peer::MAX_TEXT {
+            return Err(Error::Failed(format!(
+                "the message is {} bytes; at most {} are allowed",
+                text.len(),
+                chat_proto::peer::MAX_TEXT
+            )));
+        }
+        let reply = conn.call(Request::Send { text }, |_| {})?;
         p.reply(&reply);
         return Ok(());
     }
@@ -240,6 +243,20 @@ fn send(conn: &mut Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
             match lines.next() {
                 Some((n, Ok(line))) => {
                     if line.is_empty() {
+                        continue;
+                    }
+                    // Refused here rather than by the frame limit, so the
+                    // other lines still go.
+                    if line.len() > chat_proto::peer::MAX_TEXT {
+                        total += 1;
+                        failed.push((
+                            n + 1,
+                            format!(
+                                "{} bytes; a message is at most {}",
+                                line.len(),
+                                chat_proto::peer::MAX_TEXT
+                            ),
+                        ));
                         continue;
                     }
                     total += 1;

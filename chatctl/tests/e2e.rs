@@ -616,3 +616,88 @@ fn a_daemon_of_another_protocol_version_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
+    use chat_proto::frame::{Decoder, encode};
+    use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};
+    use std::os::unix::net::UnixStream;
+
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    // A follower that never reads.
+    let mut stuck = UnixStream::connect(&alice.socket).unwrap();
+    let mut out = Vec::new();
+    encode(&Hello::ours("test"), MAX_FRAME, &mut out).unwrap();
+    encode(
+        &ClientFrame {
+            id: 1,
+            request: Request::Tail {
+                last: 0,
+                follow: true,
+            },
+        },
+        MAX_FRAME,
+        &mut out,
+    )
+    .unwrap();
+    stuck.write_all(&out).unwrap();
+    // A follower that reads.
+    let mut reader = alice.ctl_cmd(&["--json", "tail", "-n", "0", "-f"]);
+    reader.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut reader = reader.spawn().unwrap();
+    let records = json_lines(reader.stdout.take().unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Far more records than the stuck one's queue and socket buffer hold.
+    let count = 12_000;
+    let lines: String = (0..count).map(|i| format!("m{i}\n")).collect();
+    let sent = bob.ctl_stdin(&["send", "-"], &lines);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let mut got = 0;
+    let deadline = Instant::now() + WAIT;
+    while got < count && Instant::now() < deadline {
+        let Ok(v) = records.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            break;
+        };
+        if v["type"] == "message" {
+            assert_eq!(v["text"], format!("m{got}"));
+            got += 1;
+        }
+    }
+    assert_eq!(got, count, "the reading follower saw everything, in order");
+    let _ = reader.kill();
+    let _ = reader.wait();
+    // The stuck one, reading at last, finds the end of its stream: a
+    // Dropped frame saying why, then the close.
+    stuck.set_read_timeout(Some(WAIT)).unwrap();
+    let mut decoder = Decoder::new(MAX_FRAME);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut last = None;
+    let mut greeted = false;
+    loop {
+        match stuck.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => decoder.extend(&chunk[..n]),
+        }
+        // The daemon's hello first, then its frames.
+        if !greeted {
+            greeted = matches!(decoder.decode::<Hello>(), Ok(Some(_)));
+        }
+        if greeted {
+            while let Ok(Some(frame)) = decoder.decode::<DaemonFrame>() {
+                last = Some(frame);
+            }
+        }
+    }
+    match last {
+        Some(DaemonFrame::Dropped { reason }) => {
+            assert!(reason.contains("fell more than"), "{reason}")
+        }
+        other => panic!("expected a final Dropped frame, got {other:?}"),
+    }
+    // The daemon is fine, and a history this long is served whole.
+    assert_eq!(alice.state(), "chatting");
+    assert_eq!(alice.messages().len(), count);
+}

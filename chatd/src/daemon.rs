@@ -141,15 +141,8 @@ impl Core {
     /// Registers as soon as the loop runs (`chatd --register`); the outcome
     /// is logged, as no shell asked.
     pub fn register_at_start(&mut self) {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.session.handle(
-            Input::Command {
-                ticket,
-                command: Command::Register,
-            },
-            std::time::Instant::now(),
-        );
+        self.session
+            .register_automatically(std::time::Instant::now());
     }
 
     /// Runs until `stop` resolves (or every sender is gone), then leaves
@@ -258,7 +251,10 @@ impl Core {
             }
             CoreEvent::Detach { key, reason } => {
                 if let (Some(reason), Some(c)) = (reason, self.clients.get(&key)) {
-                    let _ = c.handle.queue.try_send(DaemonFrame::Dropped { reason });
+                    let _ = c
+                        .handle
+                        .queue
+                        .send((DaemonFrame::Dropped { reason }, false));
                 }
                 self.clients.remove(&key);
             }
@@ -290,6 +286,15 @@ impl Core {
             ipc::Request::Chat => Command::Chat,
             ipc::Request::Send { text } => Command::Send { text },
             ipc::Request::Quit => Command::Quit,
+            ipc::Request::Tail { last, .. } | ipc::Request::History { limit: last, .. }
+                if last > crate::ipc::MAX_RECORDS =>
+            {
+                let message = format!(
+                    "at most {} records per request: ask for fewer (-n, --limit)",
+                    crate::ipc::MAX_RECORDS
+                );
+                return self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
+            }
             ipc::Request::Tail { last, follow } => {
                 // Announce what is stored but not yet announced, so that the
                 // snapshot below and the live records that follow it meet
@@ -358,24 +363,36 @@ impl Core {
         self.push(key, DaemonFrame::Reply { id, result });
     }
 
-    /// Queues a frame for a shell; a shell whose queue is full is dropped.
+    /// Queues a frame answering one of a shell's requests.
     fn push(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
+        match self.clients.get(&key) {
+            Some(c) if c.handle.queue.send((frame, false)).is_ok() => true,
+            Some(_) => {
+                self.clients.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Queues a live record for a follower; one that has let too many pile
+    /// up is dropped (its writer says so), so it cannot hold the daemon up
+    /// or make it hoard memory.
+    fn push_live(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
         let Some(c) = self.clients.get(&key) else {
             return false;
         };
-        match c.handle.queue.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::info!(key, "dropping a shell that fell behind");
-                c.handle.lagged.store(true, Ordering::Release);
-                self.clients.remove(&key);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.clients.remove(&key);
-                false
-            }
+        if c.handle.live.fetch_add(1, Ordering::AcqRel) >= crate::ipc::QUEUE {
+            tracing::info!(key, "dropping a shell that fell behind");
+            c.handle.lagged.store(true, Ordering::Release);
+            self.clients.remove(&key);
+            return false;
         }
+        if c.handle.queue.send((frame, true)).is_err() {
+            self.clients.remove(&key);
+            return false;
+        }
+        true
     }
 
     /// Carries out the session's actions; returns how many server requests
@@ -520,7 +537,7 @@ impl Core {
                 };
                 'records: for record in &fresh {
                     for &id in &follows {
-                        if !self.push(
+                        if !self.push_live(
                             key,
                             DaemonFrame::Record {
                                 id,

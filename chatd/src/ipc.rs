@@ -9,7 +9,7 @@
 //! connection with an error frame; nothing else notices.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chat_proto::frame::{Decoder, encode};
@@ -22,7 +22,7 @@ use tokio::time::timeout;
 
 use crate::daemon::CoreEvent;
 
-/// Frames waiting for one shell; past this, a follower is dropped.
+/// Live records waiting for one follower; past this, it is dropped.
 pub const QUEUE: usize = 4096;
 /// Requests one shell may have in flight; its reader waits beyond that, so
 /// replies always fit the queue.
@@ -34,12 +34,23 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub type ClientKey = u64;
 
 /// The core's handle on one shell.
+///
+/// Its queue carries two kinds of frames. Answers to its own requests
+/// (replies, and the records a `tail` or `history` asked for) are bounded
+/// by the request itself: at most [`IN_FLIGHT`] requests, at most
+/// [`MAX_RECORDS`] records each. Live records for a follower are bounded
+/// by [`QUEUE`]: a follower that lets more pile up is dropped.
 pub struct ClientHandle {
-    pub queue: mpsc::Sender<DaemonFrame>,
-    /// Set by the core when the queue overflowed: the writer then ends the
-    /// connection with a last `Dropped` frame.
+    pub queue: mpsc::UnboundedSender<(DaemonFrame, bool)>,
+    /// Live records queued and not yet written.
+    pub live: Arc<AtomicUsize>,
+    /// Set by the core when too many live records piled up: the writer
+    /// then ends the connection with a last `Dropped` frame.
     pub lagged: Arc<AtomicBool>,
 }
+
+/// The most records one `tail` or `history` request returns.
+pub const MAX_RECORDS: u32 = 100_000;
 
 /// Accepts shells until the core goes away.
 pub async fn accept_loop(listener: Listener, core: mpsc::Sender<CoreEvent>) {
@@ -91,18 +102,20 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
         );
         return;
     }
-    let (queue, rx) = mpsc::channel(QUEUE);
+    let (queue, rx) = mpsc::unbounded_channel();
     let lagged = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(AtomicUsize::new(0));
     // Only the core holds the queue's sender: when it lets go (the shell
     // detached, or fell behind), the writer drains what is queued and ends.
     let handle = ClientHandle {
         queue,
+        live: Arc::clone(&live),
         lagged: Arc::clone(&lagged),
     };
     if core.send(CoreEvent::Attach { key, handle }).await.is_err() {
         return;
     }
-    let mut writer = tokio::spawn(writer(Arc::clone(&stream), rx, lagged));
+    let mut writer = tokio::spawn(writer(Arc::clone(&stream), rx, live, lagged));
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let reading = async {
         loop {
@@ -166,17 +179,24 @@ async fn write_frame<T: serde::Serialize>(send: &mut &Stream, value: &T) -> std:
     send.write_all(&out).await
 }
 
-async fn writer(stream: Arc<Stream>, mut rx: mpsc::Receiver<DaemonFrame>, lagged: Arc<AtomicBool>) {
+async fn writer(
+    stream: Arc<Stream>,
+    mut rx: mpsc::UnboundedReceiver<(DaemonFrame, bool)>,
+    live: Arc<AtomicUsize>,
+    lagged: Arc<AtomicBool>,
+) {
     let mut send = &*stream;
     let mut out = Vec::with_capacity(4096);
     while let Some(first) = rx.recv().await {
         out.clear();
         let mut next = Some(first);
+        let mut live_written = 0;
         // Everything queued goes out in one write.
-        while let Some(frame) = next.take() {
+        while let Some((frame, is_live)) = next.take() {
             if let Err(e) = encode(&frame, MAX_FRAME, &mut out) {
                 tracing::warn!("a frame for chatctl could not be encoded: {e}");
             }
+            live_written += usize::from(is_live);
             if out.len() > 256 * 1024 {
                 break;
             }
@@ -185,6 +205,7 @@ async fn writer(stream: Arc<Stream>, mut rx: mpsc::Receiver<DaemonFrame>, lagged
         if send.write_all(&out).await.is_err() {
             return;
         }
+        live.fetch_sub(live_written, Ordering::AcqRel);
     }
     if lagged.load(Ordering::Acquire) {
         let reason = format!(

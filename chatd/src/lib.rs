@@ -68,8 +68,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => default_data_dir(&id)?,
     };
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    create_private_dir(&data_dir)?;
     let history = History::open(&data_dir.join("history.db"), id)?;
     let token = history.token(&settings.server)?;
 
@@ -162,6 +161,18 @@ fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
             )
         }),
     }
+}
+
+/// Creates the data directory readable by its owner only: it holds
+/// private conversations.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
 }
 
 fn default_data_dir(id: &chat_proto::ClientId) -> anyhow::Result<PathBuf> {

@@ -53,8 +53,28 @@ pub enum Decision {
 }
 
 /// Binds the peer port, so that a port in use is an error at start-up.
+///
+/// IPv6 and IPv4 both (`[::]` without V6ONLY): the server records the
+/// address it saw us come from, which may be either, and a peer must be
+/// able to reach us at it. On a host without IPv6, IPv4 alone.
 pub fn bind(port: u16) -> std::io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    let dual = (|| {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        s.listen(128)?;
+        Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+    })();
+    let l = match dual {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
+        Err(_) => std::net::TcpListener::bind(("0.0.0.0", port))?,
+    };
     l.set_nonblocking(true)?;
     Ok(l)
 }

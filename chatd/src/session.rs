@@ -151,6 +151,9 @@ pub enum Action {
 #[derive(Clone, Debug)]
 enum Purpose {
     Register(Ticket),
+    /// Registering at start-up (`--register`): retried while the server
+    /// cannot be reached, as a service must come up before its server.
+    AutoRegister,
     Refresh,
     Bridge {
         ticket: Ticket,
@@ -218,6 +221,8 @@ pub struct Session {
     next_link: LinkId,
     /// A background refresh is in flight (at most one).
     refreshing: bool,
+    /// When to try registering at start-up again.
+    retry_register_at: Option<Instant>,
     out: VecDeque<Action>,
 }
 
@@ -233,6 +238,7 @@ impl Session {
             next_op: 1,
             next_link: 1,
             refreshing: false,
+            retry_register_at: None,
             out: VecDeque::new(),
         }
     }
@@ -277,6 +283,13 @@ impl Session {
         l
     }
 
+    /// Registers now, and keeps trying while the server is unreachable
+    /// (`chatd --register`).
+    pub fn register_automatically(&mut self, now: Instant) {
+        self.retry_register_at = None;
+        self.server(Purpose::AutoRegister, now);
+    }
+
     /// The next thing to do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.out.pop_front()
@@ -293,10 +306,16 @@ impl Session {
             Phase::Chatting(c) => Some(c.next_ping.min(c.deadline)),
             _ => None,
         };
-        [refresh, link].into_iter().flatten().min()
+        [refresh, link, self.retry_register_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.retry_register_at.is_some_and(|t| now >= t) {
+            self.register_automatically(now);
+        }
         if let Some(reg) = &self.reg {
             if !self.refreshing && now >= reg.refresh_at {
                 if now >= reg.lapses_at {
@@ -729,6 +748,31 @@ impl Session {
         let unreachable = |why: &str| format!("cannot reach the server {server}: {why}");
         match (purpose, result) {
             (
+                Purpose::AutoRegister,
+                Ok(Response::RegAck {
+                    addr,
+                    token,
+                    expires,
+                    ..
+                }),
+            ) => {
+                self.registered(addr, token, expires, now);
+            }
+            (Purpose::AutoRegister, Ok(Response::Error(f))) => {
+                self.notice(&format!(
+                    "cannot register at start-up: {}",
+                    server_refused(&f)
+                ));
+            }
+            (Purpose::AutoRegister, Err(why)) => {
+                self.retry_register_at = Some(now + self.config.retry_after);
+                tracing::warn!(
+                    "cannot register at start-up: {}; retrying in {} s",
+                    unreachable(&why),
+                    self.config.retry_after.as_secs()
+                );
+            }
+            (
                 Purpose::Register(ticket),
                 Ok(Response::RegAck {
                     addr,
@@ -910,7 +954,10 @@ impl Session {
             }
             Purpose::Reregister { then } => self.fail_purpose(*then, kind, message),
             Purpose::Refresh => self.refreshing = false,
-            Purpose::Rejoin | Purpose::Chat { .. } | Purpose::Quit(None) => {}
+            Purpose::Rejoin
+            | Purpose::Chat { .. }
+            | Purpose::Quit(None)
+            | Purpose::AutoRegister => {}
         }
     }
 
@@ -948,13 +995,14 @@ impl Session {
     fn server(&mut self, purpose: Purpose, _now: Instant) {
         let id = self.config.id;
         let request = match &purpose {
-            Purpose::Register(_) | Purpose::Refresh | Purpose::Reregister { .. } => {
-                Request::Register {
-                    id,
-                    port: self.config.port,
-                    token: self.token,
-                }
-            }
+            Purpose::Register(_)
+            | Purpose::AutoRegister
+            | Purpose::Refresh
+            | Purpose::Reregister { .. } => Request::Register {
+                id,
+                port: self.config.port,
+                token: self.token,
+            },
             Purpose::Bridge { peer, .. } => match self.token {
                 Some(token) => Request::Bridge {
                     id,
@@ -1261,6 +1309,48 @@ mod tests {
                 token: Some(TOKEN)
             }
         );
+    }
+
+    #[test]
+    fn registering_at_start_up_retries_until_the_server_answers() {
+        let mut t = T::new(false);
+        t.s.register_automatically(t.now);
+        let (op, _) = T::server_op(&t.drain());
+        t.input(Input::ServerReply {
+            op,
+            result: Err("connection refused".into()),
+        });
+        assert_eq!(t.s.state(), State::Idle);
+        t.advance(Duration::from_secs(4));
+        assert!(t.drain().is_empty());
+        t.advance(Duration::from_secs(1));
+        let (op, req) = T::server_op(&t.drain());
+        assert!(matches!(req, Request::Register { .. }));
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert_eq!(t.s.state(), State::Registered);
+        // A refusal is not retried: it needs a person.
+        let mut t = T::new(false);
+        t.s.register_automatically(t.now);
+        let (op, _) = T::server_op(&t.drain());
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::RegNack,
+                "taken",
+            ))),
+        });
+        assert!(a.iter().any(
+            |x| matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("taken"))
+        ));
+        assert_eq!(t.s.poll_timeout(), None);
     }
 
     #[test]

@@ -277,7 +277,7 @@ impl Daemon {
 
     /// Messages in the history, as (from, to, text).
     pub fn messages(&self) -> Vec<(String, String, String)> {
-        let out = self.ok(&["--json", "history", "--limit", "10000"]);
+        let out = self.ok(&["--json", "history", "--limit", "100000"]);
         out.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("history JSON"))
             .map(|v| {
