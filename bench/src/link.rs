@@ -158,23 +158,26 @@ pub fn tcp_ping_pong(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
         .trim()
         .parse()
         .context("the echo process did not say its port")?;
-    let result = (|| -> anyhow::Result<Vec<u64>> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_nodelay(true)?;
-        let msg = vec![7u8; size];
-        let mut back = vec![0u8; size];
-        let mut rtts = Vec::with_capacity(count);
-        for _ in 0..count {
-            let t = Instant::now();
-            s.write_all(&msg)?;
-            s.read_exact(&mut back)?;
-            rtts.push(t.elapsed().as_micros() as u64);
-        }
-        Ok(rtts)
-    })();
+    let result = TcpStream::connect(("127.0.0.1", port))
+        .map_err(anyhow::Error::from)
+        .and_then(|s| ping(s, count, size));
     let _ = echo.kill();
     let _ = echo.wait();
-    let mut rtts = result?;
+    result
+}
+
+/// `count` round trips of `size` bytes on `s`; sorted microseconds.
+fn ping(mut s: TcpStream, count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
+    s.set_nodelay(true)?;
+    let msg = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
     rtts.sort_unstable();
     Ok(rtts)
 }
@@ -193,21 +196,9 @@ pub fn tcp_ping_pong_threads(count: usize, size: usize) -> anyhow::Result<Vec<u6
         }
         Ok(())
     });
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    let msg = vec![7u8; size];
-    let mut back = vec![0u8; size];
-    let mut rtts = Vec::with_capacity(count);
-    for _ in 0..count {
-        let t = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
-        rtts.push(t.elapsed().as_micros() as u64);
-    }
-    drop(s);
+    let rtts = ping(TcpStream::connect(addr)?, count, size);
     let _ = echo.join();
-    rtts.sort_unstable();
-    Ok(rtts)
+    rtts
 }
 
 /// The other end of [`tcp_ping_pong`]: prints its port, then echoes

@@ -122,27 +122,38 @@ pub struct Opening {
     pub used: usize,
 }
 
+/// The length of a complete head, `None` while it is still arriving.
+fn head_length(
+    parsed: httparse::Result<usize>,
+    buf: &[u8],
+) -> Result<Option<usize>, HandshakeError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(HandshakeError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(HandshakeError::Malformed(e.to_string())),
+    }
+}
+
+/// A header's value, trimmed, when it is text.
+fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+}
+
 /// Parses the initiator's request from the front of `buf`: `None` until the
 /// whole head has arrived; with it, the bytes consumed. An inner `Err` is a
 /// well-formed request to refuse, with the status and reason to send.
 pub fn parse_hello(buf: &[u8]) -> Result<Option<Opening>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let used = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(HandshakeError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+    let Some(used) = head_length(req.parse(buf), buf)? else {
+        return Ok(None);
     };
-    let get = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(str::trim)
-    };
+    let get = |name: &str| header(req.headers, name);
     let hello = (|| {
         if req.method != Some("CHAT") {
             return Err((
@@ -171,21 +182,10 @@ pub fn parse_hello(buf: &[u8]) -> Result<Option<Opening>, HandshakeError> {
 pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let head = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(HandshakeError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+    let Some(head) = head_length(resp.parse(buf), buf)? else {
+        return Ok(None);
     };
-    let get = |name: &str| {
-        resp.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(str::trim)
-    };
+    let get = |name: &str| header(resp.headers, name);
     let status = resp.code.unwrap_or(0);
     if status == 101 {
         let id = get("Client-Id")
