@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_proto::ipc::{RecordKind, Reply, Request};
+use chat_proto::ipc::{RecordKind, Request};
 
 use crate::conn::{Conn, Error};
 
@@ -249,20 +249,8 @@ fn step(socket: &Path, who: &str, request: Request) -> Result<(), Error> {
     };
     let mut conn = Conn::open(socket)?;
     let reply = conn.call(request, |_| {})?;
-    let answer = match reply {
-        Reply::Registered { addr, .. } => format!("registered as {addr}"),
-        Reply::Bridged { peer: Some((p, a)) } => format!("the server hands out {p} at {a}"),
-        Reply::Bridged { peer: None } => "nobody is waiting yet: waiting for a peer".to_owned(),
-        Reply::Chatting { peer } => format!("connected: chatting with {peer}"),
-        Reply::Sent { round_trip_us, .. } => {
-            format!(
-                "stored by the peer (round trip {:.2} ms)",
-                round_trip_us as f64 / 1000.0
-            )
-        }
-        Reply::Quit => "left the chat and the server".to_owned(),
-        other => format!("{other:?}"),
-    };
+    // Exactly what `chatctl` would print.
+    let answer = crate::output::reply_text(&reply);
     println!("  {who:>5}$ chatctl {shown}");
     println!("         {answer}");
     Ok(())

@@ -31,29 +31,8 @@ impl Printer {
     }
 
     pub fn reply(&self, reply: &Reply) {
-        match reply {
-            Reply::Id { id } => self.emit(id.to_string(), json!({ "id": id })),
-            Reply::Status(s) => self.emit(status_text(s), status_json(s)),
-            Reply::Registered { addr, expires } => self.emit(
-                format!("registered as {addr} (refreshed automatically; lapses {expires} s after the server last hears from us)"),
-                json!({ "registered": true, "addr": addr.to_string(), "expires": expires }),
-            ),
-            Reply::Bridged { peer: Some((id, addr)) } => self.emit(
-                format!("peer {id} at {addr}: run `chatctl chat` to start chatting"),
-                json!({ "peer": id, "peer_addr": addr.to_string(), "waiting": false }),
-            ),
-            Reply::Bridged { peer: None } => self.emit(
-                "waiting for a peer: the next one to bridge will be handed this daemon".into(),
-                json!({ "peer": null, "waiting": true }),
-            ),
-            Reply::Chatting { peer } => self.emit(format!("chatting with {peer}"), json!({ "chatting": peer })),
-            Reply::Sent { id, round_trip_us } => self.emit(
-                format!("delivered (round trip {:.2} ms)", *round_trip_us as f64 / 1000.0),
-                json!({ "delivered": true, "id": id, "round_trip_us": round_trip_us }),
-            ),
-            Reply::Quit => self.emit("left the chat and the server".into(), json!({ "quit": true })),
-            Reply::Reached { state } => self.emit(state.to_string(), json!({ "state": state.as_str() })),
-            Reply::Done => {}
+        if !matches!(reply, Reply::Done) {
+            self.emit(reply_text(reply), reply_json(reply));
         }
     }
 
@@ -73,10 +52,75 @@ impl Printer {
     }
 }
 
+/// What a reply says to a person (the demo prints the same).
+pub fn reply_text(reply: &Reply) -> String {
+    match reply {
+        Reply::Id { id } => id.to_string(),
+        Reply::Status(s) => status_text(s),
+        Reply::Registered { addr, expires } => format!(
+            "registered as {addr} (refreshed automatically; lapses {expires} s after the server last hears from us)"
+        ),
+        Reply::Bridged {
+            peer: Some((id, addr)),
+        } => {
+            format!("peer {id} at {addr}: run `chatctl chat` to start chatting")
+        }
+        Reply::Bridged { peer: None } => {
+            "waiting for a peer: the next one to bridge will be handed this daemon".into()
+        }
+        Reply::Chatting { peer } => format!("chatting with {peer}"),
+        Reply::Sent { round_trip_us, .. } => {
+            format!(
+                "delivered (round trip {:.2} ms)",
+                *round_trip_us as f64 / 1000.0
+            )
+        }
+        Reply::Quit => "left the chat and the server".into(),
+        Reply::Reached { state } => state.to_string(),
+        Reply::Done => String::new(),
+    }
+}
+
+fn reply_json(reply: &Reply) -> Value {
+    match reply {
+        Reply::Id { id } => json!({ "id": id }),
+        Reply::Status(s) => status_json(s),
+        Reply::Registered { addr, expires } => {
+            json!({ "registered": true, "addr": addr.to_string(), "expires": expires })
+        }
+        Reply::Bridged {
+            peer: Some((id, addr)),
+        } => {
+            json!({ "peer": id, "peer_addr": addr.to_string(), "waiting": false })
+        }
+        Reply::Bridged { peer: None } => json!({ "peer": null, "waiting": true }),
+        Reply::Chatting { peer } => json!({ "chatting": peer }),
+        Reply::Sent { id, round_trip_us } => {
+            json!({ "delivered": true, "id": id, "round_trip_us": round_trip_us })
+        }
+        Reply::Quit => json!({ "quit": true }),
+        Reply::Reached { state } => json!({ "state": state.as_str() }),
+        Reply::Done => json!({}),
+    }
+}
+
 pub fn record_text(r: &Record) -> String {
     let when = local_time(r.time_ms);
     match &r.kind {
-        RecordKind::Message { from, to, text, .. } => format!("{when}  {from} → {to}: {text}"),
+        RecordKind::Message {
+            from,
+            to,
+            text,
+            delivered,
+            ..
+        } => {
+            let lost = if *delivered == Some(false) {
+                "  (not delivered)"
+            } else {
+                ""
+            };
+            format!("{when}  {from} → {to}: {text}{lost}")
+        }
         RecordKind::State {
             state,
             peer: Some(p),
@@ -94,9 +138,11 @@ pub fn record_json(r: &Record) -> Value {
             to,
             text,
             outgoing,
+            delivered,
         } => json!({
             "type": "message", "seq": r.seq, "time": time, "from": from, "to": to, "text": text,
             "direction": if *outgoing { "out" } else { "in" },
+            "delivered": delivered,
         }),
         RecordKind::State { state, peer } => json!({
             "type": "state", "seq": r.seq, "time": time, "state": state.as_str(), "peer": peer,
@@ -174,6 +220,7 @@ mod tests {
                 to: "b".parse().unwrap(),
                 text: "hi".into(),
                 outgoing: true,
+                delivered: Some(false),
             },
         };
         let v = record_json(&r);
@@ -182,5 +229,7 @@ mod tests {
         assert_eq!(v["to"], "b");
         assert_eq!(v["text"], "hi");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["delivered"], false);
+        assert!(record_text(&r).ends_with("a → b: hi  (not delivered)"));
     }
 }

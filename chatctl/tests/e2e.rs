@@ -41,6 +41,12 @@ fn seed_flow_with_the_first_daemon_waiting() {
     assert_eq!(bob.status()["peer"], "alice");
 
     assert!(bob.ok(&["send", "hello", "alice"]).contains("delivered"));
+    let sent = bob.ok(&["--json", "history"]);
+    let v: serde_json::Value = serde_json::from_str(sent.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        v["delivered"], true,
+        "the sender's history notes the acknowledgement"
+    );
     assert!(alice.ok(&["send", "hi bob"]).contains("delivered"));
     assert!(bob.ok(&["send", "how are you?"]).contains("delivered"));
     let expected = vec![
@@ -501,11 +507,30 @@ fn a_frozen_peer_is_noticed_by_its_silence() {
             .success()
     );
     let started = Instant::now();
+    // A message sent into the silence: it can only fail, and say so.
+    let unheard = alice.ctl(&["send", "are you there?"]);
     alice.wait_for("registered");
     let took = started.elapsed();
     let _ = std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status();
+    assert_eq!(unheard.status.code(), Some(1));
+    assert!(
+        stderr(&unheard).contains("not delivered: lost bob"),
+        "{}",
+        stderr(&unheard)
+    );
+    let history = alice.ok(&["--json", "history"]);
+    let last: serde_json::Value = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["text"].as_str(), last["delivered"].as_bool()),
+        (Some("are you there?"), Some(false))
+    );
+    assert!(
+        alice
+            .ok(&["history"])
+            .contains("are you there?  (not delivered)")
+    );
     assert!(took.as_secs() < 20, "noticed after {took:?}");
     let tail = alice.ok(&["tail", "-n", "3"]);
     assert!(tail.contains("lost bob: nothing heard for 9 s"), "{tail}");
@@ -523,7 +548,7 @@ fn the_demo_runs_and_cleans_up() {
     let printed = stdout(&out);
     for expected in [
         "alice$ chatctl register",
-        "the server hands out alice",
+        "peer alice at 127.0.0.1:",
         "bob: Hi Alice! This went straight from my daemon to yours.",
         "alice: Bye for now!",
         "left the chat and the server",
@@ -700,4 +725,81 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     // The daemon is fine, and a history this long is served whole.
     assert_eq!(alice.state(), "chatting");
     assert_eq!(alice.messages().len(), count);
+}
+
+/// One HTTP request to the server, as curl would send it.
+fn http(server: std::net::SocketAddr, method: &str, headers: &[(&str, &str)]) -> String {
+    let mut s = std::net::TcpStream::connect(server).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = format!("{method} / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn register_at_start_up_needs_no_shell() {
+    let server = Server::start(&[]);
+    // Started by hand, not by the harness (which talks to the socket):
+    // nothing but --register may make it register.
+    let home = tempfile::tempdir().unwrap();
+    let run = home.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut chatd = std::process::Command::new(bin("chatd"))
+        .args([
+            "--id",
+            "early",
+            "--port",
+            "0",
+            "--server",
+            &server.addr.to_string(),
+            "--register",
+        ])
+        .env("XDG_RUNTIME_DIR", &run)
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A probe client asks the server for "early" by name: 404 until it is
+    // registered, then 409 (registered, not waiting).
+    let reg = http(
+        server.addr,
+        "REGISTER",
+        &[("Client-Id", "probe"), ("Client-Port", "9")],
+    );
+    let token = reg
+        .lines()
+        .find_map(|l| l.strip_prefix("Client-Token: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut answer = String::new();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        answer = http(
+            server.addr,
+            "BRIDGE",
+            &[
+                ("Client-Id", "probe"),
+                ("Client-Token", &token),
+                ("Peer-Id", "early"),
+            ],
+        );
+        if !answer.starts_with("HTTP/1.1 404") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &chatd.id().to_string()])
+        .status();
+    let _ = chatd.wait();
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
 }

@@ -101,6 +101,11 @@ pub struct Core {
     next_ticket: Ticket,
     /// Stored this turn, announced after the commit.
     fresh: Vec<Record>,
+    /// The record of the outgoing message just stored, until its frame is
+    /// queued and the two can be matched.
+    last_outgoing: Option<u64>,
+    /// Records of sent messages awaiting their fate, by (link, message id).
+    in_flight: HashMap<(LinkId, u64), u64>,
     storage_error: Option<String>,
     state_hook: Option<StateHook>,
     last_state: Option<(State, Option<ClientId>)>,
@@ -132,6 +137,8 @@ impl Core {
             tickets: HashMap::new(),
             next_ticket: 1,
             fresh: Vec::new(),
+            last_outgoing: None,
+            in_flight: HashMap::new(),
             storage_error: None,
             state_hook,
             last_state: None,
@@ -154,6 +161,9 @@ impl Core {
     ) {
         tokio::pin!(stop);
         self.report_state();
+        // What the session wants done before any event (--register).
+        self.execute();
+        self.flush();
         loop {
             let wake = self.session.poll_timeout().map(Instant::from_std);
             tokio::select! {
@@ -434,8 +444,11 @@ impl Core {
                     }
                 }
                 Action::Send { link, mut frame } => {
-                    if let PeerFrame::Message { sent_ms, .. } = &mut frame {
+                    if let PeerFrame::Message { id, sent_ms, .. } = &mut frame {
                         *sent_ms = now_ms();
+                        if let Some(seq) = self.last_outgoing.take() {
+                            self.in_flight.insert((link, *id), seq);
+                        }
                     }
                     let buf = match frame {
                         PeerFrame::Message { .. } | PeerFrame::Ping => {
@@ -451,6 +464,18 @@ impl Core {
                 }
                 Action::Close { link } => self.closing.push(link),
                 Action::Record(kind) => self.store(kind),
+                Action::Delivery {
+                    link,
+                    id,
+                    delivered,
+                } => {
+                    if let Some(seq) = self.in_flight.remove(&(link, id)) {
+                        if let Err(e) = self.history.set_delivered(seq, delivered) {
+                            tracing::error!("{e}");
+                            self.storage_error.get_or_insert(e.to_string());
+                        }
+                    }
+                }
                 Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {
                     Some((key, id, permit)) => {
                         self.answer(key, id, result);
@@ -478,7 +503,12 @@ impl Core {
             .begin()
             .and_then(|()| self.history.append(now_ms(), kind));
         match result {
-            Ok(record) => self.fresh.push(record),
+            Ok(record) => {
+                if let RecordKind::Message { outgoing: true, .. } = record.kind {
+                    self.last_outgoing = Some(record.seq);
+                }
+                self.fresh.push(record);
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 self.storage_error.get_or_insert(e.to_string());
@@ -579,6 +609,10 @@ impl Core {
             return;
         }
         self.last_state = Some(now);
+        match status.peer {
+            Some(peer) => tracing::info!(state = %status.state, %peer, "state"),
+            None => tracing::info!(state = %status.state, "state"),
+        }
         if let Some(hook) = &mut self.state_hook {
             hook(&status);
         }

@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS records (
     peer     TEXT,
     outgoing INTEGER,
     state    TEXT,
-    text     TEXT
+    text     TEXT,
+    delivered INTEGER -- messages sent: 1 stored by the peer, 0 lost, NULL not known yet
 );
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
@@ -91,6 +92,19 @@ impl History {
         conn.busy_timeout(std::time::Duration::from_secs(1))
             .map_err(in_use)?;
         conn.execute_batch(SCHEMA).map_err(in_use)?;
+        // Histories written before delivery was recorded lack the column.
+        let has_delivered: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('records') WHERE name = 'delivered'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(open_err)?
+            > 0;
+        if !has_delivered {
+            conn.execute_batch("ALTER TABLE records ADD COLUMN delivered INTEGER")
+                .map_err(open_err)?;
+        }
         // A write now takes the exclusive lock and keeps it, so a second
         // daemon on this directory fails here rather than later.
         conn.execute(
@@ -139,7 +153,8 @@ impl History {
     /// Stores a record; returns it with its place and time.
     pub fn append(&mut self, time_ms: i64, kind: RecordKind) -> Result<Record, HistoryError> {
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO records (time_ms, kind, peer, outgoing, state, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO records (time_ms, kind, peer, outgoing, state, text, delivered)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         match &kind {
             RecordKind::Message {
@@ -147,6 +162,7 @@ impl History {
                 to,
                 text,
                 outgoing,
+                delivered,
             } => {
                 let peer = if *outgoing { to } else { from };
                 stmt.execute(params![
@@ -155,7 +171,8 @@ impl History {
                     peer.as_str(),
                     *outgoing,
                     None::<&str>,
-                    text
+                    text,
+                    delivered
                 ])?;
             }
             RecordKind::State { state, peer } => {
@@ -165,7 +182,8 @@ impl History {
                     peer.map(|p| p.to_string()),
                     None::<bool>,
                     state.as_str(),
-                    None::<&str>
+                    None::<&str>,
+                    None::<bool>
                 ])?;
             }
             RecordKind::Notice { text } => {
@@ -175,7 +193,8 @@ impl History {
                     None::<&str>,
                     None::<bool>,
                     None::<&str>,
-                    text
+                    text,
+                    None::<bool>
                 ])?;
             }
         }
@@ -183,11 +202,20 @@ impl History {
         Ok(Record { seq, time_ms, kind })
     }
 
+    /// Notes whether the message sent as record `seq` reached the peer.
+    pub fn set_delivered(&mut self, seq: u64, delivered: bool) -> Result<(), HistoryError> {
+        self.begin()?;
+        self.conn
+            .prepare_cached("UPDATE records SET delivered = ?2 WHERE seq = ?1")?
+            .execute(params![seq as i64, delivered])?;
+        Ok(())
+    }
+
     /// The last `n` records, oldest first, up to and including `upto`.
     pub fn last(&self, n: u32) -> Result<Vec<Record>, HistoryError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq, time_ms, kind, peer, outgoing, state, text FROM records ORDER BY seq DESC LIMIT ?1")?;
+            .prepare_cached("SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records ORDER BY seq DESC LIMIT ?1")?;
         let me = self.me;
         let mut rows: Vec<Record> = stmt
             .query_map([n], |r| row_to_record(r, me))?
@@ -215,7 +243,7 @@ impl History {
             )
         });
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_ms, kind, peer, outgoing, state, text FROM records
+            "SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records
              WHERE kind = 'message'
                AND (?1 IS NULL OR peer = ?1)
                AND (?2 IS NULL OR text LIKE ?2 ESCAPE '\\')
@@ -266,6 +294,7 @@ fn row_to_record(row: &rusqlite::Row<'_>, me: ClientId) -> rusqlite::Result<Opti
     let outgoing: Option<bool> = row.get(4)?;
     let state: Option<String> = row.get(5)?;
     let text: Option<String> = row.get(6)?;
+    let delivered: Option<bool> = row.get(7)?;
     let id = |s: &str| s.parse::<ClientId>().ok();
     let kind = match kind.as_str() {
         "message" => {
@@ -279,6 +308,7 @@ fn row_to_record(row: &rusqlite::Row<'_>, me: ClientId) -> rusqlite::Result<Opti
                 to,
                 text: text.unwrap_or_default(),
                 outgoing,
+                delivered,
             }
         }
         "state" => {
@@ -316,6 +346,7 @@ mod tests {
             to: id(to),
             text: text.into(),
             outgoing,
+            delivered: None,
         }
     }
 
@@ -338,6 +369,28 @@ mod tests {
         assert!(a.seq < b.seq && b.seq < c.seq);
         assert_eq!(h.last(2).unwrap(), vec![b.clone(), c.clone()]);
         assert_eq!(h.last(100).unwrap(), vec![a, b, c]);
+    }
+
+    #[test]
+    fn delivery_is_noted_on_the_message() {
+        let mut h = History::in_memory(id("me"));
+        let sent = h
+            .append(1, msg("me", "bob", "did it arrive?", true))
+            .unwrap();
+        let lost = h.append(2, msg("me", "bob", "and this?", true)).unwrap();
+        h.set_delivered(sent.seq, true).unwrap();
+        h.set_delivered(lost.seq, false).unwrap();
+        h.commit().unwrap();
+        let delivered: Vec<Option<bool>> = h
+            .last(2)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.kind {
+                RecordKind::Message { delivered, .. } => delivered,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(delivered, vec![Some(true), Some(false)]);
     }
 
     #[test]

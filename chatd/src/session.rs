@@ -145,6 +145,13 @@ pub enum Action {
     },
     /// Persist the client token (so a restarted daemon reclaims its id).
     SaveToken(Token),
+    /// Message `id` sent on `link` was stored by the peer, or never will be:
+    /// the history notes which.
+    Delivery {
+        link: LinkId,
+        id: u64,
+        delivered: bool,
+    },
 }
 
 /// Why the session wants a server request.
@@ -589,6 +596,7 @@ impl Session {
             to: peer,
             text: text.clone(),
             outgoing: true,
+            delivered: None,
         }));
         let sent_ms = 0; // filled in by the driver, which owns the wall clock
         self.out.push_back(Action::Send {
@@ -698,6 +706,7 @@ impl Session {
                     to: me,
                     text,
                     outgoing: false,
+                    delivered: Some(true),
                 }));
                 self.out.push_back(Action::Send {
                     link,
@@ -707,6 +716,11 @@ impl Session {
             PeerFrame::Ack { id } => {
                 if let Some((ticket, sent)) = c.unacked.remove(&id) {
                     let round_trip_us = now.saturating_duration_since(sent).as_micros() as u64;
+                    self.out.push_back(Action::Delivery {
+                        link,
+                        id,
+                        delivered: true,
+                    });
                     self.reply(ticket, Ok(Reply::Sent { id, round_trip_us }));
                 }
             }
@@ -733,7 +747,12 @@ impl Session {
         }
         let mut unacked: Vec<_> = c.unacked.into_iter().collect();
         unacked.sort_by_key(|(id, _)| *id);
-        for (_, (ticket, _)) in unacked {
+        for (id, (ticket, _)) in unacked {
+            self.out.push_back(Action::Delivery {
+                link: c.link,
+                id,
+                delivered: false,
+            });
             self.fail(ticket, FailureKind::Peer, undelivered.clone());
         }
         self.notice(&notice);
@@ -1700,7 +1719,8 @@ mod tests {
             from: id("me"),
             to: id("bob"),
             text: "hello".into(),
-            outgoing: true
+            outgoing: true,
+            delivered: None
         })));
         let (t2, a) = t.command(Command::Send {
             text: "again".into(),
@@ -1711,6 +1731,11 @@ mod tests {
             link,
             frame: PeerFrame::Ack { id: 2 },
         });
+        assert!(a.contains(&Action::Delivery {
+            link,
+            id: 2,
+            delivered: true
+        }));
         assert_eq!(
             reply_of(&a, t2),
             Ok(Reply::Sent {
@@ -1838,7 +1863,8 @@ mod tests {
                     from: id("bob"),
                     to: id("me"),
                     text: "hi".into(),
-                    outgoing: false
+                    outgoing: false,
+                    delivered: Some(true)
                 }),
                 Action::Send {
                     link,
@@ -1949,6 +1975,12 @@ mod tests {
         }
         assert_eq!(t.s.state(), State::Registered);
         assert!(ended.contains(&Action::Close { link }));
+        // The history is told the message never arrived.
+        assert!(ended.contains(&Action::Delivery {
+            link,
+            id: 1,
+            delivered: false
+        }));
         let f = reply_of(&ended, ticket).unwrap_err();
         assert!(
             f.message

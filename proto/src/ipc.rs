@@ -257,6 +257,10 @@ pub enum RecordKind {
         text: String,
         /// Sent by this daemon (as opposed to received).
         outgoing: bool,
+        /// For a message sent: stored by the peer (`Some(true)`), lost with
+        /// the link (`Some(false)`), or not known yet (`None`). A message
+        /// received is stored, so `Some(true)`.
+        delivered: Option<bool>,
     },
     /// The daemon changed state.
     State {
@@ -314,6 +318,7 @@ mod tests {
                         to: "b".parse().unwrap(),
                         text: "hi".into(),
                         outgoing: true,
+                        delivered: Some(true),
                     },
                 },
             },
