@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_proto::frame::{Decoder, encode};
@@ -93,7 +94,9 @@ pub fn start_hint(id: &str) -> String {
 /// daemon's hello is checked when the first answer is read: a command
 /// then costs one round trip to the daemon, not two.
 pub struct Conn {
-    stream: Stream,
+    // Shared with a [`Sender`], for `send -`, which writes from one thread
+    // while another reads.
+    stream: Arc<Stream>,
     decoder: Decoder,
     next_id: u64,
     /// Bytes not yet written (our hello, until the first request).
@@ -130,7 +133,7 @@ impl Conn {
         encode(&Hello::ours("chatctl"), MAX_FRAME, &mut pending)
             .map_err(|e| Error::Failed(e.to_string()))?;
         Ok(Conn {
-            stream,
+            stream: Arc::new(stream),
             decoder: Decoder::new(MAX_FRAME),
             next_id: 1,
             pending,
@@ -197,6 +200,17 @@ impl Conn {
         }
     }
 
+    /// A second handle that sends requests while this one reads the
+    /// answers (from another thread). Our hello goes out first.
+    pub fn sender(&mut self) -> Result<Sender, Error> {
+        self.flush()?;
+        // The sender numbers its requests far from ours.
+        Ok(Sender {
+            stream: Arc::clone(&self.stream),
+            next_id: 1 << 32,
+        })
+    }
+
     /// Bounds how long reads wait (`None`: forever).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         set_timeout(&self.stream, timeout)
@@ -212,7 +226,7 @@ impl Conn {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let result = self.stream.write_all(&self.pending);
+        let result = (&*self.stream).write_all(&self.pending);
         self.pending.clear();
         result.map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))
     }
@@ -225,7 +239,7 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => return Err(Error::Failed(format!("unexpected data from chatd: {e}"))),
             }
-            match self.stream.read(&mut chunk) {
+            match (&*self.stream).read(&mut chunk) {
                 Ok(0) => return Ok(None),
                 Ok(n) => self.decoder.extend(&chunk[..n]),
                 Err(e)
@@ -242,17 +256,38 @@ impl Conn {
     }
 }
 
+/// Sends requests on a connection whose answers another thread reads.
+pub struct Sender {
+    stream: Arc<Stream>,
+    next_id: u64,
+}
+
+impl Sender {
+    /// Sends a request; returns its number.
+    pub fn send(&mut self, request: Request) -> Result<u64, Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut out = Vec::new();
+        encode(&ClientFrame { id, request }, MAX_FRAME, &mut out)
+            .map_err(|e| Error::Failed(e.to_string()))?;
+        (&*self.stream)
+            .write_all(&out)
+            .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))?;
+        Ok(id)
+    }
+}
+
 #[cfg(unix)]
-fn set_timeout(stream: &Stream, timeout: Option<Duration>) -> std::io::Result<()> {
+fn set_timeout(stream: &Arc<Stream>, timeout: Option<Duration>) -> std::io::Result<()> {
     use std::os::fd::AsFd;
-    let Stream::UdSocket(s) = stream;
+    let Stream::UdSocket(s) = &**stream;
     // A duplicate descriptor shares the socket, and with it SO_RCVTIMEO.
     let unix = std::os::unix::net::UnixStream::from(s.as_fd().try_clone_to_owned()?);
     unix.set_read_timeout(timeout)
 }
 
 #[cfg(not(unix))]
-fn set_timeout(_stream: &Stream, _timeout: Option<Duration>) -> std::io::Result<()> {
+fn set_timeout(_stream: &Arc<Stream>, _timeout: Option<Duration>) -> std::io::Result<()> {
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
         "timeouts need Unix",

@@ -152,7 +152,7 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
         Cmd::Chat => p.reply(&conn.call(Request::Chat, no_records)?),
         Cmd::Quit => p.reply(&conn.call(Request::Quit, no_records)?),
         Cmd::Status => p.reply(&conn.call(Request::Status, no_records)?),
-        Cmd::Send { text } => send(&mut conn, text, p)?,
+        Cmd::Send { text } => send(conn, text, p)?,
         Cmd::Tail { lines, follow } => {
             let reply = conn.call(
                 Request::Tail {
@@ -217,7 +217,7 @@ const WINDOW: usize = 256;
 
 /// Sends the message given, or one per line of standard input, pipelined;
 /// fails unless the peer acknowledged every one.
-fn send(conn: &mut Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
+fn send(mut conn: Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
     if !words.is_empty() && words != ["-"] {
         let text = words.join(" ");
         if text.len() > chat_proto::peer::MAX_TEXT {
@@ -231,69 +231,155 @@ fn send(conn: &mut Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
         p.reply(&reply);
         return Ok(());
     }
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines().enumerate();
-    // Request number -> line number.
-    let mut in_flight = std::collections::HashMap::new();
-    let mut failed: Vec<(usize, String)> = Vec::new();
-    let mut total = 0usize;
-    let mut input_done = false;
-    while !input_done || !in_flight.is_empty() {
-        while !input_done && in_flight.len() < WINDOW {
-            match lines.next() {
-                Some((n, Ok(line))) => {
-                    if line.is_empty() {
-                        continue;
+    send_lines(conn, p.is_json())
+}
+
+/// What `send -` has in flight and what failed, shared by the thread that
+/// reads standard input and sends and the one that reads the answers.
+#[derive(Default)]
+struct Lines {
+    /// Request number -> line number.
+    in_flight: std::collections::HashMap<u64, usize>,
+    failed: Vec<(usize, String)>,
+    total: usize,
+}
+
+/// `send -`: every line of standard input, pipelined. Failures are reported
+/// as they happen; when one says the chat is over, nothing more can be
+/// delivered, so chatctl stops at once (with `tail -f log | chatctl send -`
+/// it would otherwise wait for the next log line to find out).
+fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
+    use std::sync::{Arc, Condvar, Mutex};
+    let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+    let mut sender = conn.sender()?;
+    let answers = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let printer = Printer::new(json);
+            loop {
+                let frame = match conn.next_frame() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("chatctl: {}", e.message());
+                        std::process::exit(i32::from(e.exit_code()));
                     }
-                    // Refused here rather than by the frame limit, so the
-                    // other lines still go.
-                    if line.len() > chat_proto::peer::MAX_TEXT {
-                        total += 1;
-                        failed.push((
-                            n + 1,
-                            format!(
-                                "{} bytes; a message is at most {}",
-                                line.len(),
-                                chat_proto::peer::MAX_TEXT
-                            ),
-                        ));
-                        continue;
-                    }
-                    total += 1;
-                    let id = conn.send(Request::Send { text: line })?;
-                    in_flight.insert(id, n + 1);
-                }
-                Some((n, Err(e))) => {
-                    failed.push((n + 1, format!("unreadable input: {e}")));
-                    input_done = true;
-                }
-                None => input_done = true,
-            }
-        }
-        if in_flight.is_empty() {
-            break;
-        }
-        if let DaemonFrame::Reply { id, result } = conn.next_frame()? {
-            if let Some(line) = in_flight.remove(&id) {
+                };
+                let DaemonFrame::Reply { id, result } = frame else {
+                    continue;
+                };
+                let (lock, changed) = &*shared;
+                let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(line) = lines.in_flight.remove(&id) else {
+                    continue;
+                };
                 match result {
-                    Ok(reply) => p.sent_line(line, &reply),
-                    Err(f) => failed.push((line, f.message)),
+                    Ok(reply) => printer.sent_line(line, &reply),
+                    Err(f) => {
+                        report_undelivered(json, line, &f.message);
+                        lines.failed.push((line, f.message.clone()));
+                        if chat_is_over(f.kind) {
+                            let summary = summary(&lines, Some(line));
+                            eprintln!("chatctl: {summary}");
+                            std::process::exit(1);
+                        }
+                    }
                 }
+                changed.notify_all();
             }
+        })
+    };
+    let _ = answers;
+    let stdin = std::io::stdin();
+    for (n, line) in stdin.lock().lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                let (lock, _) = &*shared;
+                lock.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .failed
+                    .push((n + 1, format!("unreadable input: {e}")));
+                break;
+            }
+        };
+        if line.is_empty() {
+            continue;
         }
+        let (lock, changed) = &*shared;
+        let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+        lines.total += 1;
+        // Refused here rather than by the frame limit, so the others go.
+        if line.len() > chat_proto::peer::MAX_TEXT {
+            let why = format!(
+                "{} bytes; a message is at most {}",
+                line.len(),
+                chat_proto::peer::MAX_TEXT
+            );
+            report_undelivered(json, n + 1, &why);
+            lines.failed.push((n + 1, why));
+            continue;
+        }
+        while lines.in_flight.len() >= WINDOW {
+            lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
+        }
+        // Sent under the lock, so the answer cannot come before the entry.
+        let id = sender.send(Request::Send { text: line })?;
+        lines.in_flight.insert(id, n + 1);
     }
-    if failed.is_empty() {
+    let (lock, changed) = &*shared;
+    let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+    while !lines.in_flight.is_empty() {
+        lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
+    }
+    if lines.failed.is_empty() {
         return Ok(());
     }
-    failed.sort();
-    let mut msg = format!("{} of {total} messages not delivered:", failed.len());
-    for (line, why) in failed.iter().take(20) {
-        msg.push_str(&format!("\n  line {line}: {why}"));
+    Err(Error::Failed(summary(&lines, None)))
+}
+
+/// Failures after which no further message can be delivered.
+fn chat_is_over(kind: chat_proto::ipc::FailureKind) -> bool {
+    use chat_proto::ipc::FailureKind;
+    matches!(
+        kind,
+        FailureKind::State | FailureKind::Peer | FailureKind::ShuttingDown
+    )
+}
+
+fn report_undelivered(json: bool, line: usize, why: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "delivered": false, "line": line, "error": why })
+        );
+    } else {
+        eprintln!("chatctl: line {line} not delivered: {why}");
     }
-    if failed.len() > 20 {
-        msg.push_str(&format!("\n  ... and {} more", failed.len() - 20));
+}
+
+fn summary(lines: &Lines, stopped_at: Option<usize>) -> String {
+    let mut failed: Vec<usize> = lines.failed.iter().map(|(l, _)| *l).collect();
+    failed.sort_unstable();
+    let shown: Vec<String> = failed.iter().take(20).map(usize::to_string).collect();
+    let more = if failed.len() > 20 {
+        format!(" and {} more", failed.len() - 20)
+    } else {
+        String::new()
+    };
+    match stopped_at {
+        Some(line) => format!(
+            "the chat is over: stopped at line {line}; {} of the {} lines sent so far not delivered (lines {}{more})",
+            failed.len(),
+            lines.total,
+            shown.join(", ")
+        ),
+        None => format!(
+            "{} of {} messages not delivered (lines {}{more})",
+            failed.len(),
+            lines.total,
+            shown.join(", ")
+        ),
     }
-    Err(Error::Failed(msg))
 }
 
 /// Reads standard input, for the shell.

@@ -392,11 +392,57 @@ fn send_without_a_chat_fails_clearly() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("2 of 2 messages not delivered")
-            && err.contains("line 1")
-            && err.contains("line 2"),
+        err.contains("line 1 not delivered: not chatting")
+            && err.contains("the chat is over: stopped at line 1"),
         "{err}"
     );
+}
+
+#[test]
+fn a_stream_into_send_stops_when_the_chat_ends() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    // As `tail -f app.log | chatctl send -`: the input never ends.
+    let mut cmd = alice.ctl_cmd(&["send", "-"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut send = cmd.spawn().unwrap();
+    let mut input = send.stdin.take().unwrap();
+    writeln!(input, "first line").unwrap();
+    eventually("the first line to arrive", || {
+        texts(&bob).contains(&"first line".to_owned())
+    });
+    bob.ok(&["quit"]);
+    alice.wait_for("registered");
+    // The next line cannot be delivered: chatctl says so and stops, with
+    // its input still open.
+    writeln!(input, "second line").unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = send.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let Some(status) = status else {
+        let _ = send.kill();
+        panic!("chatctl send - kept waiting for input after the chat ended");
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("line 2 not delivered: not chatting"), "{err}");
+    drop(input);
 }
 
 #[test]
