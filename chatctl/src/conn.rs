@@ -81,6 +81,19 @@ pub fn resolve_socket(given: Option<PathBuf>) -> Result<PathBuf, Error> {
     }
 }
 
+fn is_socket(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        true
+    }
+}
+
 /// How to start a daemon, for messages.
 pub fn start_hint(id: &str) -> String {
     format!(
@@ -116,17 +129,34 @@ impl Conn {
                 .and_then(|s| s.to_str())
                 .unwrap_or("ID")
                 .to_owned();
+            let is_socket = is_socket(path);
             let why = match e.kind() {
                 std::io::ErrorKind::NotFound => "no such socket".to_owned(),
+                std::io::ErrorKind::ConnectionRefused if !is_socket => {
+                    "it is not a socket".to_owned()
+                }
                 std::io::ErrorKind::ConnectionRefused => {
-                    "connection refused (the daemon is not running)".to_owned()
+                    "connection refused (the daemon that made it is gone)".to_owned()
                 }
                 _ => e.to_string(),
             };
-            Error::Unreachable(format!(
-                "cannot reach chatd at {}: {why}\n{}",
-                path.display(),
+            // A socket in the default place is found by id; another needs
+            // chatd told where to make it.
+            let default = id
+                .parse::<chat_proto::ClientId>()
+                .ok()
+                .and_then(|i| chat_proto::local::default_socket(&i).ok());
+            let hint = if default.as_deref() == Some(path) {
                 start_hint(&id)
+            } else {
+                format!(
+                    "start one with `chatd --id {id} --port PORT --server HOST:PORT --socket {}`",
+                    path.display()
+                )
+            };
+            Error::Unreachable(format!(
+                "cannot reach chatd at {}: {why}\n{hint}",
+                path.display()
             ))
         })?;
         let mut pending = Vec::new();

@@ -271,10 +271,10 @@ fn wait_chatting(socket: &Path) -> Result<(), Error> {
 fn wait_for_daemon(socket: &Path) -> Result<(), Error> {
     let deadline = Instant::now() + STEP;
     loop {
-        if let Ok(mut c) = Conn::open(socket) {
-            if c.call(Request::Id, |_| {}).is_ok() {
-                return Ok(());
-            }
+        if let Ok(mut c) = Conn::open(socket)
+            && c.call(Request::Id, |_| {}).is_ok()
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(Error::Failed(format!(

@@ -71,8 +71,10 @@ enum Cmd {
     },
     /// Print id, state, peer, server and turn
     Status,
-    /// Wait until the daemon is in STATE (idle, registered, waiting, ready, chatting)
+    /// Wait until the daemon is in STATE
     Wait {
+        /// The state to wait for
+        #[arg(value_parser = state_parser())]
         state: State,
         /// Give up after this many seconds (exit 1)
         #[arg(long, value_name = "SECS")]
@@ -111,13 +113,25 @@ enum Cmd {
     },
 }
 
+/// States by name, so that help and completions list them.
+fn state_parser() -> impl clap::builder::TypedValueParser<Value = State> {
+    use clap::builder::TypedValueParser as _;
+    let names: Vec<&'static str> = State::ALL.iter().map(|s| s.as_str()).collect();
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<State>())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let printer = Printer::new(cli.json);
     match run(cli, &printer) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chatctl: {}", e.message());
+            if printer.is_json() {
+                let error = serde_json::json!({ "error": e.message(), "exit": e.exit_code() });
+                eprintln!("{error}");
+            } else {
+                eprintln!("chatctl: {}", e.message());
+            }
             ExitCode::from(e.exit_code())
         }
     }
@@ -194,11 +208,21 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
 fn man_pages(dir: &std::path::Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
-    let pages = [
-        ("chat-server", chat_server::config::Options::command()),
-        ("chatd", chatd::config::Options::command()),
-        ("chatctl", Cli::command()),
+    let mut pages = vec![
+        (
+            "chat-server".to_owned(),
+            chat_server::config::Options::command(),
+        ),
+        ("chatd".to_owned(), chatd::config::Options::command()),
+        ("chatctl".to_owned(), Cli::command()),
     ];
+    // A page per chatctl command too, as chatctl(1) refers to them.
+    let mut cli = Cli::command();
+    cli.build();
+    for sub in cli.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("chatctl-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
     for (name, command) in pages {
         let path = dir.join(format!("{name}.1"));
         let mut out = Vec::new();

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use chat_proto::ipc::{RecordKind, Request};
+use chat_proto::ipc::{RecordKind, Reply, Request};
 
 use crate::conn::{Conn, Error};
 use crate::output::{Printer, record_text};
@@ -19,7 +19,7 @@ any other line is sent (start it with // to send a line beginning with /)";
 pub fn run(mut conn: Conn, socket: &Path, p: &Printer) -> Result<(), Error> {
     let mut follow = Conn::open(socket)?;
     let me = match conn.call(Request::Id, |_| {})? {
-        chat_proto::ipc::Reply::Id { id } => id,
+        Reply::Id { id } => id,
         other => return Err(Error::Failed(format!("unexpected answer: {other:?}"))),
     };
     let json = p.is_json();
@@ -90,6 +90,12 @@ pub fn run(mut conn: Conn, socket: &Path, p: &Printer) -> Result<(), Error> {
         match conn.call(request, |_| {}) {
             // Delivery is the normal case: say nothing unless asked.
             Ok(reply) if sending && !json => drop(reply),
+            // In the shell, the next step is /chat, not `chatctl chat`.
+            Ok(Reply::Bridged {
+                peer: Some((id, addr)),
+            }) if !json => {
+                println!("peer {id} at {addr}: /chat to start chatting");
+            }
             Ok(reply) => p.reply(&reply),
             Err(Error::Failed(m)) => eprintln!("chatctl: {m}"),
             Err(e) => return Err(e),

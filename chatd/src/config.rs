@@ -99,13 +99,16 @@ impl Options {
                 "pass --{key} {example}, or set `{key} = ...` in {}",
                 p.display()
             ),
-            None => format!(
-                "pass --{key} {example}, or set it in a configuration file ({})",
-                config_dir().map_or("chatd/ID.toml".into(), |d| d
-                    .join("ID.toml")
-                    .display()
-                    .to_string())
-            ),
+            None => {
+                let name = self
+                    .id
+                    .or(file.id)
+                    .map_or("ID".to_owned(), |i| i.to_string());
+                let file = config_dir().map_or(format!("chatd/{name}.toml"), |d| {
+                    d.join(format!("{name}.toml")).display().to_string()
+                });
+                format!("pass --{key} {example}, or set it in a configuration file ({file})")
+            }
         };
         let id = self
             .id
@@ -119,6 +122,7 @@ impl Options {
             .server
             .or(file.server)
             .ok_or_else(|| format!("no server given: {}", where_("server", "HOST:PORT")))?;
+        check_server(&server)?;
         Ok(Settings {
             id,
             port,
@@ -129,6 +133,19 @@ impl Options {
             register: self.register || file.register.unwrap_or(false),
             config: path,
         })
+    }
+}
+
+/// A server address must name a port: `HOST:PORT` or `[IPv6]:PORT`.
+fn check_server(server: &str) -> Result<(), String> {
+    match server
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()))
+    {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => Ok(()),
+        _ => Err(format!(
+            "bad server address {server:?}: HOST:PORT expected, such as 127.0.0.1:5555 or chat.example.org:5555"
+        )),
     }
 }
 
@@ -175,6 +192,19 @@ mod tests {
         assert!(
             Options::try_parse_from(["chatd", "--id=bad id", "--port=1", "--server=x:1"]).is_err()
         );
+    }
+
+    #[test]
+    fn the_server_needs_a_port() {
+        for bad in ["nohost", "host:", ":5555", "host:port", "host:0"] {
+            let err = Options::parse_from(["chatd", "--id", "a", "--port", "1", "--server", bad])
+                .merge(FileConfig::default(), None)
+                .unwrap_err();
+            assert!(err.contains("HOST:PORT expected"), "{bad}: {err}");
+        }
+        for good in ["127.0.0.1:5555", "[::1]:5555", "chat.example.org:1"] {
+            assert!(check_server(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -469,11 +469,11 @@ impl Core {
                     id,
                     delivered,
                 } => {
-                    if let Some(seq) = self.in_flight.remove(&(link, id)) {
-                        if let Err(e) = self.history.set_delivered(seq, delivered) {
-                            tracing::error!("{e}");
-                            self.storage_error.get_or_insert(e.to_string());
-                        }
+                    if let Some(seq) = self.in_flight.remove(&(link, id))
+                        && let Err(e) = self.history.set_delivered(seq, delivered)
+                    {
+                        tracing::error!("{e}");
+                        self.storage_error.get_or_insert(e.to_string());
                     }
                 }
                 Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {

@@ -12,7 +12,8 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("chatd: {e}");
-            return ExitCode::FAILURE;
+            // A setting missing or wrong is a usage error, as clap's are.
+            return ExitCode::from(2);
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

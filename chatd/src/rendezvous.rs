@@ -20,6 +20,8 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 const UDP_FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Give up on a UDP request after this long.
 const UDP_GIVE_UP: Duration = Duration::from_secs(8);
+/// Give up on a UDP PROBE (after TCP failed) after this long.
+const UDP_PROBE_GIVE_UP: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
@@ -59,7 +61,7 @@ impl Client {
         };
         let result = match transport {
             Transport::Tcp => tcp_exchange(addr, &self.server, request).await,
-            Transport::Udp => udp_exchange(addr, &self.server, request).await,
+            Transport::Udp => udp_exchange(addr, &self.server, request, UDP_GIVE_UP).await,
         };
         if result.is_err() {
             *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -85,10 +87,12 @@ impl Client {
             Ok(other) => format!("unexpected answer to PROBE: {other:?}"),
             Err(e) => e,
         };
-        match udp_exchange(addr, &self.server, &Request::Probe).await {
+        // A short try: a server that refused TCP is more likely down than
+        // serving UDP only, and the user is waiting.
+        match udp_exchange(addr, &self.server, &Request::Probe, UDP_PROBE_GIVE_UP).await {
             Ok(Response::ProbeAck { transports, .. }) if transports.udp => Ok(Transport::Udp),
             Ok(other) => Err(format!("unexpected answer to PROBE: {other:?}")),
-            Err(udp_err) => Err(format!("{tcp_err}; over UDP: {udp_err}")),
+            Err(udp_err) => Err(format!("over TCP: {tcp_err}; over UDP: {udp_err}")),
         }
     }
 }
@@ -97,12 +101,9 @@ async fn tcp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
     let deadline = Instant::now() + TCP_TIMEOUT;
     let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(format!("{addr}: {e}")),
+        Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => {
-            return Err(format!(
-                "{addr}: no answer within {} s",
-                TCP_TIMEOUT.as_secs()
-            ));
+            return Err(format!("no answer within {} s", TCP_TIMEOUT.as_secs()));
         }
     };
     let mut out = Vec::with_capacity(256);
@@ -139,15 +140,17 @@ async fn tcp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
     };
     match timeout_at(deadline, exchange).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(format!("{addr}: {e}")),
-        Err(_) => Err(format!(
-            "{addr}: no answer within {} s",
-            TCP_TIMEOUT.as_secs()
-        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", TCP_TIMEOUT.as_secs())),
     }
 }
 
-async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result<Response, String> {
+async fn udp_exchange(
+    addr: SocketAddr,
+    host: &str,
+    request: &Request,
+    give_up_after: Duration,
+) -> Result<Response, String> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().map_err(|_| "bad bind address")?
     } else {
@@ -156,10 +159,7 @@ async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
     let socket = UdpSocket::bind(bind)
         .await
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    socket
-        .connect(addr)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
+    socket.connect(addr).await.map_err(|e| e.to_string())?;
     let rid = request_id();
     let mut out = Vec::with_capacity(256);
     request.encode(
@@ -171,14 +171,11 @@ async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
         },
     );
     let method = request.method();
-    let give_up = Instant::now() + UDP_GIVE_UP;
+    let give_up = Instant::now() + give_up_after;
     let mut wait = UDP_FIRST_RETRY;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        socket
-            .send(&out)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
+        socket.send(&out).await.map_err(|e| e.to_string())?;
         let retry_at = (Instant::now() + wait).min(give_up);
         loop {
             match timeout_at(retry_at, socket.recv(&mut buf)).await {
@@ -191,10 +188,9 @@ async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
                 }
                 Ok(Ok(n)) => {
                     if let Ok(Parsed::Complete((head, _))) = parse_response(&buf[..n], method, true)
+                        && head.request_id.as_deref() == Some(rid.as_str())
                     {
-                        if head.request_id.as_deref() == Some(rid.as_str()) {
-                            return Ok(head.response);
-                        }
+                        return Ok(head.response);
                     }
                     // Someone else's datagram, or an old answer: ignore.
                 }
@@ -205,8 +201,8 @@ async fn udp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
         }
         if Instant::now() >= give_up {
             return Err(format!(
-                "{addr}: no answer over UDP within {} s",
-                UDP_GIVE_UP.as_secs()
+                "no answer within {:.1} s",
+                give_up_after.as_secs_f64()
             ));
         }
         wait *= 2;

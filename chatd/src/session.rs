@@ -323,16 +323,17 @@ impl Session {
         if self.retry_register_at.is_some_and(|t| now >= t) {
             self.register_automatically(now);
         }
-        if let Some(reg) = &self.reg {
-            if !self.refreshing && now >= reg.refresh_at {
-                if now >= reg.lapses_at {
-                    self.reg = None;
-                    self.notice("registration lapsed: the server could not be reached to refresh it; run `chatctl register` once it is back");
-                    self.phase_lost_with_registration();
-                } else {
-                    self.refreshing = true;
-                    self.server(Purpose::Refresh, now);
-                }
+        if let Some(reg) = &self.reg
+            && !self.refreshing
+            && now >= reg.refresh_at
+        {
+            if now >= reg.lapses_at {
+                self.reg = None;
+                self.notice("registration lapsed: the server could not be reached to refresh it; run `chatctl register` once it is back");
+                self.phase_lost_with_registration();
+            } else {
+                self.refreshing = true;
+                self.server(Purpose::Refresh, now);
             }
         }
         if let Phase::Chatting(c) = &mut self.phase {
@@ -367,31 +368,30 @@ impl Session {
                     peer,
                     addr,
                 } = self.phase
+                    && l == link
                 {
-                    if l == link {
-                        self.set_phase(Phase::None);
-                        self.reply(
+                    self.set_phase(Phase::None);
+                    self.reply(
                             ticket,
                             Err(Failure::new(
                                 FailureKind::Peer,
                                 format!("cannot chat with {peer} at {addr}: {reason}; run `chatctl bridge` for another peer"),
                             )),
                         );
-                    }
                 }
             }
             Input::Incoming { link, hello } => self.incoming(link, hello, now),
             Input::Frame { link, frame } => self.frame(link, frame, now),
             Input::LinkClosed { link, reason } => {
-                if let Phase::Chatting(c) = &self.phase {
-                    if c.link == link {
-                        let peer = c.peer;
-                        self.end_chat(
-                            format!("lost {peer}: {reason}"),
-                            format!("not delivered: lost {peer} ({reason})"),
-                            false,
-                        );
-                    }
+                if let Phase::Chatting(c) = &self.phase
+                    && c.link == link
+                {
+                    let peer = c.peer;
+                    self.end_chat(
+                        format!("lost {peer}: {reason}"),
+                        format!("not delivered: lost {peer} ({reason})"),
+                        false,
+                    );
                 }
             }
             Input::Shutdown => {

@@ -36,15 +36,15 @@ pub struct Options {
     #[arg(short = 'u', long, conflicts_with = "transport")]
     pub udp: bool,
 
-    /// Requests per second allowed from one address (an IPv6 /64); 0 = off [default: 20]
+    /// Requests per second allowed from one source address (for IPv6, one /64); 0 = off [default: 20]
     #[arg(long, value_name = "N")]
     pub per_ip_rate: Option<u32>,
 
-    /// Requests one address may send at once above its rate; 0 = off [default: 100]
+    /// Requests one source may send at once above its rate; 0 = off [default: 100]
     #[arg(long, value_name = "N")]
     pub per_ip_burst: Option<u32>,
 
-    /// Concurrent TCP connections from one address; 0 = off [default: 32]
+    /// Concurrent TCP connections from one source; 0 = off [default: 32]
     #[arg(long, value_name = "N")]
     pub per_ip_conns: Option<u32>,
 

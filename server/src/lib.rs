@@ -40,6 +40,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// and a connection lives on the thread that accepted it, with no
 /// cross-thread wake-ups. The registry is the one thing they share.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
+    if let Some(path) = &settings.config {
+        tracing::info!(config = %path.display(), "configuration read");
+    }
     // Transient connections cost a descriptor each while they close; use
     // all the kernel allows us rather than the shell's default of 1024.
     if let Ok(n) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -104,9 +107,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         threads.push(thread);
     }
 
-    if let Some(path) = &settings.config {
-        tracing::info!(config = %path.display(), "configuration read");
-    }
     // Every socket is bound and every worker started: ready (Type=notify).
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -239,7 +239,8 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 fn announce(addr: SocketAddr, transport: &str) {
-    tracing::info!(%addr, transport, "listening");
+    // The line on stdout says it already (and reaches the journal too).
+    tracing::debug!(%addr, transport, "listening");
     // On stdout too, for scripts and tests that started us with --port 0.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {addr} ({transport})");

@@ -162,12 +162,12 @@ impl ConnLimits {
 
     pub fn close(&mut self, source: Source) {
         self.total = self.total.saturating_sub(1);
-        if self.max_per_source != 0 {
-            if let Some(n) = self.per_source.get_mut(&source) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_source.remove(&source);
-                }
+        if self.max_per_source != 0
+            && let Some(n) = self.per_source.get_mut(&source)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
             }
         }
     }

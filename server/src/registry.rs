@@ -389,10 +389,11 @@ impl Registry {
     }
 
     fn remove(&mut self, id: &ClientId) {
-        if let Some(e) = self.clients.remove(id) {
-            if e.seq != IDLE && e.seq != BUSY {
-                self.waiting.remove(&e.seq);
-            }
+        if let Some(e) = self.clients.remove(id)
+            && e.seq != IDLE
+            && e.seq != BUSY
+        {
+            self.waiting.remove(&e.seq);
         }
     }
 

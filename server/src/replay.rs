@@ -108,10 +108,10 @@ impl ReplayCache {
             return false;
         };
         self.bytes -= Self::queue_cost(&key);
-        if self.map.get(&key).is_some_and(|(s, _)| *s == stamp) {
-            if let Some((_, v)) = self.map.remove(&key) {
-                self.bytes -= Self::map_cost(&key, &v);
-            }
+        if self.map.get(&key).is_some_and(|(s, _)| *s == stamp)
+            && let Some((_, v)) = self.map.remove(&key)
+        {
+            self.bytes -= Self::map_cost(&key, &v);
         }
         true
     }

@@ -75,10 +75,10 @@ pub async fn run(socket: UdpSocket, state: Arc<State>, mut shutdown: watch::Rece
             },
             _ = shutdown.changed() => return,
         };
-        if let Some(reply) = answer(&state, &mut cache, &buf[..n], from) {
-            if let Err(e) = socket.send_to(&reply, from).await {
-                tracing::debug!(%from, "udp send failed: {e}");
-            }
+        if let Some(reply) = answer(&state, &mut cache, &buf[..n], from)
+            && let Err(e) = socket.send_to(&reply, from).await
+        {
+            tracing::debug!(%from, "udp send failed: {e}");
         }
     }
 }
@@ -99,10 +99,10 @@ pub fn answer(
         Err(failure) => return encode(&Response::Error(failure), None, None, datagram.len()),
     };
     let rid = head.request_id.as_deref();
-    if let Some(rid) = rid {
-        if let Some(kept) = cache.get(from, rid, now) {
-            return Some(kept.to_vec());
-        }
+    if let Some(rid) = rid
+        && let Some(kept) = cache.get(from, rid, now)
+    {
+        return Some(kept.to_vec());
     }
     let response = state.answer(&head, from.ip());
     let reply = encode(&response, head.method, rid, datagram.len())?;
