@@ -133,10 +133,8 @@ fn read<T: serde::de::DeserializeOwned>(
 
 /// A bare TCP ping-pong of `size`-byte messages on 127.0.0.1 between this
 /// process and an echo process (this program again, `chat-bench echo`):
-/// the floor any link between two daemons, which are two processes, stands
-/// on. Two threads of one process would be faster than any two processes
-/// can be (no address-space switch), and so the wrong yardstick. Returns
-/// the sorted round trips in microseconds.
+/// two daemons are two processes, so two processes are the yardstick.
+/// Returns the sorted round trips in microseconds.
 pub fn tcp_ping_pong(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
     let exe = std::env::current_exe().context("cannot find chat-bench itself")?;
     let mut echo = Command::new(exe)
@@ -182,8 +180,8 @@ fn ping(mut s: TcpStream, count: usize, size: usize) -> anyhow::Result<Vec<u64>>
     Ok(rtts)
 }
 
-/// The same ping-pong between two threads of this process: faster than two
-/// processes can ever be, shown for context.
+/// The same ping-pong between two threads of this process, shown beside
+/// it for context.
 pub fn tcp_ping_pong_threads(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;

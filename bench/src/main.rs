@@ -365,7 +365,7 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
         send / version
     );
     println!(
-        "| for context: the bare ping-pong between two threads of one process (p50) | {:.1} µs | | | (no address-space switch: not reachable by two daemons) |",
+        "| for context: the same ping-pong between two threads of one process (p50) | {:.1} µs | | | |",
         median(&ping_threads) * 1000.0
     );
     if let Some(pid) = a.idle_pid {
