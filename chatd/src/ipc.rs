@@ -2,10 +2,11 @@
 //!
 //! Each connection states its protocol version first; then its requests go
 //! to the core, and whatever the core has for it (replies, records for
-//! `tail -f`) goes out through a bounded queue drained by a writer task.
-//! A shell that reads too slowly for its queue is dropped with a last frame
-//! saying so, never allowed to hold the daemon or the other shells up
-//! (tailscale's choice). A malformed or oversized frame ends that one
+//! `tail -f`) goes out through a queue drained by a writer task. Answers
+//! are bounded by the requests that asked for them; live records by
+//! [`QUEUE`]: a follower that lets more pile up is dropped with a last
+//! frame saying so, never allowed to hold the daemon or the other shells
+//! up (tailscale's choice). A malformed or oversized frame ends that one
 //! connection with an error frame; nothing else notices.
 
 use std::sync::Arc;
