@@ -121,11 +121,13 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             loop {
                 tick.tick().await;
+                let started = std::time::Instant::now();
                 let dropped = state.sweep();
                 if dropped > 0 {
                     tracing::debug!(
                         dropped,
                         live = state.registrations(),
+                        took_ms = started.elapsed().as_millis() as u64,
                         "lapsed registrations dropped"
                     );
                 }
