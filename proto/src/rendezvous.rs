@@ -697,6 +697,8 @@ struct Fields<'a> {
     content_length: Option<&'a [u8]>,
     transfer_encoding: bool,
     connection: Vec<&'a [u8]>,
+    /// The first header given twice (other than Content-Length).
+    duplicate: Option<String>,
 }
 
 impl<'a> Fields<'a> {
@@ -726,7 +728,12 @@ impl<'a> Fields<'a> {
                 continue;
             };
             if slot.replace(h.value).is_some() {
-                return Err(Failure::bad_request(format!("duplicate {name} header")));
+                // Two lengths make the stream's framing ambiguous: that is
+                // fatal. Any other duplicate only spoils this request.
+                if name.eq_ignore_ascii_case("Content-Length") {
+                    return Err(Failure::bad_request("duplicate Content-Length header"));
+                }
+                f.duplicate.get_or_insert_with(|| name.to_owned());
             }
         }
         if f.transfer_encoding {
@@ -763,6 +770,9 @@ impl<'a> Fields<'a> {
     }
 
     fn request(&self, method: Method) -> Result<Request, Failure> {
+        if let Some(name) = &self.duplicate {
+            return Err(Failure::bad_request(format!("duplicate {name} header")));
+        }
         Ok(match method {
             Method::Probe => Request::Probe,
             Method::Register => Request::Register {
@@ -1259,8 +1269,16 @@ mod tests {
             parse_request(endless.as_bytes()).unwrap_err().status.code(),
             431
         );
+        // Two lengths: the framing itself is in doubt.
+        let two_lengths = b"PROBE / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\n";
+        assert_eq!(parse_request(two_lengths).unwrap_err().status.code(), 400);
+        // Any other duplicate spoils only the request.
         let dup = b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\nclient-id: b\r\n\r\n";
-        assert_eq!(parse_request(dup).unwrap_err().status.code(), 400);
+        let head = complete(dup);
+        assert_eq!(
+            head.request.unwrap_err().reason,
+            "duplicate client-id header"
+        );
     }
 
     #[test]

@@ -191,11 +191,13 @@ impl Settings {
     }
 
     pub fn timeouts(&self) -> Timeouts {
+        // 0 is off; anything past NEVER is as good as off, and kept there
+        // so that deadlines computed from it cannot overflow an Instant.
         let secs = |s: u64| {
             if s == 0 {
                 NEVER
             } else {
-                Duration::from_secs(s)
+                Duration::from_secs(s).min(NEVER)
             }
         };
         Timeouts {
@@ -248,11 +250,13 @@ mod tests {
     }
 
     #[test]
-    fn zero_turns_timeouts_off() {
+    fn zero_turns_timeouts_off_and_huge_ones_are_capped() {
         assert_eq!(
             settings(&["--header-timeout", "0"]).timeouts().header,
             NEVER
         );
+        let huge = u64::MAX.to_string();
+        assert_eq!(settings(&["--idle-timeout", &huge]).timeouts().idle, NEVER);
     }
 
     #[test]

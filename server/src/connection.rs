@@ -80,7 +80,9 @@ pub async fn serve(
             };
             let total = head.head_len + head.content_length;
             if buf.len() < total {
-                // The body is still on its way, under the same deadline.
+                // The body is still on its way, under the same deadline;
+                // the head is parsed again once more has arrived.
+                scanned = 0;
                 break;
             }
             let response = match state.admit(peer.ip()) {

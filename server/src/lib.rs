@@ -102,7 +102,16 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let timeouts = settings.timeouts();
         let thread = std::thread::Builder::new()
             .name(format!("worker-{i}"))
-            .spawn(move || worker(tcp, udp, state, timeouts, shutdown))
+            .spawn(move || {
+                worker(
+                    tcp,
+                    udp,
+                    state,
+                    timeouts,
+                    udp::REPLAY_BYTES / workers,
+                    shutdown,
+                )
+            })
             .context("cannot start a worker thread")?;
         threads.push(thread);
     }
@@ -155,6 +164,7 @@ fn worker(
     udp: Option<std::net::UdpSocket>,
     state: Arc<State>,
     timeouts: connection::Timeouts,
+    replay_bytes: usize,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -178,6 +188,7 @@ fn worker(
             tasks.push(tokio::spawn(udp::run(
                 socket,
                 Arc::clone(&state),
+                replay_bytes,
                 shutdown.clone(),
             )));
         }

@@ -97,13 +97,29 @@ pub async fn run(
                 let shutdown = shutdown.clone();
                 let done = done.clone();
                 tokio::spawn(async move {
+                    // Counted out however the task ends, even by a panic.
+                    let _slot = Slot {
+                        state: Arc::clone(&state),
+                        source,
+                    };
                     connection::serve(stream, peer, Arc::clone(&state), timeouts, shutdown).await;
-                    lock(&state.conns).close(source);
                     drop(done);
                 });
             }
             Err(refusal) => refuse(stream, peer, refusal, &refusing, &state),
         }
+    }
+}
+
+/// A connection's place in the connection counts, given back on drop.
+struct Slot {
+    state: Arc<State>,
+    source: Source,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.state.conns).close(self.source);
     }
 }
 

@@ -27,7 +27,7 @@ use crate::state::State;
 /// How long responses are kept for retransmissions: longer than the ~8 s a
 /// client retransmits for, with room for a slow path.
 pub const REPLAY_TTL: Duration = Duration::from_secs(30);
-/// Memory for kept responses.
+/// Memory for kept responses, shared out among the workers' sockets.
 pub const REPLAY_BYTES: usize = 64 * 1024 * 1024;
 /// The amplification bound: response bytes per request byte.
 pub const MAX_AMPLIFICATION: usize = 3;
@@ -58,8 +58,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 }
 
 /// Serves datagrams until shutdown.
-pub async fn run(socket: UdpSocket, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+/// `replay_bytes` is this socket's share of [`REPLAY_BYTES`].
+pub async fn run(
+    socket: UdpSocket,
+    state: Arc<State>,
+    replay_bytes: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut cache = ReplayCache::new(REPLAY_TTL, replay_bytes);
     // One byte more than the largest accepted datagram, to see truncation.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {

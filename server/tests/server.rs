@@ -278,7 +278,7 @@ fn malformed_and_oversized_input_is_refused_and_closed() {
         (huge_head.into_bytes(), 431),
         (many_headers.into_bytes(), 431),
         (
-            b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\nClient-Id: b\r\n\r\n".to_vec(),
+            b"PROBE / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".to_vec(),
             400,
         ),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), 400),
@@ -654,4 +654,38 @@ fn port_in_use_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on TCP 127.0.0.1:"), "{err}");
+}
+
+#[test]
+fn a_body_arriving_in_pieces_is_waited_for_and_skipped() {
+    let s = Server::start(&[]);
+    let mut c = connect(s.addr);
+    // A head, then a body of 4000 bytes in three writes with pauses: the
+    // server must wait for all of it, then answer.
+    let body = vec![b'x'; 4000];
+    c.write_all(b"PROBE / HTTP/1.1\r\nContent-Length: 4000\r\n\r\n")
+        .unwrap();
+    for part in body.chunks(1500) {
+        std::thread::sleep(Duration::from_millis(100));
+        c.write_all(part).unwrap();
+    }
+    let r = read_reply(&mut c);
+    assert_eq!((r.status, r.phrase.as_str()), (200, "PROBEACK"));
+    // The connection goes on.
+    c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
+    assert_eq!(read_reply(&mut c).status, 200);
+}
+
+#[test]
+fn a_duplicate_header_spoils_the_request_not_the_connection() {
+    let s = Server::start(&[]);
+    let mut c = connect(s.addr);
+    c.write_all(b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\nClient-Id: b\r\n\r\n")
+        .unwrap();
+    let r = read_reply(&mut c);
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("duplicate"), "{r:?}");
+    assert_eq!(r.header("Connection"), None);
+    c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
+    assert_eq!(read_reply(&mut c).status, 200);
 }
