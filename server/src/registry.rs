@@ -342,7 +342,16 @@ impl Registry {
                 "Peer-Id is your own id: name the peer you chat with",
             ));
         }
-        self.live(&peer, now).ok_or_else(|| unknown(&peer))?;
+        let p = self.live(&peer, now).ok_or_else(|| unknown(&peer))?;
+        // A chat starts with a client that waits for one (or already
+        // chats, when CHAT is repeated); otherwise any registered client
+        // could take any idle one out of play.
+        if p.seq == IDLE {
+            return Err(Failure::new(
+                ErrorStatus::Conflict,
+                format!("{peer} is not waiting for a chat: BRIDGE to be handed a waiting client"),
+            ));
+        }
         // The two chat directly now; the server only needs to stop handing
         // either of them out.
         self.set_seq(id, BUSY);
@@ -703,15 +712,19 @@ mod tests {
         let c = h.register("c", 3, secs(0.0));
         assert_eq!(peer_of(&h.bridge("a", a, None, secs(1.0))), None);
         assert_eq!(peer_of(&h.bridge("a", a, None, secs(2.0))), None);
-        // b chats with c, then both bridge again; a was first.
-        h.send(
-            Request::Chat {
-                id: id("b"),
-                token: b,
-                peer: id("c"),
-            },
-            secs(3.0),
+        // c cannot be taken into a chat it did not wait for.
+        assert_eq!(
+            status(&h.send(
+                Request::Chat {
+                    id: id("b"),
+                    token: b,
+                    peer: id("c"),
+                },
+                secs(3.0),
+            )),
+            409
         );
+        // b and c bridge: a, who came first, is handed to both.
         assert_eq!(
             peer_of(&h.bridge("b", b, None, secs(4.0))).as_deref(),
             Some("a")

@@ -552,15 +552,20 @@ fn udp_serves_every_request_with_request_ids() {
         409
     );
 
+    // dgram2 waits for a peer, so dgram's BRIDGE is handed it and its CHAT
+    // with it is accepted.
+    let reg2 = b"REGISTER / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram2\r\nClient-Port: 4445\r\nRequest-Id: r3\r\n\r\n";
+    let r2 = Reply::parse(&udp_exchange(&sock, s.addr, reg2, WAIT).unwrap());
+    let token2 = r2.header("Client-Token").unwrap().to_owned();
+    let wait2 = format!(
+        "BRIDGE / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram2\r\nClient-Token: {token2}\r\nRequest-Id: w2\r\n\r\n"
+    );
+    udp_exchange(&sock, s.addr, wait2.as_bytes(), WAIT).unwrap();
     for (method, extra, phrase) in [
         ("BRIDGE", String::new(), "BRIDGEACK"),
         ("CHAT", "Peer-Id: dgram2\r\n".to_owned(), "CHATACK"),
         ("QUIT", String::new(), "QUITACK"),
     ] {
-        if method == "CHAT" {
-            let reg2 = b"REGISTER / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram2\r\nClient-Port: 4445\r\nRequest-Id: r3\r\n\r\n";
-            udp_exchange(&sock, s.addr, reg2, WAIT).unwrap();
-        }
         let raw = format!(
             "{method} / HTTP/1.1\r\nHost: t\r\nClient-Id: dgram\r\nClient-Token: {token}\r\n{extra}Request-Id: {method}\r\n\r\n"
         );
