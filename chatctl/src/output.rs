@@ -114,6 +114,7 @@ pub fn record_text(r: &Record) -> String {
             delivered,
             ..
         } => {
+            let text = printable(text);
             let lost = if *delivered == Some(false) {
                 "  (not delivered)"
             } else {
@@ -126,7 +127,7 @@ pub fn record_text(r: &Record) -> String {
             peer: Some(p),
         } => format!("{when}  [{state} with {p}]"),
         RecordKind::State { state, peer: None } => format!("{when}  [{state}]"),
-        RecordKind::Notice { text } => format!("{when}  * {text}"),
+        RecordKind::Notice { text } => format!("{when}  * {}", printable(text)),
     }
 }
 
@@ -187,6 +188,24 @@ fn status_json(s: &Status) -> Value {
     })
 }
 
+/// Text from another daemon, made safe for a terminal: control characters
+/// (escape sequences, carriage returns, newlines that would forge a line)
+/// are shown escaped, as `\u{1b}`.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// RFC 3339, UTC, millisecond precision.
 pub fn rfc3339(ms: i64) -> String {
     match jiff::Timestamp::from_millisecond(ms) {
@@ -209,6 +228,12 @@ fn local_time(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\\nc");
+    }
 
     #[test]
     fn json_messages_have_the_documented_fields() {

@@ -849,3 +849,19 @@ fn register_at_start_up_needs_no_shell() {
     let _ = chatd.wait();
     assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
 }
+
+#[test]
+fn text_from_a_peer_cannot_drive_the_terminal() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    bob.ok(&["send", "clear\u{1b}[2Jscreen"]);
+    let shown = alice.ok(&["tail", "-n", "1"]);
+    assert!(!shown.contains('\u{1b}'), "{shown:?}");
+    assert!(shown.contains("clear\\u{1b}[2Jscreen"), "{shown:?}");
+    // JSON keeps the text as it was, escaped the JSON way.
+    let json = alice.ok(&["--json", "tail", "-n", "1"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["text"], "clear\u{1b}[2Jscreen");
+}

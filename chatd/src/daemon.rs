@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::history::History;
-use crate::ipc::{ClientHandle, ClientKey};
+use crate::ipc::{ClientHandle, ClientKey, Queued};
 use crate::peer::{self, Decision, LinkHandle, LinkOut};
 use crate::rendezvous;
 use crate::session::{Action, Command, Input, LinkId, Session, Ticket};
@@ -40,11 +40,6 @@ pub enum CoreEvent {
         hello: Hello,
         addr: SocketAddr,
         decide: oneshot::Sender<Decision>,
-    },
-    /// A link's reader and writer are running.
-    LinkReady {
-        link: LinkId,
-        handle: LinkHandle,
     },
     /// A shell attached.
     Attach {
@@ -229,7 +224,7 @@ impl Core {
         let now = std::time::Instant::now();
         match event {
             CoreEvent::Session(input) => {
-                if let Input::LinkClosed { link, .. } = &input {
+                if let Input::LinkClosed { link, .. } | Input::LinkFailed { link, .. } = &input {
                     self.links.remove(link);
                     self.outgoing.remove(link);
                     self.early.remove(link);
@@ -246,9 +241,6 @@ impl Core {
                 self.deciders.insert(link, decide);
                 self.session.handle(Input::Incoming { link, hello }, now);
             }
-            CoreEvent::LinkReady { link, handle } => {
-                self.links.insert(link, handle);
-            }
             CoreEvent::Attach { key, handle } => {
                 self.clients.insert(
                     key,
@@ -264,7 +256,7 @@ impl Core {
                     let _ = c
                         .handle
                         .queue
-                        .send((DaemonFrame::Dropped { reason }, false));
+                        .send(Queued::answer(DaemonFrame::Dropped { reason }));
                 }
                 self.clients.remove(&key);
             }
@@ -320,7 +312,9 @@ impl Core {
                         );
                     }
                 };
-                self.send_records(key, id, records);
+                if !self.send_records(key, id, records) {
+                    return;
+                }
                 if follow {
                     if let Some(c) = self.clients.get_mut(&key) {
                         c.follows.push(id);
@@ -342,7 +336,9 @@ impl Core {
                         );
                     }
                 };
-                self.send_records(key, id, records);
+                if !self.send_records(key, id, records) {
+                    return;
+                }
                 return self.answer(key, id, Ok(Reply::Done));
             }
             ipc::Request::Wait { state } => {
@@ -361,12 +357,32 @@ impl Core {
         self.session.handle(Input::Command { ticket, command }, now);
     }
 
-    fn send_records(&mut self, key: ClientKey, id: u64, records: Vec<Record>) {
+    /// Queues the records a request asked for; false (and an error to
+    /// the shell) if too many bytes of answers already wait for it.
+    fn send_records(&mut self, key: ClientKey, id: u64, records: Vec<Record>) -> bool {
+        let Some(c) = self.clients.get(&key) else {
+            return false;
+        };
+        let bytes: usize = records.iter().map(crate::ipc::record_bytes).sum();
+        let waiting = c.handle.answer_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if waiting + bytes > crate::ipc::MAX_ANSWER_BYTES {
+            c.handle.answer_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            let message = format!(
+                "too much history waiting to be read ({} MiB): read the answers already asked for, or ask for fewer",
+                crate::ipc::MAX_ANSWER_BYTES >> 20
+            );
+            self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
+            return false;
+        }
+        // Counted above in one go; each frame carries its share for the
+        // writer to give back.
         for record in records {
-            if !self.push(key, DaemonFrame::Record { id, record }) {
-                return;
+            let frame = Queued::answer(DaemonFrame::Record { id, record });
+            if !self.push_queued(key, frame) {
+                return false;
             }
         }
+        true
     }
 
     fn answer(&mut self, key: ClientKey, id: u64, result: Result<Reply, Failure>) {
@@ -375,8 +391,12 @@ impl Core {
 
     /// Queues a frame answering one of a shell's requests.
     fn push(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
+        self.push_queued(key, Queued::answer(frame))
+    }
+
+    fn push_queued(&mut self, key: ClientKey, frame: Queued) -> bool {
         match self.clients.get(&key) {
-            Some(c) if c.handle.queue.send((frame, false)).is_ok() => true,
+            Some(c) if c.handle.queue.send(frame).is_ok() => true,
             Some(_) => {
                 self.clients.remove(&key);
                 false
@@ -398,7 +418,7 @@ impl Core {
             self.clients.remove(&key);
             return false;
         }
-        if c.handle.queue.send((frame, true)).is_err() {
+        if c.handle.queue.send(Queued::live(frame)).is_err() {
             self.clients.remove(&key);
             return false;
         }
@@ -427,11 +447,35 @@ impl Core {
                 }
                 Action::Connect { link, addr, hello } => {
                     tracing::info!(%addr, "connecting to peer");
-                    tokio::spawn(peer::connect(link, addr, hello, self.events.clone()));
+                    let (handle, queue) = peer::queue();
+                    self.links.insert(link, handle);
+                    tokio::spawn(peer::connect(link, addr, hello, self.events.clone(), queue));
                 }
                 Action::Accept { link } => {
-                    if let Some(d) = self.deciders.remove(&link) {
-                        let _ = d.send(Decision::Accept { link, me: self.me });
+                    let (handle, queue) = peer::queue();
+                    self.links.insert(link, handle);
+                    let accepted = match self.deciders.remove(&link) {
+                        Some(d) => d
+                            .send(Decision::Accept {
+                                link,
+                                me: self.me,
+                                out: queue,
+                            })
+                            .is_ok(),
+                        None => false,
+                    };
+                    if !accepted {
+                        // The connection gave up waiting: end the chat the
+                        // session just began.
+                        self.links.remove(&link);
+                        self.session.handle(
+                            Input::LinkClosed {
+                                link,
+                                reason: "the peer's connection was gone before the chat began"
+                                    .into(),
+                            },
+                            std::time::Instant::now(),
+                        );
                     }
                 }
                 Action::Refuse {

@@ -145,7 +145,17 @@ impl History {
     pub fn commit(&mut self) -> Result<(), HistoryError> {
         if self.in_tx {
             self.in_tx = false;
-            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            let result = self
+                .conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut c| c.execute([]));
+            if result.is_err() && !self.conn.is_autocommit() {
+                // A failed COMMIT may leave the transaction open; end it, so
+                // the next turn can store again (what it held is lost, and
+                // the daemon tells the peers so).
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            result?;
         }
         Ok(())
     }

@@ -42,9 +42,11 @@ pub type ClientKey = u64;
 /// [`MAX_RECORDS`] records each. Live records for a follower are bounded
 /// by [`QUEUE`]: a follower that lets more pile up is dropped.
 pub struct ClientHandle {
-    pub queue: mpsc::UnboundedSender<(DaemonFrame, bool)>,
+    pub queue: mpsc::UnboundedSender<Queued>,
     /// Live records queued and not yet written.
     pub live: Arc<AtomicUsize>,
+    /// Bytes of records answering requests, queued and not yet written.
+    pub answer_bytes: Arc<AtomicUsize>,
     /// Set by the core when too many live records piled up: the writer
     /// then ends the connection with a last `Dropped` frame.
     pub lagged: Arc<AtomicBool>,
@@ -52,6 +54,52 @@ pub struct ClientHandle {
 
 /// The most records one `tail` or `history` request returns.
 pub const MAX_RECORDS: u32 = 100_000;
+
+/// The most bytes of records answering requests that may wait for one
+/// shell: a shell that asks for history and does not read it gets an error
+/// rather than the daemon's memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+/// A frame on its way to a shell, with what it counts against.
+#[derive(Debug)]
+pub struct Queued {
+    pub frame: DaemonFrame,
+    /// A live record for a follower (counted against [`QUEUE`]).
+    pub live: bool,
+    /// Bytes counted against [`MAX_ANSWER_BYTES`].
+    pub bytes: usize,
+}
+
+impl Queued {
+    pub fn answer(frame: DaemonFrame) -> Queued {
+        let bytes = match &frame {
+            DaemonFrame::Record { record, .. } => record_bytes(record),
+            _ => 0,
+        };
+        Queued {
+            frame,
+            live: false,
+            bytes,
+        }
+    }
+
+    pub fn live(frame: DaemonFrame) -> Queued {
+        Queued {
+            frame,
+            live: true,
+            bytes: 0,
+        }
+    }
+}
+
+/// About what a record costs held in memory.
+pub fn record_bytes(record: &chat_proto::ipc::Record) -> usize {
+    use chat_proto::ipc::RecordKind;
+    64 + match &record.kind {
+        RecordKind::Message { text, .. } | RecordKind::Notice { text } => text.len(),
+        RecordKind::State { .. } => 0,
+    }
+}
 
 /// Accepts shells until the core goes away.
 pub async fn accept_loop(listener: Listener, core: mpsc::Sender<CoreEvent>) {
@@ -106,17 +154,19 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
     let (queue, rx) = mpsc::unbounded_channel();
     let lagged = Arc::new(AtomicBool::new(false));
     let live = Arc::new(AtomicUsize::new(0));
+    let answer_bytes = Arc::new(AtomicUsize::new(0));
     // Only the core holds the queue's sender: when it lets go (the shell
     // detached, or fell behind), the writer drains what is queued and ends.
     let handle = ClientHandle {
         queue,
         live: Arc::clone(&live),
+        answer_bytes: Arc::clone(&answer_bytes),
         lagged: Arc::clone(&lagged),
     };
     if core.send(CoreEvent::Attach { key, handle }).await.is_err() {
         return;
     }
-    let mut writer = tokio::spawn(writer(Arc::clone(&stream), rx, live, lagged));
+    let mut writer = tokio::spawn(writer(Arc::clone(&stream), rx, live, answer_bytes, lagged));
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let reading = async {
         loop {
@@ -182,8 +232,9 @@ async fn write_frame<T: serde::Serialize>(send: &mut &Stream, value: &T) -> std:
 
 async fn writer(
     stream: Arc<Stream>,
-    mut rx: mpsc::UnboundedReceiver<(DaemonFrame, bool)>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
     live: Arc<AtomicUsize>,
+    answer_bytes: Arc<AtomicUsize>,
     lagged: Arc<AtomicBool>,
 ) {
     let mut send = &*stream;
@@ -192,12 +243,19 @@ async fn writer(
         out.clear();
         let mut next = Some(first);
         let mut live_written = 0;
+        let mut bytes_written = 0;
         // Everything queued goes out in one write.
-        while let Some((frame, is_live)) = next.take() {
+        while let Some(Queued {
+            frame,
+            live: is_live,
+            bytes,
+        }) = next.take()
+        {
             if let Err(e) = encode(&frame, MAX_FRAME, &mut out) {
                 tracing::warn!("a frame for chatctl could not be encoded: {e}");
             }
             live_written += usize::from(is_live);
+            bytes_written += bytes;
             if out.len() > 256 * 1024 {
                 break;
             }
@@ -207,6 +265,7 @@ async fn writer(
             return;
         }
         live.fetch_sub(live_written, Ordering::AcqRel);
+        answer_bytes.fetch_sub(bytes_written, Ordering::AcqRel);
     }
     if lagged.load(Ordering::Acquire) {
         let reason = format!(

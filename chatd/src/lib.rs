@@ -32,6 +32,11 @@ use crate::session::{Config, Session};
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let id = settings.id;
+    // Peers, shells and the server each hold descriptors: use what the
+    // system allows rather than the shell's default of 1024.
+    if let Ok(n) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!("file descriptor limit: {n}");
+    }
     if let Some(path) = &settings.config {
         tracing::info!(config = %path.display(), "configuration read");
     }

@@ -22,6 +22,9 @@ use tokio::time::{Instant, timeout_at};
 use crate::daemon::CoreEvent;
 use crate::session::{Input, LinkId};
 
+/// Incoming handshakes in progress at once; past it, connections are closed.
+const MAX_HANDSHAKES: usize = 64;
+
 /// How long a handshake may take, either way.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,17 +42,28 @@ pub struct LinkHandle {
     pub out: mpsc::UnboundedSender<LinkOut>,
 }
 
-/// The core's answer to an incoming handshake.
+/// The core's answer to an incoming handshake. On accepting, the core has
+/// already made the link's queue (frames may be queued at once); `out` is
+/// the writer's end of it.
 #[derive(Debug)]
 pub enum Decision {
     Accept {
         link: LinkId,
         me: chat_proto::ClientId,
+        out: mpsc::UnboundedReceiver<LinkOut>,
     },
     Refuse {
         status: u16,
         reason: String,
     },
+}
+
+/// A new link's queue: the core keeps the handle, the writer the receiver.
+/// Made by the core when it accepts or opens a link, so that no frame it
+/// queues in the meantime can be lost.
+pub fn queue() -> (LinkHandle, mpsc::UnboundedReceiver<LinkOut>) {
+    let (out, rx) = mpsc::unbounded_channel();
+    (LinkHandle { out }, rx)
 }
 
 /// Binds the peer port, so that a port in use is an error at start-up.
@@ -88,11 +102,22 @@ pub async fn accept_loop(listener: std::net::TcpListener, core: mpsc::Sender<Cor
             return;
         }
     };
+    // Handshakes in progress hold a descriptor each for up to seconds: a
+    // flood of connections that never finish one must not use up the
+    // daemon's descriptors (and with them its control socket).
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
+                let Ok(permit) = std::sync::Arc::clone(&handshakes).try_acquire_owned() else {
+                    tracing::debug!(%addr, "too many handshakes in progress; closing");
+                    continue;
+                };
                 let core = core.clone();
-                tokio::spawn(async move { incoming(stream, addr, core).await });
+                tokio::spawn(async move {
+                    incoming(stream, addr, core).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!("accepting a peer failed: {e}");
@@ -136,10 +161,17 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
         .await
         .is_err()
     {
-        return refuse(stream, 409, "the daemon is stopping".into()).await;
+        return refuse(stream, 503, "the daemon is stopping".into()).await;
     }
-    match timeout_at(deadline, decision).await {
-        Ok(Ok(Decision::Accept { link, me })) => {
+    // The core decides as soon as it sees the request; this bound only
+    // guards against a daemon stuck on something else.
+    let decided = Instant::now() + HANDSHAKE_TIMEOUT;
+    match timeout_at(decided, decision).await {
+        Ok(Ok(Decision::Accept {
+            link,
+            me,
+            out: queue,
+        })) => {
             let mut out = Vec::new();
             Answer::Accepted { id: me }.encode(&mut out);
             if stream.write_all(&out).await.is_err() {
@@ -151,11 +183,18 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
                     .await;
                 return;
             }
-            let handle = start(stream, link, buf.split_off(used), core.clone());
-            let _ = core.send(CoreEvent::LinkReady { link, handle }).await;
+            start(stream, link, buf.split_off(used), core.clone(), queue);
         }
         Ok(Ok(Decision::Refuse { status, reason })) => refuse(stream, status, reason).await,
-        _ => refuse(stream, 409, "no decision in time".into()).await,
+        // The core, deciding later, finds this end gone and ends the link.
+        _ => {
+            refuse(
+                stream,
+                503,
+                "the daemon did not answer in time; try again".into(),
+            )
+            .await
+        }
     }
 }
 
@@ -175,8 +214,15 @@ async fn refuse(mut stream: TcpStream, status: u16, reason: String) {
     }
 }
 
-/// Opens link `link` to `addr` and reports the outcome to the core.
-pub async fn connect(link: LinkId, addr: SocketAddr, hello: Hello, core: mpsc::Sender<CoreEvent>) {
+/// Opens link `link` to `addr` and reports the outcome to the core; `queue`
+/// is the writer's end of the link's queue.
+pub async fn connect(
+    link: LinkId,
+    addr: SocketAddr,
+    hello: Hello,
+    core: mpsc::Sender<CoreEvent>,
+    queue: mpsc::UnboundedReceiver<LinkOut>,
+) {
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let late = || format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs());
@@ -217,8 +263,7 @@ pub async fn connect(link: LinkId, addr: SocketAddr, hello: Hello, core: mpsc::S
     };
     match outcome.await {
         Ok((stream, peer, leftover)) => {
-            let handle = start(stream, link, leftover, core.clone());
-            let _ = core.send(CoreEvent::LinkReady { link, handle }).await;
+            start(stream, link, leftover, core.clone(), queue);
             let _ = core
                 .send(CoreEvent::Session(Input::LinkUp { link, peer }))
                 .await;
@@ -237,12 +282,11 @@ fn start(
     link: LinkId,
     leftover: Vec<u8>,
     core: mpsc::Sender<CoreEvent>,
-) -> LinkHandle {
+    queue: mpsc::UnboundedReceiver<LinkOut>,
+) {
     let (read, write) = stream.into_split();
-    let (out, rx) = mpsc::unbounded_channel();
     tokio::spawn(reader(read, link, leftover, core));
-    tokio::spawn(writer(write, rx));
-    LinkHandle { out }
+    tokio::spawn(writer(write, queue));
 }
 
 async fn reader(

@@ -213,8 +213,24 @@ struct Chat {
     next_id: u64,
     /// Sent messages not yet acknowledged: the command to answer, and when.
     unacked: HashMap<u64, (Ticket, Instant)>,
+    /// The same, in the order sent, for the oldest one's deadline (ids
+    /// acknowledged meanwhile are skipped when they reach the front).
+    sent_order: VecDeque<(Instant, u64)>,
     next_ping: Instant,
     deadline: Instant,
+}
+
+impl Chat {
+    /// When the oldest unacknowledged message was sent.
+    fn oldest_unacked(&mut self) -> Option<Instant> {
+        while let Some(&(at, id)) = self.sent_order.front() {
+            if self.unacked.contains_key(&id) {
+                return Some(at);
+            }
+            self.sent_order.pop_front();
+        }
+        None
+    }
 }
 
 /// One daemon's session.
@@ -223,7 +239,10 @@ pub struct Session {
     token: Option<Token>,
     reg: Option<Registration>,
     phase: Phase,
-    ops: HashMap<OpId, Purpose>,
+    ops: HashMap<OpId, (Purpose, u64)>,
+    /// Bumped by `quit` and shutdown: answers to requests sent before are
+    /// stale and must not register the daemon again.
+    epoch: u64,
     next_op: OpId,
     next_link: LinkId,
     /// A background refresh is in flight (at most one).
@@ -242,6 +261,7 @@ impl Session {
             reg: None,
             phase: Phase::None,
             ops: HashMap::new(),
+            epoch: 0,
             next_op: 1,
             next_link: 1,
             refreshing: false,
@@ -310,7 +330,15 @@ impl Session {
             .filter(|_| !self.refreshing)
             .map(|r| r.refresh_at);
         let link = match &self.phase {
-            Phase::Chatting(c) => Some(c.next_ping.min(c.deadline)),
+            Phase::Chatting(c) => {
+                // The front may be acknowledged already: then this wakes a
+                // little early, which is harmless.
+                let ack = c
+                    .sent_order
+                    .front()
+                    .map(|(at, _)| *at + self.config.peer_timeout);
+                Some(c.next_ping.min(c.deadline).min(ack.unwrap_or(c.deadline)))
+            }
             _ => None,
         };
         [refresh, link, self.retry_register_at]
@@ -337,7 +365,20 @@ impl Session {
             }
         }
         if let Phase::Chatting(c) = &mut self.phase {
-            if now >= c.deadline {
+            let ack_late = c
+                .oldest_unacked()
+                .is_some_and(|at| now >= at + self.config.peer_timeout);
+            if ack_late {
+                // Alive (it pings) but not storing what we send: as good
+                // as gone, and the senders must be told.
+                let secs = self.config.peer_timeout.as_secs();
+                let peer = c.peer;
+                self.end_chat(
+                    format!("left {peer}: no acknowledgement for {secs} s"),
+                    format!("not delivered: {peer} did not acknowledge within {secs} s"),
+                    true,
+                );
+            } else if now >= c.deadline {
                 let secs = self.config.peer_timeout.as_secs();
                 let peer = c.peer;
                 self.end_chat(
@@ -395,6 +436,8 @@ impl Session {
                 }
             }
             Input::Shutdown => {
+                self.epoch += 1;
+                self.retry_register_at = None;
                 if let Phase::Chatting(c) = &self.phase {
                     let link = c.link;
                     self.out.push_back(Action::Send {
@@ -506,6 +549,8 @@ impl Session {
                     _ => {}
                 }
                 self.set_phase(Phase::None);
+                self.epoch += 1;
+                self.retry_register_at = None;
                 if self.reg.is_some() || self.token.is_some() {
                     self.reg = None;
                     self.server(Purpose::Quit(Some(ticket)), now);
@@ -587,6 +632,7 @@ impl Session {
         let id = c.next_id;
         c.next_id += 1;
         c.unacked.insert(id, (ticket, now));
+        c.sent_order.push_back((now, id));
         if turns {
             c.my_turn = false;
         }
@@ -667,6 +713,11 @@ impl Session {
                 self.out.push_back(Action::Accept { link });
                 self.start_chat(hello.id, link, false, now);
             }
+            // Handed another peer: about to call it, not waiting for anyone.
+            Phase::Ready { .. } => self.out.push_back(refuse(
+                403,
+                format!("{me} is not waiting for you: it was handed another peer to chat with"),
+            )),
             _ => self.out.push_back(refuse(
                 403,
                 format!("{me} is not waiting for a chat: it must run `chatctl bridge` first"),
@@ -682,6 +733,7 @@ impl Session {
             my_turn: initiator,
             next_id: 1,
             unacked: HashMap::new(),
+            sent_order: VecDeque::new(),
             next_ping: now + self.config.ping_every,
             deadline: now + self.config.peer_timeout,
         }));
@@ -698,6 +750,14 @@ impl Session {
         }
         c.deadline = now + timeout;
         match frame {
+            PeerFrame::Message { text, .. } if text.len() > MAX_TEXT => {
+                let peer = c.peer;
+                self.end_chat(
+                    format!("left {peer}: it sent a message over {MAX_TEXT} bytes"),
+                    format!("not delivered: {peer} broke the protocol"),
+                    true,
+                );
+            }
             PeerFrame::Message { id, text, .. } => {
                 c.my_turn = true;
                 let peer = c.peer;
@@ -760,9 +820,20 @@ impl Session {
     }
 
     fn server_reply(&mut self, op: OpId, result: Result<Response, String>, now: Instant) {
-        let Some(purpose) = self.ops.remove(&op) else {
+        let Some((purpose, epoch)) = self.ops.remove(&op) else {
             return;
         };
+        if epoch != self.epoch && !matches!(purpose, Purpose::Quit(_)) {
+            // Sent before a quit: its answer must not undo the quit.
+            if matches!(purpose, Purpose::Refresh) {
+                self.refreshing = false;
+            }
+            return self.fail_purpose(
+                purpose,
+                FailureKind::State,
+                "cancelled: `chatctl quit` came first".into(),
+            );
+        }
         let server = self.config.server.clone();
         let unreachable = |why: &str| format!("cannot reach the server {server}: {why}");
         match (purpose, result) {
@@ -813,10 +884,11 @@ impl Session {
                 }),
             ) => {
                 self.refreshing = false;
-                let forgotten = self.token != Some(token);
                 self.registered(addr, token, expires, now);
-                if forgotten && matches!(self.phase, Phase::Waiting) {
-                    // The server restarted and lost its waiting pool.
+                if matches!(self.phase, Phase::Waiting) {
+                    // Still waiting: say so again. A restarted server lost
+                    // its pool, and a server may have been told (by a
+                    // CHAT from anyone) that we chat.
                     self.server(Purpose::Rejoin, now);
                 }
             }
@@ -862,6 +934,16 @@ impl Session {
                     "{}; retrying in {} s",
                     unreachable(&why),
                     self.config.retry_after.as_secs()
+                );
+            }
+            (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
+                if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
+            {
+                // A chat began while the request was in flight: it wins.
+                self.fail(
+                    ticket,
+                    FailureKind::State,
+                    "a chat started while the bridge was on its way; the bridge is moot",
                 );
             }
             (
@@ -1064,7 +1146,7 @@ impl Session {
         };
         let op = self.next_op;
         self.next_op += 1;
-        self.ops.insert(op, purpose);
+        self.ops.insert(op, (purpose, self.epoch));
         self.out.push_back(Action::Server { op, request });
     }
 
@@ -1946,9 +2028,6 @@ mod tests {
     fn pings_flow_and_silence_ends_the_chat_within_ten_seconds() {
         let mut t = T::new(false);
         let link = t.chatting(true);
-        let (ticket, _) = t.command(Command::Send {
-            text: "lost?".into(),
-        });
         t.advance(Duration::from_secs(3));
         assert_eq!(
             t.drain(),
@@ -1964,10 +2043,13 @@ mod tests {
         });
         t.advance(Duration::from_secs(3));
         t.drain();
+        let (ticket, _) = t.command(Command::Send {
+            text: "lost?".into(),
+        });
         t.advance(Duration::from_secs(3));
         t.drain();
         assert_eq!(t.s.state(), State::Chatting);
-        // Then nine silent seconds.
+        // Then silence: 9 s after the peer's ping, the chat ends.
         let mut ended = Vec::new();
         for _ in 0..4 {
             t.advance(Duration::from_secs(3));
@@ -1988,6 +2070,174 @@ mod tests {
             "{f:?}"
         );
         assert!(ended.iter().any(|a| matches!(a, Action::Record(RecordKind::Notice { text }) if text.contains("lost bob"))));
+    }
+
+    #[test]
+    fn a_peer_that_pings_but_never_acknowledges_is_left() {
+        let mut t = T::new(false);
+        let link = t.chatting(true);
+        let (ticket, _) = t.command(Command::Send {
+            text: "stored?".into(),
+        });
+        // It keeps pinging, so the link looks alive...
+        let mut ended = Vec::new();
+        for _ in 0..4 {
+            t.input(Input::Frame {
+                link,
+                frame: PeerFrame::Ping,
+            });
+            t.advance(Duration::from_secs(3));
+            ended.extend(t.drain());
+        }
+        // ...but the message was not acknowledged within 9 s.
+        assert_eq!(t.s.state(), State::Registered);
+        let f = reply_of(&ended, ticket).unwrap_err();
+        assert!(
+            f.message.contains("did not acknowledge within 9 s"),
+            "{f:?}"
+        );
+        assert!(ended.contains(&Action::Delivery {
+            link,
+            id: 1,
+            delivered: false
+        }));
+    }
+
+    #[test]
+    fn acknowledged_messages_do_not_time_out() {
+        let mut t = T::new(false);
+        let link = t.chatting(true);
+        for round in 0..5u64 {
+            let (_, a) = t.command(Command::Send { text: "x".into() });
+            assert_eq!(sent_messages(&a).len(), 1);
+            t.input(Input::Frame {
+                link,
+                frame: PeerFrame::Ack { id: round + 1 },
+            });
+            t.input(Input::Frame {
+                link,
+                frame: PeerFrame::Ping,
+            });
+            t.advance(Duration::from_secs(3));
+            t.drain();
+        }
+        assert_eq!(t.s.state(), State::Chatting);
+    }
+
+    #[test]
+    fn an_oversized_message_ends_the_link() {
+        let mut t = T::new(false);
+        let link = t.chatting(false);
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Message {
+                id: 1,
+                sent_ms: 0,
+                text: "x".repeat(MAX_TEXT + 1),
+            },
+        });
+        assert!(a.contains(&Action::Close { link }));
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, Action::Record(RecordKind::Message { .. })))
+        );
+        assert_eq!(t.s.state(), State::Registered);
+    }
+
+    #[test]
+    fn a_bridge_answer_after_a_chat_began_is_moot() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        });
+        // Waiting; a second bridge goes out, and a peer connects meanwhile.
+        let (ticket, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let link = t.s.next_link();
+        t.input(Input::Incoming {
+            link,
+            hello: Hello {
+                id: id("bob"),
+                turns: false,
+            },
+        });
+        assert_eq!(t.s.state(), State::Chatting);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("carol"), addr(6000))),
+            }),
+        });
+        assert_eq!(reply_of(&a, ticket).unwrap_err().kind, FailureKind::State);
+        assert_eq!(t.s.state(), State::Chatting, "the chat is untouched");
+        assert_eq!(t.s.status().peer, Some(id("bob")));
+    }
+
+    #[test]
+    fn answers_sent_before_a_quit_do_not_register_again() {
+        let mut t = T::new(false);
+        t.register();
+        t.advance(Duration::from_secs(150));
+        let (refresh, _) = T::server_op(&t.drain());
+        let (_, a) = t.command(Command::Quit);
+        let (quit, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op: quit,
+            result: Ok(Response::QuitAck),
+        });
+        // The refresh's answer comes after the quit.
+        t.input(Input::ServerReply {
+            op: refresh,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert_eq!(t.s.state(), State::Idle);
+        assert_eq!(t.s.poll_timeout(), None, "nothing left to refresh");
+        // Nor does a start-up retry after a quit.
+        let mut t = T::new(false);
+        t.s.register_automatically(t.now);
+        let (op, _) = T::server_op(&t.drain());
+        t.input(Input::ServerReply {
+            op,
+            result: Err("down".into()),
+        });
+        t.command(Command::Quit);
+        assert_eq!(t.s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn waiting_is_said_again_at_every_refresh() {
+        let mut t = T::new(false);
+        t.register();
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck { peer: None }),
+        });
+        t.advance(Duration::from_secs(150));
+        let (op, _) = T::server_op(&t.drain());
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert!(matches!(
+            T::server_op(&a).1,
+            Request::Bridge { peer: None, .. }
+        ));
     }
 
     #[test]

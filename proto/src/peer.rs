@@ -86,6 +86,7 @@ impl Answer {
                     403 => "Forbidden",
                     409 => "Conflict",
                     426 => "Upgrade Required",
+                    503 => "Service Unavailable",
                     _ => "Error",
                 };
                 let body = format!("{reason}\n");
@@ -202,9 +203,15 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeErro
     if buf.len() < head + len {
         return Ok(None);
     }
-    let reason = String::from_utf8_lossy(&buf[head..head + len])
+    // Another daemon's words, shown to a person: no control characters
+    // (no terminal escapes, no forged lines), and not a page of them.
+    let reason: String = String::from_utf8_lossy(&buf[head..head + len])
         .trim()
-        .to_owned();
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+
     let reason = if reason.is_empty() {
         resp.reason.unwrap_or("refused").to_owned()
     } else {
