@@ -57,18 +57,24 @@ CONF
 "$nginx_bin" -p "$work" -c "$work/nginx.conf" &
 pids+=($!)
 
+# Starts chat-server with the limits off and the given expiry; sets
+# server_pid and server_addr.
+start_server() { # expires name
+  "$server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+    --max-registrations 0 --expires "$1" >"$work/$2.out" 2>"$work/$2.err" &
+  server_pid=$!
+  pids+=($server_pid)
+  for _ in $(seq 100); do
+    grep -q listening "$work/$2.out" 2>/dev/null && break
+    sleep 0.05
+  done
+  server_addr=$(awk '{print $3; exit}' "$work/$2.out")
+}
+
 # Registrations expire after 10 s, as on a busy server whose clients come
 # and go: the registry holds a steady ~1M live entries instead of growing
 # by tens of millions over the run.
-"$server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-  --max-registrations 0 --expires 10 >"$work/server.out" 2>"$work/server.err" &
-server_pid=$!
-pids+=($server_pid)
-for _ in $(seq 100); do
-  grep -q listening "$work/server.out" 2>/dev/null && break
-  sleep 0.05
-done
-server_addr=$(awk '{print $3; exit}' "$work/server.out")
+start_server 10 server
 for _ in $(seq 100); do
   curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && break
   sleep 0.05
@@ -82,13 +88,5 @@ echo
 echo
 # Memory: a fresh server, one million fresh ids over keep-alive.
 kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
-"$server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-  --max-registrations 0 --expires 86400 >"$work/server2.out" 2>"$work/server2.err" &
-server_pid=$!
-pids+=($server_pid)
-for _ in $(seq 100); do
-  grep -q listening "$work/server2.out" 2>/dev/null && break
-  sleep 0.05
-done
-server_addr=$(awk '{print $3; exit}' "$work/server2.out")
+start_server 86400 server2
 "$bench" fill --target "$server_addr" --count 1000000 --pid "$server_pid"

@@ -185,15 +185,7 @@ fn ping(mut s: TcpStream, count: usize, size: usize) -> anyhow::Result<Vec<u64>>
 pub fn tcp_ping_pong_threads(count: usize, size: usize) -> anyhow::Result<Vec<u64>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; size];
-        while s.read_exact(&mut buf).is_ok() {
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
+    let echo = std::thread::spawn(move || echo_one(&listener, size));
     let rtts = ping(TcpStream::connect(addr)?, count, size);
     let _ = echo.join();
     rtts
@@ -205,6 +197,11 @@ pub fn echo(size: usize) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
+    Ok(echo_one(&listener, size)?)
+}
+
+/// Echoes `size`-byte messages on the next connection until it closes.
+fn echo_one(listener: &TcpListener, size: usize) -> std::io::Result<()> {
     let (mut s, _) = listener.accept()?;
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; size];

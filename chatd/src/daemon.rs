@@ -302,17 +302,8 @@ impl Core {
                 // snapshot below and the live records that follow it meet
                 // exactly: every record once, in order.
                 self.flush();
-                let records = match self.history.last(last) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return self.answer(
-                            key,
-                            id,
-                            Err(Failure::new(FailureKind::Storage, e.to_string())),
-                        );
-                    }
-                };
-                if !self.send_records(key, id, records) {
+                let records = self.history.last(last);
+                if !self.serve_records(key, id, records) {
                     return;
                 }
                 if follow {
@@ -326,20 +317,11 @@ impl Core {
             }
             ipc::Request::History { peer, grep, limit } => {
                 self.flush();
-                let records = match self.history.search(peer, grep.as_deref(), limit) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return self.answer(
-                            key,
-                            id,
-                            Err(Failure::new(FailureKind::Storage, e.to_string())),
-                        );
-                    }
-                };
-                if !self.send_records(key, id, records) {
-                    return;
+                let records = self.history.search(peer, grep.as_deref(), limit);
+                if self.serve_records(key, id, records) {
+                    self.answer(key, id, Ok(Reply::Done));
                 }
-                return self.answer(key, id, Ok(Reply::Done));
+                return;
             }
             ipc::Request::Wait { state } => {
                 if self.session.state() == state {
@@ -357,9 +339,26 @@ impl Core {
         self.session.handle(Input::Command { ticket, command }, now);
     }
 
-    /// Queues the records a request asked for; false (and an error to
-    /// the shell) if too many bytes of answers already wait for it.
-    fn send_records(&mut self, key: ClientKey, id: u64, records: Vec<Record>) -> bool {
+    /// Queues the records a request asked for; false (with an error sent
+    /// to the shell) when reading them failed or too many bytes of answers
+    /// already wait for it.
+    fn serve_records(
+        &mut self,
+        key: ClientKey,
+        id: u64,
+        records: Result<Vec<Record>, crate::history::HistoryError>,
+    ) -> bool {
+        let records = match records {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer(
+                    key,
+                    id,
+                    Err(Failure::new(FailureKind::Storage, e.to_string())),
+                );
+                return false;
+            }
+        };
         let Some(c) = self.clients.get(&key) else {
             return false;
         };
