@@ -698,15 +698,17 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     let alice = Daemon::start("alice", server.addr, &[]);
     let bob = Daemon::start("bob", server.addr, &[]);
     connect_pair(&alice, &bob);
-    // A follower that never reads.
+    // A follower that will stop reading. It asks for the last record too,
+    // and reads that one: then the daemon surely follows it.
     let mut stuck = UnixStream::connect(&alice.socket).unwrap();
+    stuck.set_read_timeout(Some(WAIT)).unwrap();
     let mut out = Vec::new();
     encode(&Hello::ours("test"), MAX_FRAME, &mut out).unwrap();
     encode(
         &ClientFrame {
             id: 1,
             request: Request::Tail {
-                last: 0,
+                last: 1,
                 follow: true,
             },
         },
@@ -715,12 +717,32 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     )
     .unwrap();
     stuck.write_all(&out).unwrap();
-    // A follower that reads.
-    let mut reader = alice.ctl_cmd(&["--json", "tail", "-n", "0", "-f"]);
+    let mut decoder = Decoder::new(MAX_FRAME);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut greeted = false;
+    let mut followed = false;
+    while !followed {
+        let n = stuck
+            .read(&mut chunk)
+            .expect("the daemon answers the follower");
+        assert!(n > 0, "the daemon closed the follower");
+        decoder.extend(&chunk[..n]);
+        if !greeted {
+            greeted = matches!(decoder.decode::<Hello>(), Ok(Some(_)));
+        }
+        if greeted {
+            followed = matches!(
+                decoder.decode::<DaemonFrame>(),
+                Ok(Some(DaemonFrame::Record { .. }))
+            );
+        }
+    }
+    // A follower that reads. It asks for the whole history, so that
+    // whenever it attaches, it sees every message exactly once.
+    let mut reader = alice.ctl_cmd(&["--json", "tail", "-n", "100000", "-f"]);
     reader.stdout(Stdio::piped()).stderr(Stdio::null());
     let mut reader = reader.spawn().unwrap();
     let records = json_lines(reader.stdout.take().unwrap());
-    std::thread::sleep(std::time::Duration::from_millis(300));
     // Far more records than the stuck one's queue and socket buffer hold.
     let count = 12_000;
     let lines: String = (0..count).map(|i| format!("m{i}\n")).collect();
@@ -742,24 +764,14 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     let _ = reader.wait();
     // The stuck one, reading at last, finds the end of its stream: a
     // Dropped frame saying why, then the close.
-    stuck.set_read_timeout(Some(WAIT)).unwrap();
-    let mut decoder = Decoder::new(MAX_FRAME);
-    let mut chunk = vec![0u8; 64 * 1024];
     let mut last = None;
-    let mut greeted = false;
     loop {
         match stuck.read(&mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(n) => decoder.extend(&chunk[..n]),
         }
-        // The daemon's hello first, then its frames.
-        if !greeted {
-            greeted = matches!(decoder.decode::<Hello>(), Ok(Some(_)));
-        }
-        if greeted {
-            while let Ok(Some(frame)) = decoder.decode::<DaemonFrame>() {
-                last = Some(frame);
-            }
+        while let Ok(Some(frame)) = decoder.decode::<DaemonFrame>() {
+            last = Some(frame);
         }
     }
     match last {
