@@ -96,9 +96,6 @@ pub struct Core {
     next_ticket: Ticket,
     /// Stored this turn, announced after the commit.
     fresh: Vec<Record>,
-    /// The record of the outgoing message just stored, until its frame is
-    /// queued and the two can be matched.
-    last_outgoing: Option<u64>,
     /// Records of sent messages awaiting their fate, by (link, message id).
     in_flight: HashMap<(LinkId, u64), u64>,
     storage_error: Option<String>,
@@ -132,7 +129,6 @@ impl Core {
             tickets: HashMap::new(),
             next_ticket: 1,
             fresh: Vec::new(),
-            last_outgoing: None,
             in_flight: HashMap::new(),
             storage_error: None,
             state_hook,
@@ -487,11 +483,8 @@ impl Core {
                     }
                 }
                 Action::Send { link, mut frame } => {
-                    if let PeerFrame::Message { id, sent_ms, .. } = &mut frame {
+                    if let PeerFrame::Message { sent_ms, .. } = &mut frame {
                         *sent_ms = now_ms();
-                        if let Some(seq) = self.last_outgoing.take() {
-                            self.in_flight.insert((link, *id), seq);
-                        }
                     }
                     let buf = match frame {
                         PeerFrame::Message { .. } | PeerFrame::Ping => {
@@ -506,7 +499,14 @@ impl Core {
                     }
                 }
                 Action::Close { link } => self.closing.push(link),
-                Action::Record(kind) => self.store(kind),
+                Action::Record(kind) => {
+                    self.store(kind);
+                }
+                Action::Outgoing { link, id, record } => {
+                    if let Some(seq) = self.store(record) {
+                        self.in_flight.insert((link, id), seq);
+                    }
+                }
                 Action::Delivery {
                     link,
                     id,
@@ -540,21 +540,22 @@ impl Core {
         started
     }
 
-    fn store(&mut self, kind: RecordKind) {
+    /// Appends to the open transaction; returns the record's seq.
+    fn store(&mut self, kind: RecordKind) -> Option<u64> {
         let result = self
             .history
             .begin()
             .and_then(|()| self.history.append(now_ms(), kind));
         match result {
             Ok(record) => {
-                if let RecordKind::Message { outgoing: true, .. } = record.kind {
-                    self.last_outgoing = Some(record.seq);
-                }
+                let seq = record.seq;
                 self.fresh.push(record);
+                Some(seq)
             }
             Err(e) => {
                 tracing::error!("{e}");
                 self.storage_error.get_or_insert(e.to_string());
+                None
             }
         }
     }

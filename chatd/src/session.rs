@@ -139,6 +139,13 @@ pub enum Action {
     },
     /// Store and announce.
     Record(RecordKind),
+    /// Store and announce a message we send as `id` on `link`: the later
+    /// `Delivery` for that pair marks this very record.
+    Outgoing {
+        link: LinkId,
+        id: u64,
+        record: RecordKind,
+    },
     Reply {
         ticket: Ticket,
         result: Result<Reply, Failure>,
@@ -637,13 +644,17 @@ impl Session {
             c.my_turn = false;
         }
         let (link, peer) = (c.link, c.peer);
-        self.out.push_back(Action::Record(RecordKind::Message {
-            from: me,
-            to: peer,
-            text: text.clone(),
-            outgoing: true,
-            delivered: None,
-        }));
+        self.out.push_back(Action::Outgoing {
+            link,
+            id,
+            record: RecordKind::Message {
+                from: me,
+                to: peer,
+                text: text.clone(),
+                outgoing: true,
+                delivered: None,
+            },
+        });
         let sent_ms = 0; // filled in by the driver, which owns the wall clock
         self.out.push_back(Action::Send {
             link,
@@ -1797,13 +1808,17 @@ mod tests {
             text: "hello".into(),
         });
         assert_eq!(sent_messages(&a), vec![(1, "hello".to_owned())]);
-        assert!(a.contains(&Action::Record(RecordKind::Message {
-            from: id("me"),
-            to: id("bob"),
-            text: "hello".into(),
-            outgoing: true,
-            delivered: None
-        })));
+        assert!(a.contains(&Action::Outgoing {
+            link,
+            id: 1,
+            record: RecordKind::Message {
+                from: id("me"),
+                to: id("bob"),
+                text: "hello".into(),
+                outgoing: true,
+                delivered: None
+            }
+        }));
         let (t2, a) = t.command(Command::Send {
             text: "again".into(),
         });
