@@ -1,8 +1,10 @@
 //! chatd's start-up checks, on the real binary: each failure says what is
 //! wrong and exits non-zero, before anything is half started.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use chat_testkit::{WAIT, run_bounded, stderr};
 
 fn chatd(home: &std::path::Path, args: &[&str]) -> Command {
     let run = home.join("run");
@@ -19,32 +21,16 @@ fn chatd(home: &std::path::Path, args: &[&str]) -> Command {
     cmd
 }
 
-/// Runs to completion within a bound.
-fn output(mut cmd: Command) -> Output {
-    let mut child = cmd.spawn().expect("start chatd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("chatd did not exit");
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn a_bad_id_is_a_usage_error() {
     let home = tempfile::tempdir().unwrap();
-    let out = output(chatd(
-        home.path(),
-        &["--id=no spaces", "--port=1", "--server=127.0.0.1:1"],
-    ));
+    let out = run_bounded(
+        chatd(
+            home.path(),
+            &["--id=no spaces", "--port=1", "--server=127.0.0.1:1"],
+        ),
+        None,
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("only A-Z a-z 0-9 . _ - are allowed"),
@@ -58,10 +44,13 @@ fn a_peer_port_in_use_is_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let out = output(chatd(
-        home.path(),
-        &["--id", "a", "--port", &port, "--server", "127.0.0.1:1"],
-    ));
+    let out = run_bounded(
+        chatd(
+            home.path(),
+            &["--id", "a", "--port", &port, "--server", "127.0.0.1:1"],
+        ),
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!("peer port {port} is already in use")),
@@ -74,19 +63,22 @@ fn a_peer_port_in_use_is_a_clear_error() {
 fn a_socket_path_too_long_is_refused_with_the_limit() {
     let home = tempfile::tempdir().unwrap();
     let long = home.path().join("x".repeat(120));
-    let out = output(chatd(
-        home.path(),
-        &[
-            "--id",
-            "a",
-            "--port",
-            "0",
-            "--server",
-            "127.0.0.1:1",
-            "--socket",
-            long.to_str().unwrap(),
-        ],
-    ));
+    let out = run_bounded(
+        chatd(
+            home.path(),
+            &[
+                "--id",
+                "a",
+                "--port",
+                "0",
+                "--server",
+                "127.0.0.1:1",
+                "--socket",
+                long.to_str().unwrap(),
+            ],
+        ),
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("this platform allows at most"),
@@ -115,26 +107,29 @@ fn two_daemons_cannot_share_a_history() {
     );
     let mut first = first.spawn().unwrap();
     let sock = home.path().join("run").join("chatd").join("a.sock");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + WAIT;
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     let other_sock = home.path().join("b.sock");
-    let out = output(chatd(
-        home.path(),
-        &[
-            "--id",
-            "a",
-            "--port",
-            "0",
-            "--server",
-            "127.0.0.1:1",
-            "--data-dir",
-            data,
-            "--socket",
-            other_sock.to_str().unwrap(),
-        ],
-    ));
+    let out = run_bounded(
+        chatd(
+            home.path(),
+            &[
+                "--id",
+                "a",
+                "--port",
+                "0",
+                "--server",
+                "127.0.0.1:1",
+                "--data-dir",
+                data,
+                "--socket",
+                other_sock.to_str().unwrap(),
+            ],
+        ),
+        None,
+    );
     let _ = first.kill();
     let _ = first.wait();
     assert_eq!(out.status.code(), Some(1));

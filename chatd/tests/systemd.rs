@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(30);
+use chat_testkit::{WAIT, bin, run_bounded, terminate};
 
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
@@ -35,14 +35,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// target/debug, where cargo put the binaries.
-fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_chatd"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
-
 #[test]
 fn the_units_pass_systemd_analyze_verify() {
     let Some(analyze) = tool("systemd-analyze") else {
@@ -52,13 +44,8 @@ fn the_units_pass_systemd_analyze_verify() {
     // The units name where `cargo install` and the install instructions
     // put the binaries; point them at the ones just built, so verify can
     // check they exist and are executable.
-    let chatd = bin_dir().join("chatd");
-    let server = bin_dir().join("chat-server");
-    assert!(
-        server.exists(),
-        "{} is missing: run cargo test --workspace",
-        server.display()
-    );
+    let chatd = bin("chatd");
+    let server = bin("chat-server");
     for unit in ["chatd@.service", "chatd@.socket", "chat-server.service"] {
         let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
         let text = text
@@ -122,16 +109,9 @@ fn chatd_env(cmd: &mut Command, home: &Path) {
 }
 
 fn chatctl_status(socket: &Path) -> Option<serde_json::Value> {
-    let chatctl = bin_dir().join("chatctl");
-    assert!(
-        chatctl.exists(),
-        "{} is missing: run cargo test --workspace",
-        chatctl.display()
-    );
-    let out = Command::new(chatctl)
-        .args(["--json", "--socket", socket.to_str().unwrap(), "status"])
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("chatctl"));
+    cmd.args(["--json", "--socket", socket.to_str().unwrap(), "status"]);
+    let out = run_bounded(cmd, None);
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
@@ -175,10 +155,7 @@ fn chatd_serves_a_socket_systemd_made() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    terminate(&mut child);
     let status = status.expect("chatd answered on the activated socket");
     assert_eq!(status["id"], "socketed");
     assert_eq!(status["state"], "idle");
@@ -241,13 +218,7 @@ fn chat_server_tells_systemd_it_is_ready() {
     let notify_path = home.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
-    let server = bin_dir().join("chat-server");
-    assert!(
-        server.exists(),
-        "{} is missing: run cargo test --workspace",
-        server.display()
-    );
-    let child = Command::new(server)
+    let child = Command::new(bin("chat-server"))
         .args(["--bind", "127.0.0.1", "--port", "0"])
         .env("NOTIFY_SOCKET", &notify_path)
         .env("JOURNAL_STREAM", "8:1")

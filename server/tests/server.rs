@@ -635,7 +635,7 @@ fn udp_never_amplifies_and_drops_when_rate_limited() {
 
 #[test]
 fn sigterm_stops_cleanly() {
-    let s = Server::start(&["--transport", "both"]);
+    let mut s = Server::start(&["--transport", "both"]);
     assert_alive(s.addr);
     let mut idle = connect(s.addr);
     idle.write_all(build("PROBE", &[], false).as_bytes())

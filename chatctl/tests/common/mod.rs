@@ -4,136 +4,14 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-/// The longest any one wait may take; generous for slow, loaded machines.
-pub const WAIT: Duration = Duration::from_secs(30);
-
-/// A binary of another workspace package, from the directory cargo put it
-/// in (`target/debug`). `cargo test --workspace` builds them all before any
-/// test runs; a binary older than its sources is refused rather than
-/// silently tested.
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/e2e-HASH -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let hint = "run the tests with `cargo test --workspace`, or `cargo build --bins` first";
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| panic!("{} is missing: {hint}", path.display()));
-    let package = match name {
-        "chat-server" => "server",
-        other => other,
-    };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(package)
-        .join("src");
-    if let Some(newer) = newest(&src).filter(|t| *t > built) {
-        let _ = newer;
-        panic!(
-            "{} is older than its sources in {}: {hint}",
-            path.display(),
-            src.display()
-        );
-    }
-    path
-}
-
-fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut best = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = entry.path();
-        let t = if p.is_dir() {
-            newest(&p)
-        } else {
-            entry.metadata().ok()?.modified().ok()
-        };
-        best = best.max(t);
-    }
-    best
-}
+pub use chat_testkit::{Server, WAIT, bin, eventually, run_bounded, stderr, stdout, terminate};
 
 pub fn chatctl() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chatctl"))
-}
-
-fn stop(child: &mut Child) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
-    }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A chat-server on a free port of 127.0.0.1.
-pub struct Server {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Server {
-    pub fn start(args: &[&str]) -> Server {
-        Server::start_on(0, args)
-    }
-
-    pub fn start_on(port: u16, args: &[&str]) -> Server {
-        let mut child = Command::new(bin("chat-server"))
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--per-ip-rate",
-                "0",
-                "--per-ip-conns",
-                "0",
-            ])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start chat-server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from chat-server: {line:?}"));
-        Server { child, addr }
-    }
-
-    pub fn stop(&mut self) {
-        stop(&mut self.child);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A chatd with its own directories, and chatctl pointed at it.
@@ -299,9 +177,7 @@ impl Daemon {
 
     /// SIGTERM, and waits for the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        stop(&mut c);
-        c.try_wait().ok().flatten()
+        self.child.take().map(|mut c| terminate(&mut c))
     }
 
     pub fn log(&self) -> String {
@@ -312,63 +188,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            stop(&mut c);
+            terminate(&mut c);
         }
     }
-}
-
-/// Runs a command with a bounded wait, feeding `input` on stdin.
-pub fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
-    use std::io::Write;
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    if let Some(text) = input {
-        let mut stdin = child.stdin.take().expect("stdin");
-        let text = text.to_owned();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(text.as_bytes());
-        });
-    }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(out) => out.expect("wait for command"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("command did not finish within {WAIT:?}");
-        }
-    }
-}
-
-/// Polls `f` until it returns true, for at most `WAIT`.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-pub fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Registers both, has `waiter` wait and `caller` bridge to it and chat.

@@ -3,86 +3,11 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Longest any single wait in these tests may take; generous, because CI
-/// machines are slow and loaded.
-pub const WAIT: Duration = Duration::from_secs(20);
-
-/// A running server, stopped (SIGTERM, then SIGKILL) when dropped.
-pub struct Server {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Server {
-    /// Starts the server with `args` on a free port of 127.0.0.1; per-IP
-    /// rate limits are off unless `args` sets them, because every test
-    /// connects from the same address.
-    pub fn start(args: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-server"));
-        cmd.args(["--bind", "127.0.0.1", "--port", "0"]);
-        if !args.iter().any(|a| a.starts_with("--per-ip-rate")) {
-            cmd.args(["--per-ip-rate", "0"]);
-        }
-        if !args.iter().any(|a| a.starts_with("--per-ip-conns")) {
-            cmd.args(["--per-ip-conns", "0"]);
-        }
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env("RUST_LOG", "warn");
-        let mut child = cmd.spawn().expect("start chat-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        // "listening on 127.0.0.1:PORT (tcp)"
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from chat-server: {line:?}"));
-        Server { child, addr }
-    }
-
-    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
-    pub fn stop(mut self) -> std::process::ExitStatus {
-        terminate(&mut self.child)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            terminate(&mut self.child);
-        }
-    }
-}
-
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    // SIGTERM first so the server takes its clean path.
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    child.wait().expect("wait for chat-server")
-}
+pub use chat_testkit::{Server, WAIT, eventually};
 
 /// A response as the tests look at it.
 #[derive(Debug, Clone)]
@@ -219,16 +144,4 @@ pub fn udp_exchange(s: &UdpSocket, to: SocketAddr, raw: &[u8], wait: Duration) -
         Ok((n, _)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
         Err(_) => None,
     }
-}
-
-/// Polls `f` until it returns true or `WAIT` passes.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
 }

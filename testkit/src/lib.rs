@@ -1,0 +1,192 @@
+//! What the integration tests of every package share: finding the real
+//! binaries, starting a chat-server on 127.0.0.1, and stopping processes
+//! and waiting for them with bounds, so that a hung binary fails a test
+//! instead of hanging CI. A dev-dependency only; never shipped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The longest any one wait may take; generous for slow, loaded machines.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A binary of a workspace package, from the directory cargo put it in
+/// (`target/debug`). `cargo test --workspace` builds them all before any
+/// test runs; a binary older than its sources is refused rather than
+/// silently tested.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/TEST-HASH -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let hint = "run the tests with `cargo test --workspace`, or `cargo build --bins` first";
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {hint}", path.display()));
+    let package = match name {
+        "chat-server" => "server",
+        other => other,
+    };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(package)
+        .join("src");
+    if newest(&src).is_some_and(|t| t > built) {
+        panic!(
+            "{} is older than its sources in {}: {hint}",
+            path.display(),
+            src.display()
+        );
+    }
+    path
+}
+
+fn newest(dir: &Path) -> Option<SystemTime> {
+    let mut best = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        let t = if p.is_dir() {
+            newest(&p)
+        } else {
+            entry.metadata().ok()?.modified().ok()
+        };
+        best = best.max(t);
+    }
+    best
+}
+
+/// SIGTERM first, so the process takes its clean path; SIGKILL if it has
+/// not exited within `WAIT`. Returns how it exited.
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().expect("wait for a killed child")
+}
+
+/// A chat-server on 127.0.0.1, stopped when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with `args` on a free port. Per-IP limits are off
+    /// unless `args` sets them, because every test connects from the same
+    /// address.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_on(0, args)
+    }
+
+    pub fn start_on(port: u16, args: &[&str]) -> Server {
+        let mut cmd = Command::new(bin("chat-server"));
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+        for limit in ["--per-ip-rate", "--per-ip-conns"] {
+            if !args.iter().any(|a| a.starts_with(limit)) {
+                cmd.args([limit, "0"]);
+            }
+        }
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", "warn");
+        let mut child = cmd.spawn().expect("start chat-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read the listening line");
+        // "listening on 127.0.0.1:PORT (tcp)"
+        let addr = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from chat-server: {line:?}"));
+        Server { child, addr }
+    }
+
+    /// Stops the server (see [`terminate`]) and returns how it exited.
+    pub fn stop(&mut self) -> ExitStatus {
+        terminate(&mut self.child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        terminate(&mut self.child);
+    }
+}
+
+/// Runs a command to its end, feeding `input` on stdin; kills it and fails
+/// the test if it takes longer than `WAIT`.
+pub fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(text) = input {
+        let mut stdin = child.stdin.take().expect("stdin");
+        let text = text.to_owned();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait for command"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("command did not finish within {WAIT:?}");
+        }
+    }
+}
+
+/// Polls `f` until it returns true, for at most `WAIT`.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
