@@ -26,12 +26,15 @@ pub enum Error {
     Failed(String),
     /// The command line was wrong (exit 2).
     Usage(String),
+    /// chatd did not answer within the read timeout set on the connection
+    /// (exit 1).
+    TimedOut,
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Failed(_) => 1,
+            Error::Failed(_) | Error::TimedOut => 1,
             Error::Usage(_) => 2,
             Error::Unreachable(_) => 3,
         }
@@ -40,6 +43,7 @@ impl Error {
     pub fn message(&self) -> &str {
         match self {
             Error::Unreachable(m) | Error::Failed(m) | Error::Usage(m) => m,
+            Error::TimedOut => "chatd did not answer in time",
         }
     }
 }
@@ -145,7 +149,7 @@ impl Conn {
             let default = id
                 .parse::<chat_proto::ClientId>()
                 .ok()
-                .and_then(|i| chat_proto::local::default_socket(&i).ok());
+                .map(|i| chat_proto::local::default_socket_name(&i));
             let hint = if default.as_deref() == Some(path) {
                 start_hint(&id)
             } else {
@@ -278,7 +282,7 @@ impl Conn {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(Error::Failed("timed out".into()));
+                    return Err(Error::TimedOut);
                 }
                 Err(e) => return Err(Error::Failed(format!("lost the connection to chatd: {e}"))),
             }

@@ -24,11 +24,13 @@ struct Proc {
     child: Child,
 }
 
-/// Everything the demo started, stopped on drop unless kept.
+/// Everything the demo started, stopped on drop unless kept; the
+/// directory (and the logs in it) is removed unless kept or the demo failed.
 struct Demo {
     home: PathBuf,
     procs: Vec<Proc>,
     keep: bool,
+    failed: bool,
 }
 
 impl Drop for Demo {
@@ -39,7 +41,9 @@ impl Drop for Demo {
         for p in self.procs.iter_mut().rev() {
             terminate(&mut p.child);
         }
-        let _ = std::fs::remove_dir_all(&self.home);
+        if !self.failed {
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
     }
 }
 
@@ -63,6 +67,27 @@ fn terminate(child: &mut Child) {
 }
 
 pub fn run(keep: bool) -> Result<(), Error> {
+    let home = std::env::temp_dir().join(format!("chat-demo-{}", std::process::id()));
+    make_private(&home)?;
+    let mut demo = Demo {
+        home: home.clone(),
+        procs: Vec::new(),
+        keep,
+        failed: false,
+    };
+    demo_in(&mut demo).map_err(|e| {
+        demo.failed = true;
+        Error::Failed(format!(
+            "{}; the logs are kept in {}",
+            e.message(),
+            home.display()
+        ))
+    })
+}
+
+fn demo_in(demo: &mut Demo) -> Result<(), Error> {
+    let keep = demo.keep;
+    let home = demo.home.clone();
     let bin = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -77,14 +102,8 @@ pub fn run(keep: bool) -> Result<(), Error> {
             )));
         }
     }
-    let home = std::env::temp_dir().join(format!("chat-demo-{}", std::process::id()));
     let run_dir = home.join("run");
     make_private(&run_dir)?;
-    let mut demo = Demo {
-        home: home.clone(),
-        procs: Vec::new(),
-        keep,
-    };
     let env = |cmd: &mut Command| {
         cmd.env("XDG_RUNTIME_DIR", &run_dir)
             .env("XDG_DATA_HOME", home.join("data"))
@@ -100,18 +119,18 @@ pub fn run(keep: bool) -> Result<(), Error> {
         .args(["--bind", "127.0.0.1", "--port", "0"])
         .stdout(Stdio::piped())
         .stderr(log(&home, "chat-server")?);
-    let mut server = server
+    let server = server
         .spawn()
         .map_err(|e| Error::Failed(format!("cannot start {}: {e}", server_bin.display())))?;
-    let addr = first_line(&mut server)?
-        .split_whitespace()
-        .nth(2)
-        .map(str::to_owned)
-        .ok_or_else(|| Error::Failed("chat-server did not say where it listens".into()))?;
     demo.procs.push(Proc {
         name: "chat-server",
         child: server,
     });
+    let addr = first_line(&mut demo.procs[0].child)?
+        .split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Failed("chat-server did not say where it listens".into()))?;
     say(&format!("chat-server listens on {addr}"));
 
     let mut sockets = Vec::new();
@@ -137,8 +156,8 @@ pub fn run(keep: bool) -> Result<(), Error> {
     }
     let alice = &sockets[0];
     let bob = &sockets[1];
-    for s in &sockets {
-        wait_for_daemon(s)?;
+    for (s, p) in sockets.iter().zip(&mut demo.procs[1..]) {
+        wait_for_daemon(s, p)?;
     }
     say("started chatd for alice and for bob, each with its own socket and history");
     println!();
@@ -268,7 +287,7 @@ fn wait_chatting(socket: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn wait_for_daemon(socket: &Path) -> Result<(), Error> {
+fn wait_for_daemon(socket: &Path, p: &mut Proc) -> Result<(), Error> {
     let deadline = Instant::now() + STEP;
     loop {
         if let Ok(mut c) = Conn::open(socket)
@@ -276,10 +295,15 @@ fn wait_for_daemon(socket: &Path) -> Result<(), Error> {
         {
             return Ok(());
         }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return Err(Error::Failed(format!("{} exited ({status})", p.name)));
+        }
         if Instant::now() > deadline {
             return Err(Error::Failed(format!(
-                "chatd did not come up on {}",
-                socket.display()
+                "{} did not come up on {} within {} s",
+                p.name,
+                socket.display(),
+                STEP.as_secs()
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -306,16 +330,13 @@ fn log(home: &Path, name: &str) -> Result<std::fs::File, Error> {
         .map_err(|e| Error::Failed(format!("cannot create a log in {}: {e}", home.display())))
 }
 
+/// The demo's directory is in the shared temporary directory under a name
+/// others can guess: it must be a real directory of ours that nobody else
+/// can enter, as chatd's own socket directory must.
 fn make_private(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))?;
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for d in [dir, dir.parent().unwrap_or(dir)] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| Error::Failed(format!("cannot make {} private: {e}", d.display())))?;
-        }
-    }
-    Ok(())
+    return chat_proto::local::ensure_private_dir(dir).map_err(|e| Error::Failed(e.to_string()));
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Failed(format!("cannot create {}: {e}", dir.display())))
 }

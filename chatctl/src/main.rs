@@ -10,7 +10,7 @@ mod demo;
 mod output;
 mod shell;
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -185,7 +185,7 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
             }
             match conn.call(Request::Wait { state }, no_records) {
                 Ok(reply) => p.reply(&reply),
-                Err(Error::Failed(m)) if m == "timed out" => {
+                Err(Error::TimedOut) => {
                     return Err(Error::Failed(format!(
                         "timed out after {} s waiting for state {state}",
                         timeout.unwrap_or_default()
@@ -284,7 +284,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 let frame = match conn.next_frame() {
                     Ok(f) => f,
                     Err(e) => {
-                        eprintln!("chatctl: {}", e.message());
+                        let _ = writeln!(std::io::stderr(), "chatctl: {}", e.message());
                         std::process::exit(i32::from(e.exit_code()));
                     }
                 };
@@ -299,11 +299,11 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 match result {
                     Ok(reply) => printer.sent_line(line, &reply),
                     Err(f) => {
-                        report_undelivered(json, line, &f.message);
+                        printer.undelivered(line, &f.message);
                         lines.failed.push((line, f.message.clone()));
                         if chat_is_over(f.kind) {
                             let summary = summary(&lines, Some(line));
-                            eprintln!("chatctl: {summary}");
+                            let _ = writeln!(std::io::stderr(), "chatctl: {summary}");
                             std::process::exit(1);
                         }
                     }
@@ -313,6 +313,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
         })
     };
     let _ = answers;
+    let printer = Printer::new(json);
     let stdin = std::io::stdin();
     for (n, line) in stdin.lock().lines().enumerate() {
         let line = match line {
@@ -339,7 +340,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 line.len(),
                 chat_proto::peer::MAX_TEXT
             );
-            report_undelivered(json, n + 1, &why);
+            printer.undelivered(n + 1, &why);
             lines.failed.push((n + 1, why));
             continue;
         }
@@ -368,17 +369,6 @@ fn chat_is_over(kind: chat_proto::ipc::FailureKind) -> bool {
         kind,
         FailureKind::State | FailureKind::Peer | FailureKind::ShuttingDown
     )
-}
-
-fn report_undelivered(json: bool, line: usize, why: &str) {
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({ "delivered": false, "line": line, "error": why })
-        );
-    } else {
-        eprintln!("chatctl: line {line} not delivered: {why}");
-    }
 }
 
 fn summary(lines: &Lines, stopped_at: Option<usize>) -> String {

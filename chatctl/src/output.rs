@@ -50,6 +50,24 @@ impl Printer {
     pub fn record(&self, r: &Record) {
         self.emit(record_text(r), record_json(r));
     }
+
+    /// A line of `send -` that will not arrive: a JSON object on standard
+    /// output for scripts, a warning on standard error for people.
+    pub fn undelivered(&self, line: usize, why: &str) {
+        if self.json {
+            self.emit(
+                String::new(),
+                json!({ "delivered": false, "line": line, "error": why }),
+            );
+        } else {
+            // Like `emit`: a closed pipe must not panic the thread that
+            // reads the daemon's answers, or `send -` would wait forever.
+            let _ = writeln!(
+                std::io::stderr(),
+                "chatctl: line {line} not delivered: {why}"
+            );
+        }
+    }
 }
 
 /// What a reply says to a person (the demo prints the same).

@@ -11,7 +11,7 @@ use std::path::Path;
 use chat_proto::ipc::{RecordKind, Reply, Request};
 
 use crate::conn::{Conn, Error};
-use crate::output::{Printer, record_text};
+use crate::output::Printer;
 
 const HELP: &str = "/id  /register  /bridge [PEER]  /chat  /quit  /status  /help  /exit (or Ctrl-D); \
 any other line is sent (start it with // to send a line beginning with /)";
@@ -33,11 +33,7 @@ pub fn run(mut conn: Conn, socket: &Path, p: &Printer) -> Result<(), Error> {
             |r| {
                 // What this shell sent was typed here; everything else is news.
                 if !matches!(r.kind, RecordKind::Message { outgoing: true, .. }) {
-                    if json {
-                        printer.record(&r);
-                    } else {
-                        println!("{}", record_text(&r));
-                    }
+                    printer.record(&r);
                 }
             },
         );

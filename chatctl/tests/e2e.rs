@@ -343,7 +343,11 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
         let _ = s.write_all(&bytes);
         let mut sink = Vec::new();
         // The daemon closes this connection (after at most a short reply).
-        let _ = s.read_to_end(&mut sink);
+        match s.read_to_end(&mut sink) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("chatd kept a bad client's connection open: {e}"),
+        }
         assert!(sink.len() < 1024);
     }
     // Half a frame, then silence, then close.
@@ -481,6 +485,27 @@ fn no_daemon_is_exit_3_with_a_hint() {
         "{}",
         stderr(&out)
     );
+    // A socket in the default place is known by its id, and naming it in a
+    // hint creates no folder.
+    let fresh = home.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let ghost = fresh.join("chatd").join("ghost.sock");
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new(chatctl());
+            c.args(["--socket", ghost.to_str().unwrap(), "status"])
+                .env("XDG_RUNTIME_DIR", &fresh);
+            c
+        },
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("systemctl --user start chatd@ghost"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!fresh.join("chatd").exists());
     // Usage errors are exit 2.
     let out = run_bounded(
         {
@@ -587,8 +612,9 @@ fn the_demo_runs_and_cleans_up() {
     // The demo starts the chat-server and chatd that sit next to chatctl.
     bin("chat-server");
     bin("chatd");
+    let tmp = tempfile::tempdir().expect("temp dir");
     let mut demo = std::process::Command::new(chatctl());
-    demo.arg("demo");
+    demo.arg("demo").env("TMPDIR", tmp.path());
     let out = run_bounded(demo, None);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let printed = stdout(&out);
@@ -608,6 +634,13 @@ fn the_demo_runs_and_cleans_up() {
         printed.contains("stopping the daemons and the server"),
         "{printed}"
     );
+    // Its directory, logs and sockets are gone with it.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read the temp dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

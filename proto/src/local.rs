@@ -54,9 +54,7 @@ pub const MAX_SOCKET_PATH: usize = 107;
 pub fn socket_dir() -> Result<PathBuf, PathError> {
     #[cfg(unix)]
     {
-        let base = match directories::BaseDirs::new()
-            .and_then(|b| b.runtime_dir().map(Path::to_path_buf))
-        {
+        let base = match runtime_dir() {
             Some(run) => run,
             None => private_temp_dir()?,
         };
@@ -72,13 +70,31 @@ pub fn socket_dir() -> Result<PathBuf, PathError> {
 
 /// The default socket of daemon `id`.
 pub fn default_socket(id: &ClientId) -> Result<PathBuf, PathError> {
-    let dir = socket_dir()?;
-    #[cfg(unix)]
-    let path = dir.join(format!("{id}.sock"));
-    #[cfg(not(unix))]
-    let path = dir.join(format!("chatd-{id}"));
+    let path = socket_in(&socket_dir()?, id);
     check_length(&path)?;
     Ok(path)
+}
+
+/// Where the default socket of daemon `id` would be, creating and checking
+/// nothing: for messages that name it, which must not leave folders behind.
+pub fn default_socket_name(id: &ClientId) -> PathBuf {
+    #[cfg(unix)]
+    let dir = runtime_dir().unwrap_or_else(temp_base).join("chatd");
+    #[cfg(not(unix))]
+    let dir = PathBuf::from(r"\\.\pipe");
+    socket_in(&dir, id)
+}
+
+fn socket_in(dir: &Path, id: &ClientId) -> PathBuf {
+    #[cfg(unix)]
+    return dir.join(format!("{id}.sock"));
+    #[cfg(not(unix))]
+    return dir.join(format!("chatd-{id}"));
+}
+
+#[cfg(unix)]
+fn runtime_dir() -> Option<PathBuf> {
+    directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_path_buf))
 }
 
 /// The daemons' sockets found in the default folder, by id.
@@ -124,10 +140,16 @@ pub fn check_length(path: &Path) -> Result<(), PathError> {
     Ok(())
 }
 
-/// `$TMPDIR/chatd-UID`, made private to this user.
+/// Where the sockets go when there is no runtime directory.
+#[cfg(unix)]
+fn temp_base() -> PathBuf {
+    std::env::temp_dir().join(format!("chatd-{}", uid()))
+}
+
+/// `temp_base()`, made private to this user.
 #[cfg(unix)]
 fn private_temp_dir() -> Result<PathBuf, PathError> {
-    let dir = std::env::temp_dir().join(format!("chatd-{}", uid()));
+    let dir = temp_base();
     ensure_private_dir(&dir)?;
     Ok(dir)
 }
