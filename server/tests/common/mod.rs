@@ -69,9 +69,16 @@ pub fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     read_to_close(&mut s)
 }
 
+/// Reads until the server closes the connection (a reset counts: the
+/// server may close with our bytes unread); fails the test if it is still
+/// open after `WAIT`.
 pub fn read_to_close(s: &mut TcpStream) -> String {
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server did not close the connection: {e}"),
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 
