@@ -62,25 +62,20 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Bind every socket before starting anything, so that a port in use is
     // an error at start-up, not a dead worker later.
-    let mut addr = SocketAddr::new(settings.bind, settings.port);
     // SO_REUSEPORT would let us join a group another chat-server of the
     // same user already holds and silently split its traffic; a plain bind
-    // first tells that the port is taken (and picks one for --port 0).
-    addr = exclusive_probe(addr, transports)?;
+    // first tells that the port is taken (and picks one for --port 0, which
+    // every worker then shares).
+    let addr = exclusive_probe(SocketAddr::new(settings.bind, settings.port), transports)?;
     let mut sockets: Vec<(Option<std::net::TcpListener>, Option<std::net::UdpSocket>)> = Vec::new();
     for i in 0..workers {
         let tcp = if transports.tcp {
-            let l = tcp::bind(addr).with_context(|| format!("cannot listen on TCP {addr}"))?;
-            // With --port 0, the others take the port the first was given.
-            addr = l.local_addr()?;
-            Some(l)
+            Some(tcp::bind(addr).with_context(|| format!("cannot listen on TCP {addr}"))?)
         } else {
             None
         };
         let udp = if transports.udp {
-            let u = udp::bind(addr).with_context(|| format!("cannot listen on UDP {addr}"))?;
-            addr = u.local_addr()?;
-            Some(u)
+            Some(udp::bind(addr).with_context(|| format!("cannot listen on UDP {addr}"))?)
         } else {
             None
         };
@@ -103,14 +98,20 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let thread = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
-                worker(
+                let ended = worker(
                     tcp,
                     udp,
                     state,
                     timeouts,
                     udp::REPLAY_BYTES / workers,
                     shutdown,
-                )
+                );
+                // Said when it happens, not at shutdown: the other workers
+                // go on serving, so nothing else would show it.
+                if let Err(e) = &ended {
+                    tracing::error!("worker {i} stopped: {e:#}");
+                }
+                ended
             })
             .context("cannot start a worker thread")?;
         threads.push(thread);
@@ -151,9 +152,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     for t in threads {
-        if let Ok(Err(e)) = t.join() {
-            tracing::warn!("worker ended with an error: {e:#}");
-        }
+        let _ = t.join();
     }
     Ok(())
 }

@@ -175,7 +175,7 @@ fn refuse(
 /// Accept fails mostly when the process is out of file descriptors; the
 /// pending connection stays queued, so pause instead of spinning on it.
 async fn accept_error(e: io::Error) {
-    let exhausted = matches!(e.raw_os_error(), Some(code) if code == 24 || code == 23);
+    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
     if exhausted {
         tracing::warn!("accept failed: {e}; out of file descriptors, pausing for 100 ms");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -108,7 +108,10 @@ pub fn answer(
     if let Some(rid) = rid
         && let Some(kept) = cache.get(from, rid, now)
     {
-        return Some(kept.to_vec());
+        // A true retransmission is as long as the request the response was
+        // sized for; a short datagram reusing its id gets nothing, or the
+        // cache would be an amplifier for anyone who saw the id.
+        return within_bound(kept, datagram.len()).then(|| kept.to_vec());
     }
     let response = state.answer(&head, from.ip());
     let reply = encode(&response, head.method, rid, datagram.len())?;
@@ -142,7 +145,6 @@ fn encode(
     request_id: Option<&str>,
     request_len: usize,
 ) -> Option<Vec<u8>> {
-    let limit = request_len * MAX_AMPLIFICATION;
     let mut out = Vec::with_capacity(256);
     for minimal in [false, true] {
         out.clear();
@@ -153,16 +155,24 @@ fn encode(
             close: false,
         };
         response.encode(method, &mut out, &framing);
-        if out.len() <= limit {
-            return Some(out);
+        if out.len() <= request_len * MAX_AMPLIFICATION {
+            break;
         }
     }
-    tracing::debug!(
-        request_len,
-        response_len = out.len(),
-        "udp response over the amplification bound; not sent"
-    );
-    None
+    within_bound(&out, request_len).then_some(out)
+}
+
+/// Whether `response` may answer a request of `request_len` bytes.
+fn within_bound(response: &[u8], request_len: usize) -> bool {
+    let ok = response.len() <= request_len * MAX_AMPLIFICATION;
+    if !ok {
+        tracing::debug!(
+            request_len,
+            response_len = response.len(),
+            "udp response over the amplification bound; not sent"
+        );
+    }
+    ok
 }
 
 #[cfg(test)]
@@ -244,6 +254,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_short_datagram_reusing_an_id_gets_no_kept_response() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let req = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\n\r\n";
+        let first = answer(&s, &mut cache, req, from()).unwrap();
+        let short = b"X / HTTP/1.1\r\nRequest-Id:1\r\n\r\n";
+        assert!(first.len() > 3 * short.len());
+        assert_eq!(answer(&s, &mut cache, short, from()), None);
+        // The real retransmission still gets it.
+        assert_eq!(answer(&s, &mut cache, req, from()), Some(first));
     }
 
     #[test]
