@@ -35,6 +35,34 @@ impl From<IpAddr> for Source {
 /// spoofed or rotating addresses.
 pub const MAX_TRACKED_SOURCES: usize = 1 << 20;
 
+/// Lets a costly step (a walk over a whole table) run at most once per
+/// interval, when a flood would otherwise set it off on every request.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    last: Option<Duration>,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle { every, last: None }
+    }
+
+    /// Whether the step may run at `now`; if so, the interval restarts.
+    pub fn ready(&mut self, now: Duration) -> bool {
+        let ready = self
+            .last
+            .is_none_or(|t| now.saturating_sub(t) >= self.every);
+        if ready {
+            self.last = Some(now);
+        }
+        ready
+    }
+}
+
+/// How often a full table may be swept to make room.
+pub const FULL_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
     tokens: f64,
@@ -47,6 +75,7 @@ pub struct RateLimiter {
     burst: f64,
     buckets: HashMap<Source, Bucket>,
     max_tracked: usize,
+    full_sweep: Throttle,
 }
 
 /// Why a request was refused.
@@ -70,13 +99,16 @@ impl RateLimiter {
             burst: f64::from(burst),
             buckets: HashMap::new(),
             max_tracked,
+            full_sweep: Throttle::new(FULL_SWEEP_EVERY),
         })
     }
 
     /// Takes one token from `source`'s bucket.
     pub fn check(&mut self, source: Source, now: Duration) -> Result<(), Refusal> {
         if self.buckets.len() >= self.max_tracked && !self.buckets.contains_key(&source) {
-            self.sweep(now);
+            if self.full_sweep.ready(now) {
+                self.sweep(now);
+            }
             if self.buckets.len() >= self.max_tracked {
                 return Err(Refusal::TooManySources);
             }
@@ -250,6 +282,36 @@ mod tests {
         // Once the first two have refilled they are forgotten.
         assert_eq!(l.check(src("10.0.0.3"), ms(5_000)), Ok(()));
         assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_a_second() {
+        // Buckets refill in 100 ms, but a flood of new sources must not
+        // walk the table on every request.
+        let mut l = RateLimiter::with_capacity(10, 2, 2).unwrap();
+        assert_eq!(l.check(src("10.0.0.1"), ms(0)), Ok(()));
+        assert_eq!(l.check(src("10.0.0.2"), ms(0)), Ok(()));
+        assert_eq!(
+            l.check(src("10.0.0.3"), ms(0)),
+            Err(Refusal::TooManySources)
+        );
+        assert_eq!(
+            l.check(src("10.0.0.3"), ms(500)),
+            Err(Refusal::TooManySources)
+        );
+        assert_eq!(l.tracked(), 2);
+        assert_eq!(l.check(src("10.0.0.3"), ms(1_000)), Ok(()));
+    }
+
+    #[test]
+    fn throttle() {
+        let mut t = Throttle::new(Duration::from_secs(1));
+        assert!(t.ready(ms(5)));
+        assert!(!t.ready(ms(5)));
+        assert!(!t.ready(ms(1_004)));
+        assert!(t.ready(ms(1_005)));
+        // A clock that goes back does not unlock it.
+        assert!(!t.ready(ms(0)));
     }
 
     #[test]

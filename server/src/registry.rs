@@ -17,6 +17,8 @@ use std::time::Duration;
 use chat_proto::rendezvous::{ErrorStatus, Failure, Request, Response};
 use chat_proto::{ClientId, Token};
 
+use crate::limits::{FULL_SWEEP_EVERY, Throttle};
+
 /// What the registry is told at start-up.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -78,7 +80,7 @@ pub struct Registry {
     /// Waiting clients by arrival: first come, first served.
     waiting: BTreeMap<u64, ClientId>,
     next_seq: u64,
-    last_full_sweep: Option<Duration>,
+    full_sweep: Throttle,
 }
 
 impl Registry {
@@ -93,7 +95,7 @@ impl Registry {
             clients: HashMap::with_capacity(reserve),
             waiting: BTreeMap::new(),
             next_seq: 1,
-            last_full_sweep: None,
+            full_sweep: Throttle::new(FULL_SWEEP_EVERY),
         }
     }
 
@@ -242,11 +244,7 @@ impl Registry {
     /// sweep walks the whole table, and a flood of REGISTERs against a
     /// full server must not make it walk the table for each one.
     fn make_room(&mut self, now: Duration) {
-        if self
-            .last_full_sweep
-            .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(1))
-        {
-            self.last_full_sweep = Some(now);
+        if self.full_sweep.ready(now) {
             self.sweep(now);
         }
     }
