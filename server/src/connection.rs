@@ -87,7 +87,7 @@ pub async fn serve(
             }
             let response = match state.admit(peer.ip()) {
                 Ok(()) => state.answer(&head, peer.ip()),
-                Err(f) => Response::Error(f),
+                Err(refusal) => Response::Error(state.refused(refusal)),
             };
             let close = head.close || stopping;
             response.encode(

@@ -27,7 +27,6 @@ pub struct State {
     registry: Mutex<Registry>,
     limiter: Option<Mutex<RateLimiter>>,
     pub conns: Mutex<ConnLimits>,
-    per_ip_rate: u32,
 }
 
 /// The limits [`State`] enforces.
@@ -48,7 +47,6 @@ impl State {
             registry: Mutex::new(Registry::new(limits.registry.clone())),
             limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
             conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
-            per_ip_rate: limits.per_ip_rate,
         }
     }
 
@@ -57,30 +55,38 @@ impl State {
         self.origin.elapsed()
     }
 
-    /// Takes one request from `source`'s allowance.
-    pub fn admit(&self, source: IpAddr) -> Result<(), Failure> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
-        };
-        match lock(limiter).check(Source::from(source), self.now()) {
-            Ok(()) => Ok(()),
-            Err(Refusal::RateLimited { retry_after }) => Err(Failure {
-                retry_after: Some(retry_after),
-                ..Failure::new(
-                    ErrorStatus::TooManyRequests,
-                    format!(
-                        "rate limited: more than {} requests/s from your address; retry after {retry_after} s",
-                        self.per_ip_rate
-                    ),
-                )
-            }),
-            Err(Refusal::TooManySources) => Err(Failure {
+    /// Takes one request from `source`'s allowance. The refusal is cheap:
+    /// UDP drops it as it is, and only TCP, which answers it, pays for
+    /// [`State::refused`].
+    pub fn admit(&self, source: IpAddr) -> Result<(), Refusal> {
+        match &self.limiter {
+            Some(limiter) => lock(limiter).check(Source::from(source), self.now()),
+            None => Ok(()),
+        }
+    }
+
+    /// What a refused client is told.
+    pub fn refused(&self, refusal: Refusal) -> Failure {
+        match refusal {
+            Refusal::RateLimited { retry_after } => {
+                let rate = self.limiter.as_ref().map_or(0.0, |l| lock(l).rate());
+                Failure {
+                    retry_after: Some(retry_after),
+                    ..Failure::new(
+                        ErrorStatus::TooManyRequests,
+                        format!(
+                            "rate limited: more than {rate} requests/s from your address; retry after {retry_after} s"
+                        ),
+                    )
+                }
+            }
+            Refusal::TooManySources => Failure {
                 retry_after: Some(10),
                 ..Failure::new(
                     ErrorStatus::Unavailable,
                     "server busy: too many clients at once; retry later",
                 )
-            }),
+            },
         }
     }
 
