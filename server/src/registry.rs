@@ -32,6 +32,11 @@ pub struct Config {
 const IDLE: u64 = 0;
 const BUSY: u64 = u64::MAX;
 
+/// Whether `seq` is a place in the waiting queue.
+const fn in_queue(seq: u64) -> bool {
+    seq != IDLE && seq != BUSY
+}
+
 /// One registration, kept small (see the module comment).
 struct Record {
     token: Token,
@@ -229,7 +234,7 @@ impl Registry {
                 v.insert(entry);
             }
         }
-        if let Some(seq) = lapsed_seq.filter(|&s| s != IDLE && s != BUSY) {
+        if let Some(seq) = lapsed_seq.filter(|&s| in_queue(s)) {
             self.waiting.remove(&seq);
         }
         Ok(Response::RegAck {
@@ -265,7 +270,7 @@ impl Registry {
             }
             Some(p) => {
                 let e = self.live(&p, now).ok_or_else(|| unknown(&p))?;
-                if e.seq == IDLE || e.seq == BUSY {
+                if !in_queue(e.seq) {
                     return Err(Failure::new(
                         ErrorStatus::Conflict,
                         format!(
@@ -286,10 +291,7 @@ impl Registry {
                 })
             }
             None => {
-                let waiting = self
-                    .clients
-                    .get(&id)
-                    .is_some_and(|e| e.seq != IDLE && e.seq != BUSY);
+                let waiting = self.clients.get(&id).is_some_and(|e| in_queue(e.seq));
                 if !waiting {
                     let seq = self.next_seq;
                     self.next_seq += 1;
@@ -385,11 +387,11 @@ impl Registry {
 
     fn set_seq(&mut self, id: ClientId, seq: u64) {
         if let Some(e) = self.clients.get_mut(&id) {
-            if e.seq != IDLE && e.seq != BUSY {
+            if in_queue(e.seq) {
                 self.waiting.remove(&e.seq);
             }
             e.seq = seq;
-            if seq != IDLE && seq != BUSY {
+            if in_queue(seq) {
                 self.waiting.insert(seq, id);
             }
         }
@@ -397,8 +399,7 @@ impl Registry {
 
     fn remove(&mut self, id: &ClientId) {
         if let Some(e) = self.clients.remove(id)
-            && e.seq != IDLE
-            && e.seq != BUSY
+            && in_queue(e.seq)
         {
             self.waiting.remove(&e.seq);
         }
@@ -417,7 +418,7 @@ impl Registry {
         let waiting = &mut self.waiting;
         self.clients.retain(|_, e| {
             let keep = e.live(now);
-            if !keep && e.seq != IDLE && e.seq != BUSY {
+            if !keep && in_queue(e.seq) {
                 waiting.remove(&e.seq);
             }
             keep
