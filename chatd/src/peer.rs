@@ -16,7 +16,7 @@ use chat_proto::rendezvous::MAX_HEAD;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout_at};
 
 use crate::daemon::CoreEvent;
@@ -28,6 +28,11 @@ const MAX_HANDSHAKES: usize = 64;
 /// How long a handshake may take, either way.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one write to a peer may take. A peer that stops reading would
+/// otherwise hold its writer task and socket for ever, even after the chat
+/// has ended (the session has long timed out its acks by then).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What the core sends a link's writer.
 #[derive(Debug)]
 pub enum LinkOut {
@@ -36,10 +41,21 @@ pub enum LinkOut {
     Close,
 }
 
-/// The core's side of an open link.
-#[derive(Clone, Debug)]
+/// The core's side of an open link. Dropping it stops the link's reader
+/// and writer wherever they are, which closes the socket: a peer that
+/// never closes its end cannot keep them alive.
+#[derive(Debug)]
 pub struct LinkHandle {
     pub out: mpsc::UnboundedSender<LinkOut>,
+    _alive: watch::Sender<()>,
+}
+
+/// The link tasks' side: the frames to write, and the signal that the core
+/// has let the link go.
+#[derive(Debug)]
+pub struct LinkQueue {
+    frames: mpsc::UnboundedReceiver<LinkOut>,
+    alive: watch::Receiver<()>,
 }
 
 /// The core's answer to an incoming handshake. On accepting, the core has
@@ -50,7 +66,7 @@ pub enum Decision {
     Accept {
         link: LinkId,
         me: chat_proto::ClientId,
-        out: mpsc::UnboundedReceiver<LinkOut>,
+        out: LinkQueue,
     },
     Refuse {
         status: u16,
@@ -61,9 +77,16 @@ pub enum Decision {
 /// A new link's queue: the core keeps the handle, the writer the receiver.
 /// Made by the core when it accepts or opens a link, so that no frame it
 /// queues in the meantime can be lost.
-pub fn queue() -> (LinkHandle, mpsc::UnboundedReceiver<LinkOut>) {
-    let (out, rx) = mpsc::unbounded_channel();
-    (LinkHandle { out }, rx)
+pub fn queue() -> (LinkHandle, LinkQueue) {
+    let (out, frames) = mpsc::unbounded_channel();
+    let (alive_tx, alive) = watch::channel(());
+    (
+        LinkHandle {
+            out,
+            _alive: alive_tx,
+        },
+        LinkQueue { frames, alive },
+    )
 }
 
 /// Binds the peer port, so that a port in use is an error at start-up.
@@ -221,7 +244,7 @@ pub async fn connect(
     addr: SocketAddr,
     hello: Hello,
     core: mpsc::Sender<CoreEvent>,
-    queue: mpsc::UnboundedReceiver<LinkOut>,
+    queue: LinkQueue,
 ) {
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -282,10 +305,10 @@ fn start(
     link: LinkId,
     leftover: Vec<u8>,
     core: mpsc::Sender<CoreEvent>,
-    queue: mpsc::UnboundedReceiver<LinkOut>,
+    queue: LinkQueue,
 ) {
     let (read, write) = stream.into_split();
-    tokio::spawn(reader(read, link, leftover, core));
+    tokio::spawn(reader(read, link, leftover, core, queue.alive.clone()));
     tokio::spawn(writer(write, queue));
 }
 
@@ -294,6 +317,7 @@ async fn reader(
     link: LinkId,
     leftover: Vec<u8>,
     core: mpsc::Sender<CoreEvent>,
+    mut alive: watch::Receiver<()>,
 ) {
     let mut decoder = Decoder::new(MAX_FRAME);
     decoder.extend(&leftover);
@@ -313,7 +337,12 @@ async fn reader(
                 Err(e) => break 'read format!("the peer sent a bad frame ({e})"),
             }
         }
-        match read.read_buf(decoder.buffer()).await {
+        let read = tokio::select! {
+            read = read.read_buf(decoder.buffer()) => read,
+            // The core has let the link go: nobody is left to tell.
+            _ = alive.changed() => return,
+        };
+        match read {
             Ok(0) if decoder.has_partial() => break "connection closed mid-frame".to_owned(),
             Ok(0) => break "connection closed".to_owned(),
             Ok(_) => {}
@@ -325,7 +354,11 @@ async fn reader(
         .await;
 }
 
-async fn writer(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<LinkOut>) {
+async fn writer(mut write: OwnedWriteHalf, queue: LinkQueue) {
+    let LinkQueue {
+        frames: mut rx,
+        mut alive,
+    } = queue;
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut close = false;
@@ -347,15 +380,69 @@ async fn writer(mut write: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<LinkO
             }
             next = rx.try_recv().ok();
         }
-        if !batch.is_empty() {
-            if write.write_all(&batch).await.is_err() {
-                return;
+        let written = async {
+            if !batch.is_empty() {
+                write.write_all(&batch).await?;
             }
-            batch.clear();
-        }
-        if close {
-            let _ = write.shutdown().await;
+            if close {
+                write.shutdown().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        let done = tokio::select! {
+            w = tokio::time::timeout(WRITE_TIMEOUT, written) => matches!(w, Ok(Ok(()))),
+            _ = alive.changed() => false,
+        };
+        if !done || close {
             return;
+        }
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_proto::frame::encode;
+    use tokio::net::TcpListener;
+
+    /// Once the core lets a link go, its socket is closed for good, even
+    /// when the peer never closes its end: the peer's writes are reset.
+    #[tokio::test]
+    async fn letting_a_link_go_closes_its_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut remote = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let (core, mut events) = mpsc::channel(16);
+        let (handle, queue) = queue();
+        start(ours, 7, Vec::new(), core, queue);
+        let mut ping = Vec::new();
+        encode(&PeerFrame::Ping, MAX_FRAME, &mut ping).unwrap();
+        remote.write_all(&ping).await.unwrap();
+        let first = events.recv().await;
+        assert!(matches!(
+            first,
+            Some(CoreEvent::Session(Input::Frame {
+                link: 7,
+                frame: PeerFrame::Ping
+            }))
+        ));
+        drop(handle);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "the link's socket stayed open");
+            let step = Duration::from_millis(50);
+            if let Ok(Err(_)) = tokio::time::timeout(step, remote.write_all(&ping)).await {
+                break;
+            }
+            let mut sink = [0u8; 64];
+            if let Ok(Err(_)) = tokio::time::timeout(step, remote.read(&mut sink)).await {
+                break;
+            }
+            // Keep the core's end open and empty, as a live daemon would.
+            while events.try_recv().is_ok() {}
         }
     }
 }
