@@ -203,20 +203,8 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeErro
     if buf.len() < head + len {
         return Ok(None);
     }
-    // Another daemon's words, shown to a person: no control characters
-    // (no terminal escapes, no forged lines), and not a page of them.
-    let reason: String = String::from_utf8_lossy(&buf[head..head + len])
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-
-    let reason = if reason.is_empty() {
-        resp.reason.unwrap_or("refused").to_owned()
-    } else {
-        reason
-    };
+    let reason =
+        crate::rendezvous::shown_reason(&buf[head..head + len], resp.reason.unwrap_or("refused"));
     Ok(Some((Answer::Refused { status, reason }, head + len)))
 }
 

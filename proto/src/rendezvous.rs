@@ -682,6 +682,29 @@ fn is_request_id(s: &str) -> bool {
 
 /// Header values are bytes in HTTP; ours are all ASCII, and anything else is
 /// treated as absent-but-present (a bad value).
+/// Characters of another program's error text worth showing.
+pub const MAX_REASON_CHARS: usize = 300;
+
+/// Error text from across a socket (a server's body, a daemon's refusal),
+/// made fit to show a person: no control characters, so no terminal
+/// escapes and no forged lines, and not a page of it. `fallback` (the
+/// reason phrase) stands in for an empty body.
+pub fn shown_reason(body: &[u8], fallback: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.trim()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_REASON_CHARS)
+            .collect()
+    };
+    let reason = clean(&String::from_utf8_lossy(body));
+    if reason.is_empty() {
+        clean(fallback)
+    } else {
+        reason
+    }
+}
+
 fn text(v: &[u8]) -> Option<&str> {
     std::str::from_utf8(v).ok().map(str::trim)
 }
@@ -979,13 +1002,7 @@ pub fn parse_response(
             Method::Quit => Response::QuitAck,
         }
     } else {
-        let body = &buf[head_len..total];
-        let reason = std::str::from_utf8(body)
-            .ok()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .unwrap_or_else(|| resp.reason.unwrap_or_default().to_owned());
+        let reason = shown_reason(&buf[head_len..total], resp.reason.unwrap_or_default());
         Response::Error(Failure {
             status: ErrorStatus::from_code(code, method),
             reason,
@@ -1321,5 +1338,29 @@ mod tests {
             Ok(Parsed::Partial)
         ));
         assert!(parse_response(b"garbage\r\n\r\n", Method::Chat, false).is_err());
+    }
+
+    #[test]
+    fn a_servers_error_text_cannot_drive_the_terminal() {
+        let long = "x".repeat(1000);
+        for (body, shown) in [
+            ("in use\x1b[2J\r\nforged line", "in use [2J  forged line"),
+            ("", "REGNACK"),
+            (long.as_str(), &long[..MAX_REASON_CHARS]),
+        ] {
+            let r = format!(
+                "HTTP/1.1 409 REGNACK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let Ok(Parsed::Complete((head, _))) =
+                parse_response(r.as_bytes(), Method::Register, false)
+            else {
+                panic!("not parsed: {r:?}");
+            };
+            let Response::Error(f) = head.response else {
+                panic!("not an error: {:?}", head.response);
+            };
+            assert_eq!(f.reason, shown);
+        }
     }
 }
