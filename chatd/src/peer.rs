@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use chat_proto::frame::Decoder;
 use chat_proto::peer::{Answer, Hello, MAX_FRAME, Opening, PeerFrame, parse_answer, parse_hello};
-use chat_proto::rendezvous::MAX_HEAD;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -164,9 +163,8 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
         }
         match parse_hello(&buf) {
             Ok(Some(Opening { hello, used })) => break (hello, used),
-            Ok(None) if buf.len() <= MAX_HEAD => continue,
-            Ok(None) => return refuse(stream, 431, "handshake too large".into()).await,
-            Err(e) => return refuse(stream, 400, e.to_string()).await,
+            Ok(None) => continue,
+            Err(e) => return refuse(stream, e.status(), e.to_string()).await,
         }
     };
     let hello = match hello {

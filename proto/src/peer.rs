@@ -111,6 +111,16 @@ pub enum HandshakeError {
     TooLarge,
 }
 
+impl HandshakeError {
+    /// The status a daemon refuses such an opening with.
+    pub fn status(&self) -> u16 {
+        match self {
+            HandshakeError::Malformed(_) => 400,
+            HandshakeError::TooLarge => 431,
+        }
+    }
+}
+
 /// A handshake to refuse: the status and the reason to send.
 pub type Refusal = (u16, String);
 
@@ -240,6 +250,15 @@ mod tests {
             assert_eq!(got, answer);
             assert_eq!(used, buf.len());
         }
+    }
+
+    #[test]
+    fn an_endless_head_is_refused_as_too_large() {
+        let mut buf = b"CHAT / HTTP/1.1\r\nX-Pad: ".to_vec();
+        buf.resize(MAX_HEAD + 1, b'a');
+        let e = parse_hello(&buf).unwrap_err();
+        assert_eq!((e.clone(), e.status()), (HandshakeError::TooLarge, 431));
+        assert_eq!(parse_hello(b"\x00\x01\r\n\r\n").unwrap_err().status(), 400);
     }
 
     #[test]
