@@ -221,7 +221,7 @@ impl History {
         Ok(())
     }
 
-    /// The last `n` records, oldest first, up to and including `upto`.
+    /// The last `n` records, oldest first.
     pub fn last(&self, n: u32) -> Result<Vec<Record>, HistoryError> {
         let mut stmt = self
             .conn
@@ -229,7 +229,8 @@ impl History {
         let me = self.me;
         let mut rows: Vec<Record> = stmt
             .query_map([n], |r| row_to_record(r, me))?
-            .filter_map(Result::ok)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
             .flatten()
             .collect();
         rows.reverse();
@@ -264,7 +265,8 @@ impl History {
             .query_map(params![peer.map(|p| p.to_string()), pattern, limit], |r| {
                 row_to_record(r, me)
             })?
-            .filter_map(Result::ok)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
             .flatten()
             .collect();
         rows.reverse();
@@ -295,7 +297,9 @@ impl History {
 }
 
 /// A row as a record; `None` for rows this version does not understand
-/// (written by a newer one), which are skipped rather than fatal.
+/// (written by a newer one), which are skipped rather than fatal. Text that
+/// is not UTF-8 (the file was edited by hand) is shown with U+FFFD rather
+/// than failing the whole answer; a read error fails it.
 fn row_to_record(row: &rusqlite::Row<'_>, me: ClientId) -> rusqlite::Result<Option<Record>> {
     let seq: i64 = row.get(0)?;
     let time_ms: i64 = row.get(1)?;
@@ -303,7 +307,12 @@ fn row_to_record(row: &rusqlite::Row<'_>, me: ClientId) -> rusqlite::Result<Opti
     let peer: Option<String> = row.get(3)?;
     let outgoing: Option<bool> = row.get(4)?;
     let state: Option<String> = row.get(5)?;
-    let text: Option<String> = row.get(6)?;
+    let text: Option<String> = match row.get_ref(6)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+            Some(String::from_utf8_lossy(t).into_owned())
+        }
+        _ => None,
+    };
     let delivered: Option<bool> = row.get(7)?;
     let id = |s: &str| s.parse::<ClientId>().ok();
     let kind = match kind.as_str() {
@@ -379,6 +388,28 @@ mod tests {
         assert!(a.seq < b.seq && b.seq < c.seq);
         assert_eq!(h.last(2).unwrap(), vec![b.clone(), c.clone()]);
         assert_eq!(h.last(100).unwrap(), vec![a, b, c]);
+    }
+
+    #[test]
+    fn a_row_that_is_not_utf8_is_shown_not_dropped() {
+        let mut h = History::in_memory(id("me"));
+        h.append(1, msg("bob", "me", "before", false)).unwrap();
+        h.conn
+            .execute(
+                "INSERT INTO records (time_ms, kind, peer, outgoing, text) VALUES (2, 'message', 'bob', 0, CAST(X'66FF6F' AS TEXT))",
+                [],
+            )
+            .unwrap();
+        let texts: Vec<String> = h
+            .last(10)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.kind {
+                RecordKind::Message { text, .. } => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, vec!["before".to_owned(), "f\u{fffd}o".to_owned()]);
     }
 
     #[test]
