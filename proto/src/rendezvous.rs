@@ -616,9 +616,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     let content_length = fields.content_length()?;
     let http10 = req.version == Some(0);
     let close = if http10 {
-        !fields.connection_has("keep-alive")
+        !fields.keep_alive
     } else {
-        fields.connection_has("close")
+        fields.close
     };
     let request_id = match fields.request_id {
         Some(v) => match text(v) {
@@ -719,7 +719,10 @@ struct Fields<'a> {
     request_id: Option<&'a [u8]>,
     content_length: Option<&'a [u8]>,
     transfer_encoding: bool,
-    connection: Vec<&'a [u8]>,
+    /// `Connection` options, from every such header (no allocation: this
+    /// runs for each request).
+    close: bool,
+    keep_alive: bool,
     /// The first header given twice (other than Content-Length).
     duplicate: Option<String>,
 }
@@ -745,7 +748,10 @@ impl<'a> Fields<'a> {
                 f.transfer_encoding = true;
                 continue;
             } else if name.eq_ignore_ascii_case("Connection") {
-                f.connection.push(h.value);
+                for item in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    f.close |= item.eq_ignore_ascii_case(b"close");
+                    f.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
+                }
                 continue;
             } else {
                 continue;
@@ -783,13 +789,6 @@ impl<'a> Fields<'a> {
                 format!("request body larger than {MAX_BODY} bytes"),
             )),
         }
-    }
-
-    fn connection_has(&self, option: &str) -> bool {
-        self.connection.iter().any(|v| {
-            v.split(|&b| b == b',')
-                .any(|item| item.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
-        })
     }
 
     fn request(&self, method: Method) -> Result<Request, Failure> {
@@ -1226,6 +1225,10 @@ mod tests {
         assert!(complete(b"PROBE / HTTP/1.0\r\n\r\n").close);
         assert!(!complete(b"PROBE / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
         assert!(complete(b"PROBE / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").close);
+        assert!(
+            complete(b"PROBE / HTTP/1.1\r\nConnection: foo\r\nConnection: Close\r\n\r\n").close
+        );
+        assert!(!complete(b"PROBE / HTTP/1.1\r\nConnection: closed\r\n\r\n").close);
     }
 
     #[test]
