@@ -274,7 +274,13 @@ impl Conn {
                 Err(e) => return Err(Error::Failed(format!("unexpected data from chatd: {e}"))),
             }
             match (&*self.stream).read(&mut chunk) {
-                Ok(0) => return Ok(None),
+                Ok(0) => {
+                    return self
+                        .decoder
+                        .finish()
+                        .map(|()| None)
+                        .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")));
+                }
                 Ok(n) => self.decoder.extend(&chunk[..n]),
                 Err(e)
                     if matches!(

@@ -216,8 +216,7 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
             Err(e) => return Err(format!("bad frame from chatctl: {e}")),
         }
         match recv.read_buf(decoder.buffer()).await {
-            Ok(0) if decoder.has_partial() => return Err("connection closed mid-frame".into()),
-            Ok(0) => return Ok(None),
+            Ok(0) => return decoder.finish().map(|()| None).map_err(|e| e.to_string()),
             Ok(_) => {}
             Err(e) => return Err(e.to_string()),
         }

@@ -341,8 +341,12 @@ async fn reader(
             _ = alive.changed() => return,
         };
         match read {
-            Ok(0) if decoder.has_partial() => break "connection closed mid-frame".to_owned(),
-            Ok(0) => break "connection closed".to_owned(),
+            Ok(0) => {
+                break match decoder.finish() {
+                    Ok(()) => "connection closed".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+            }
             Ok(_) => {}
             Err(e) => break e.to_string(),
         }

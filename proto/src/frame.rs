@@ -110,6 +110,16 @@ impl Decoder {
     pub fn has_partial(&self) -> bool {
         self.start < self.buf.len()
     }
+
+    /// Called at end of stream: a clean close, or `Truncated` when it cut
+    /// a frame short.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.has_partial() {
+            Err(FrameError::Truncated)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +148,7 @@ mod tests {
         }
         assert_eq!(got, vec![Msg::Hello("hi".into()), Msg::Number(7)]);
         assert!(!d.has_partial());
+        assert!(d.finish().is_ok());
     }
 
     #[test]
@@ -169,5 +180,6 @@ mod tests {
         d.extend(&[2, 0]);
         assert!(d.decode::<Msg>().unwrap().is_none());
         assert!(d.has_partial());
+        assert!(matches!(d.finish(), Err(FrameError::Truncated)));
     }
 }
