@@ -32,9 +32,10 @@ enum Transport {
 /// A client of one server.
 pub struct Client {
     server: String,
-    /// What the last PROBE found; forgotten after a failure so that a
-    /// server restarted with another transport is found again.
-    transport: Mutex<Option<Transport>>,
+    /// The address and transport the last PROBE found; forgotten after a
+    /// failure, so that a server that moved or restarted with another
+    /// transport is found again.
+    found: Mutex<Option<(SocketAddr, Transport)>>,
 }
 
 impl Client {
@@ -42,21 +43,20 @@ impl Client {
     pub fn new(server: String) -> Client {
         Client {
             server,
-            transport: Mutex::new(None),
+            found: Mutex::new(None),
         }
     }
 
     /// Sends `request`; `Err` is a reason a person can read, for when the
     /// server could not be reached or answered nonsense.
     pub async fn request(&self, request: &Request) -> Result<Response, String> {
-        let addr = self.resolve().await?;
-        let known = *self.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let transport = match known {
-            Some(t) => t,
+        let known = *self.found.lock().unwrap_or_else(|e| e.into_inner());
+        let (addr, transport) = match known {
+            Some(found) => found,
             None => {
-                let t = self.probe(addr).await?;
-                *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
-                t
+                let found = self.find().await?;
+                *self.found.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+                found
             }
         };
         let result = match transport {
@@ -64,18 +64,34 @@ impl Client {
             Transport::Udp => udp_exchange(addr, &self.server, request, UDP_GIVE_UP).await,
         };
         if result.is_err() {
-            *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.found.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         result
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, String> {
-        let mut addrs = tokio::net::lookup_host(&self.server)
+    /// Probes every address the name resolves to, in order, and keeps the
+    /// first that answers: `localhost` may resolve to `::1` first while
+    /// the server listens on IPv4 only.
+    async fn find(&self) -> Result<(SocketAddr, Transport), String> {
+        let addrs = tokio::net::lookup_host(&self.server)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", self.server))?;
-        addrs
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.server))
+        let mut failures = Vec::new();
+        for addr in addrs {
+            match self.probe(addr).await {
+                Ok(transport) => return Ok((addr, transport)),
+                Err(e) => failures.push((addr, e)),
+            }
+        }
+        match failures.as_slice() {
+            [] => Err(format!("{} resolves to no address", self.server)),
+            [(_, e)] => Err(e.clone()),
+            all => Err(all
+                .iter()
+                .map(|(addr, e)| format!("at {addr}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")),
+        }
     }
 
     /// TCP first (the default server transport); UDP if TCP is refused.
