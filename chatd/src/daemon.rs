@@ -298,7 +298,7 @@ impl Core {
                 // snapshot below and the live records that follow it meet
                 // exactly: every record once, in order.
                 self.flush();
-                let records = self.history.last(last);
+                let records = self.history.last(last, self.answer_room(key));
                 if !self.serve_records(key, id, records) {
                     return;
                 }
@@ -313,7 +313,9 @@ impl Core {
             }
             ipc::Request::History { peer, grep, limit } => {
                 self.flush();
-                let records = self.history.search(peer, grep.as_deref(), limit);
+                let records =
+                    self.history
+                        .search(peer, grep.as_deref(), limit, self.answer_room(key));
                 if self.serve_records(key, id, records) {
                     self.answer(key, id, Ok(Reply::Done));
                 }
@@ -344,8 +346,19 @@ impl Core {
         id: u64,
         records: Result<Vec<Record>, crate::history::HistoryError>,
     ) -> bool {
+        let too_much = || {
+            let message = format!(
+                "too much history waiting to be read ({} MiB): read the answers already asked for, or ask for fewer",
+                crate::ipc::MAX_ANSWER_BYTES >> 20
+            );
+            Err(Failure::new(FailureKind::Invalid, message))
+        };
         let records = match records {
             Ok(r) => r,
+            Err(crate::history::HistoryError::OverBudget { .. }) => {
+                self.answer(key, id, too_much());
+                return false;
+            }
             Err(e) => {
                 self.answer(
                     key,
@@ -362,11 +375,7 @@ impl Core {
         let waiting = c.handle.answer_bytes.fetch_add(bytes, Ordering::AcqRel);
         if waiting + bytes > crate::ipc::MAX_ANSWER_BYTES {
             c.handle.answer_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            let message = format!(
-                "too much history waiting to be read ({} MiB): read the answers already asked for, or ask for fewer",
-                crate::ipc::MAX_ANSWER_BYTES >> 20
-            );
-            self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
+            self.answer(key, id, too_much());
             return false;
         }
         // Counted above in one go; each frame carries its share for the
@@ -378,6 +387,15 @@ impl Core {
             }
         }
         true
+    }
+
+    /// Bytes of answers shell `key` may still be sent before it reads
+    /// some: history is read no further than this.
+    fn answer_room(&self, key: ClientKey) -> usize {
+        self.clients.get(&key).map_or(0, |c| {
+            crate::ipc::MAX_ANSWER_BYTES
+                .saturating_sub(c.handle.answer_bytes.load(Ordering::Acquire))
+        })
     }
 
     fn answer(&mut self, key: ClientKey, id: u64, result: Result<Reply, Failure>) {

@@ -30,6 +30,10 @@ pub enum HistoryError {
     },
     #[error("history database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// The records asked for would take more than the bytes allowed; the
+    /// reading stopped there rather than load them all.
+    #[error("the records asked for are over {max_bytes} bytes")]
+    OverBudget { max_bytes: usize },
 }
 
 /// The open history of one daemon.
@@ -221,29 +225,24 @@ impl History {
         Ok(())
     }
 
-    /// The last `n` records, oldest first.
-    pub fn last(&self, n: u32) -> Result<Vec<Record>, HistoryError> {
+    /// The last `n` records, oldest first, if they fit in `max_bytes` (as
+    /// [`crate::ipc::record_bytes`] counts them).
+    pub fn last(&self, n: u32, max_bytes: usize) -> Result<Vec<Record>, HistoryError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records ORDER BY seq DESC LIMIT ?1")?;
         let me = self.me;
-        let mut rows: Vec<Record> = stmt
-            .query_map([n], |r| row_to_record(r, me))?
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        rows.reverse();
-        Ok(rows)
+        within(stmt.query_map([n], |r| row_to_record(r, me))?, max_bytes)
     }
 
     /// Messages matching the filters, oldest first; at most `limit` (the
-    /// newest ones).
+    /// newest ones), if they fit in `max_bytes`.
     pub fn search(
         &self,
         peer: Option<ClientId>,
         grep: Option<&str>,
         limit: u32,
+        max_bytes: usize,
     ) -> Result<Vec<Record>, HistoryError> {
         let pattern = grep.map(|g| {
             format!(
@@ -261,16 +260,10 @@ impl History {
              ORDER BY seq DESC LIMIT ?3",
         )?;
         let me = self.me;
-        let mut rows: Vec<Record> = stmt
-            .query_map(params![peer.map(|p| p.to_string()), pattern, limit], |r| {
-                row_to_record(r, me)
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        rows.reverse();
-        Ok(rows)
+        let rows = stmt.query_map(params![peer.map(|p| p.to_string()), pattern, limit], |r| {
+            row_to_record(r, me)
+        })?;
+        within(rows, max_bytes)
     }
 
     /// The token saved for `server`, if any.
@@ -294,6 +287,26 @@ impl History {
         )?;
         Ok(())
     }
+}
+
+/// Rows read newest first, returned oldest first; stops reading as soon as
+/// they pass `max_bytes`.
+fn within(
+    rows: impl Iterator<Item = rusqlite::Result<Option<Record>>>,
+    max_bytes: usize,
+) -> Result<Vec<Record>, HistoryError> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for row in rows {
+        let Some(record) = row? else { continue };
+        bytes += crate::ipc::record_bytes(&record);
+        if bytes > max_bytes {
+            return Err(HistoryError::OverBudget { max_bytes });
+        }
+        out.push(record);
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// A row as a record; `None` for rows this version does not understand
@@ -386,8 +399,8 @@ mod tests {
         let c = h.append(3, msg("bob", "me", "hi", false)).unwrap();
         h.commit().unwrap();
         assert!(a.seq < b.seq && b.seq < c.seq);
-        assert_eq!(h.last(2).unwrap(), vec![b.clone(), c.clone()]);
-        assert_eq!(h.last(100).unwrap(), vec![a, b, c]);
+        assert_eq!(h.last(2, usize::MAX).unwrap(), vec![b.clone(), c.clone()]);
+        assert_eq!(h.last(100, usize::MAX).unwrap(), vec![a, b, c]);
     }
 
     #[test]
@@ -401,7 +414,7 @@ mod tests {
             )
             .unwrap();
         let texts: Vec<String> = h
-            .last(10)
+            .last(10, usize::MAX)
             .unwrap()
             .into_iter()
             .map(|r| match r.kind {
@@ -410,6 +423,26 @@ mod tests {
             })
             .collect();
         assert_eq!(texts, vec!["before".to_owned(), "f\u{fffd}o".to_owned()]);
+    }
+
+    #[test]
+    fn reading_stops_at_the_byte_budget() {
+        let mut h = History::in_memory(id("me"));
+        for i in 0..10 {
+            h.append(i, msg("bob", "me", &"x".repeat(1000), false))
+                .unwrap();
+        }
+        h.commit().unwrap();
+        let one = crate::ipc::record_bytes(&h.last(1, usize::MAX).unwrap()[0]);
+        assert_eq!(h.last(10, 10 * one).unwrap().len(), 10);
+        assert!(matches!(
+            h.last(10, 10 * one - 1),
+            Err(HistoryError::OverBudget { .. })
+        ));
+        assert!(matches!(
+            h.search(None, Some("x"), 10, one),
+            Err(HistoryError::OverBudget { .. })
+        ));
     }
 
     #[test]
@@ -423,7 +456,7 @@ mod tests {
         h.set_delivered(lost.seq, false).unwrap();
         h.commit().unwrap();
         let delivered: Vec<Option<bool>> = h
-            .last(2)
+            .last(2, usize::MAX)
             .unwrap()
             .into_iter()
             .map(|r| match r.kind {
@@ -456,18 +489,21 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            texts(h.search(None, Some("100%"), 10).unwrap()),
+            texts(h.search(None, Some("100%"), 10, usize::MAX).unwrap()),
             vec!["100% sure"]
         );
         assert_eq!(
-            texts(h.search(Some(id("bob")), None, 10).unwrap()),
+            texts(h.search(Some(id("bob")), None, 10, usize::MAX).unwrap()),
             vec!["100% sure", "under_score"]
         );
         assert_eq!(
-            texts(h.search(None, Some("r_s"), 10).unwrap()),
+            texts(h.search(None, Some("r_s"), 10, usize::MAX).unwrap()),
             vec!["under_score"]
         );
-        assert_eq!(texts(h.search(None, None, 1).unwrap()), vec!["under_score"]);
+        assert_eq!(
+            texts(h.search(None, None, 1, usize::MAX).unwrap()),
+            vec!["under_score"]
+        );
     }
 
     #[test]
@@ -491,7 +527,7 @@ mod tests {
             h.append(1, msg("me", "bob", "kept", true)).unwrap();
         }
         let h = History::open(&path, id("me")).unwrap();
-        assert_eq!(h.last(10).unwrap().len(), 1);
+        assert_eq!(h.last(10, usize::MAX).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
