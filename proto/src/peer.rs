@@ -13,7 +13,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
-use crate::rendezvous::{MAX_HEAD, MAX_HEADERS};
+use crate::rendezvous::{
+    ErrorStatus, Failure, MAX_HEAD, MAX_HEADERS, Method, Response, ResponseFraming,
+};
 
 /// The protocol named in `Upgrade`.
 pub const UPGRADE: &str = "chat-peer/1";
@@ -80,24 +82,20 @@ impl Answer {
                 out.extend_from_slice(id.as_str().as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
             }
-            Answer::Refused { status, reason } => {
-                let phrase = match status {
-                    400 => "Bad Request",
-                    403 => "Forbidden",
-                    409 => "Conflict",
-                    426 => "Upgrade Required",
-                    503 => "Service Unavailable",
-                    _ => "Error",
-                };
-                let body = format!("{reason}\n");
-                out.extend_from_slice(
-                    format!(
-                        "HTTP/1.1 {status} {phrase}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                );
-            }
+            // Written as the server writes its errors: one format, one
+            // table of reason phrases.
+            Answer::Refused { status, reason } => Response::Error(Failure::new(
+                ErrorStatus::from_code(*status, Method::Chat),
+                reason.as_str(),
+            ))
+            .encode(
+                Some(Method::Chat),
+                out,
+                &ResponseFraming {
+                    close: true,
+                    ..ResponseFraming::default()
+                },
+            ),
         }
     }
 }
@@ -250,6 +248,20 @@ mod tests {
             assert_eq!(got, answer);
             assert_eq!(used, buf.len());
         }
+    }
+
+    #[test]
+    fn a_refusal_is_written_like_a_server_error() {
+        let mut out = Vec::new();
+        Answer::Refused {
+            status: 426,
+            reason: "send Upgrade: chat-peer/1".into(),
+        }
+        .encode(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 426 Upgrade Required\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 26\r\n\r\nsend Upgrade: chat-peer/1\n"
+        );
     }
 
     #[test]

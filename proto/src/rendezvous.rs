@@ -269,11 +269,14 @@ impl ErrorStatus {
             ErrorStatus::HeadersTooLarge => "Request Header Fields Too Large",
             ErrorStatus::NotImplemented => "Not Implemented",
             ErrorStatus::Unavailable => "Service Unavailable",
+            // What daemons refuse a peer link with, besides the above.
+            ErrorStatus::Other(403) => "Forbidden",
+            ErrorStatus::Other(426) => "Upgrade Required",
             ErrorStatus::Other(_) => "Error",
         }
     }
 
-    fn from_code(code: u16, method: Method) -> ErrorStatus {
+    pub(crate) fn from_code(code: u16, method: Method) -> ErrorStatus {
         match code {
             400 => ErrorStatus::BadRequest,
             401 => ErrorStatus::Unauthorized,
