@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_testkit::{WAIT, run_bounded, stderr};
+use chat_testkit::{Guard, WAIT, run_bounded, stderr};
 
 fn chatd(home: &std::path::Path, args: &[&str]) -> Command {
     let run = home.join("run");
@@ -105,7 +105,7 @@ fn two_daemons_cannot_share_a_history() {
             data,
         ],
     );
-    let mut first = first.spawn().unwrap();
+    let mut first = Guard::new(first.spawn().unwrap());
     let sock = home.path().join("run").join("chatd").join("a.sock");
     let deadline = Instant::now() + WAIT;
     while !sock.exists() && Instant::now() < deadline {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_testkit::{WAIT, bin, run_bounded, terminate};
+use chat_testkit::{Guard, WAIT, bin, output_bounded, run_bounded, terminate};
 
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
@@ -70,15 +70,15 @@ fn the_units_pass_systemd_analyze_verify() {
         (vec![], vec!["chat-server.service"]),
     ] {
         let paths: Vec<PathBuf> = units.iter().map(|u| dir.path().join(u)).collect();
-        let out = Command::new(&analyze)
+        let mut verify = Command::new(&analyze);
+        verify
             .args(&args)
             .args(["verify", "--man=no"])
             .args(&paths)
             .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
             // A user manager needs a runtime directory, even offline.
-            .env("XDG_RUNTIME_DIR", &run)
-            .output()
-            .unwrap();
+            .env("XDG_RUNTIME_DIR", &run);
+        let out = run_bounded(verify, None);
         let stderr = String::from_utf8_lossy(&out.stderr);
         // verify warns (and still exits 0) about unknown keys and bad
         // values: any line about our files is a failure.
@@ -141,7 +141,7 @@ fn chatd_serves_a_socket_systemd_made() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     chatd_env(&mut cmd, home.path());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Guard::new(cmd.spawn().unwrap());
     let deadline = Instant::now() + WAIT;
     while !socket.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -181,7 +181,7 @@ fn chatd_tells_systemd_it_is_ready_and_what_it_does() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     chatd_env(&mut cmd, home.path());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Guard::new(cmd.spawn().unwrap());
     let mut buf = [0u8; 4096];
     let mut got = String::new();
     let deadline = Instant::now() + WAIT;
@@ -205,7 +205,7 @@ fn chatd_tells_systemd_it_is_ready_and_what_it_does() {
             Err(_) => break,
         }
     }
-    let _ = child.wait();
+    terminate(&mut child);
     assert!(got.contains("READY=1"), "{got:?}");
     assert!(got.contains("STATUS=ready: idle"), "{got:?}");
     assert!(status.is_some(), "chatd answers once it said READY=1");
@@ -218,14 +218,16 @@ fn chat_server_tells_systemd_it_is_ready() {
     let notify_path = home.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
-    let child = Command::new(bin("chat-server"))
-        .args(["--bind", "127.0.0.1", "--port", "0"])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("JOURNAL_STREAM", "8:1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Guard::new(
+        Command::new(bin("chat-server"))
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("JOURNAL_STREAM", "8:1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 4096];
     let got = notify
         .recv(&mut buf)
@@ -233,7 +235,7 @@ fn chat_server_tells_systemd_it_is_ready() {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let out = child.wait_with_output().unwrap();
+    let out = output_bounded(child.into_inner());
     let got = got.expect("a notification");
     assert!(
         got.contains("READY=1") && got.contains("STATUS=serving on 127.0.0.1:"),

@@ -81,6 +81,42 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
     child.wait().expect("wait for a killed child")
 }
 
+/// A child process stopped (see [`terminate`]) when the guard drops, so a
+/// test that fails half-way leaves no process behind.
+pub struct Guard(Option<Child>);
+
+impl Guard {
+    pub fn new(child: Child) -> Guard {
+        Guard(Some(child))
+    }
+
+    /// The child, no longer guarded (to wait for its output).
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("guarded child")
+    }
+}
+
+impl std::ops::Deref for Guard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("guarded child")
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("guarded child")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            terminate(child);
+        }
+    }
+}
+
 /// A chat-server on 127.0.0.1, stopped when dropped.
 pub struct Server {
     child: Child,
@@ -108,16 +144,13 @@ impl Server {
             .stderr(Stdio::inherit())
             .env("RUST_LOG", "warn");
         let mut child = cmd.spawn().expect("start chat-server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read the listening line");
+        let line = first_line(&mut child);
         // "listening on 127.0.0.1:PORT (tcp)"
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from chat-server: {line:?}"));
+        let addr = line.split_whitespace().nth(2).and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            terminate(&mut child);
+            panic!("unexpected first line from chat-server: {line:?}");
+        };
         Server { child, addr }
     }
 
@@ -134,6 +167,44 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         terminate(&mut self.child);
+    }
+}
+
+/// The first line `child` writes on its (piped) standard output, waiting
+/// at most `WAIT`; on failure the child is stopped before the test fails.
+pub fn first_line(child: &mut Child) -> String {
+    let out = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(line) => line,
+        Err(_) => {
+            terminate(child);
+            panic!("no line from the child within {WAIT:?}");
+        }
+    }
+}
+
+/// Waits for a started child to end and collects its output; kills it and
+/// fails the test if it takes longer than `WAIT`.
+pub fn output_bounded(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait for the child"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("child {pid} did not finish within {WAIT:?}");
+        }
     }
 }
 
@@ -155,20 +226,7 @@ pub fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
             let _ = stdin.write_all(text.as_bytes());
         });
     }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(out) => out.expect("wait for command"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("command did not finish within {WAIT:?}");
-        }
-    }
+    output_bounded(child)
 }
 
 /// Polls `f` until it returns true, for at most `WAIT`.

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
-pub use chat_testkit::{Server, WAIT, bin, eventually, run_bounded, stderr, stdout, terminate};
+pub use chat_testkit::{
+    Guard, Server, WAIT, bin, eventually, output_bounded, run_bounded, stderr, stdout, terminate,
+};
 
 pub fn chatctl() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chatctl"))
