@@ -6,18 +6,28 @@
 //! reads no clock and touches no socket, so expiry and pairing are tested
 //! with a fake clock. The TCP and UDP transports share one registry.
 //!
-//! Memory is the constraint that shapes it: an entry is 48 bytes plus its
-//! 33-byte key, so a million registrations fit in under 200 MB of hash table.
+//! Its layout follows from one fact: at a million registrations nothing
+//! fits in a cache, so a REGISTER costs about as much as the number of
+//! places in memory it touches at random. Records sit in a queue in the
+//! order they were queued, which is the order they lapse in (a
+//! registration lives `expires` seconds from its last REGISTER): a new
+//! record is appended next to the last one, and expiry pops records from
+//! the front, both in sequence. A small index maps an id's hash to its
+//! record's position, 8 bytes a slot, so a fresh REGISTER touches one slot
+//! at random. Expiry does not touch the index at all: it leaves the slot
+//! pointing before the front, and such stale slots are purged in one
+//! sequential pass when the index would otherwise grow. Expiry also costs
+//! no pause: it pops a few records per request, never walking the whole
+//! registry under the lock.
 
-use std::collections::hash_map::{Entry, OccupiedEntry, VacantEntry};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use chat_proto::rendezvous::{ErrorStatus, Failure, Request, Response};
 use chat_proto::{ClientId, Token};
-
-use crate::limits::{FULL_SWEEP_EVERY, Throttle};
+use hashbrown::HashTable;
 
 /// What the registry is told at start-up.
 #[derive(Clone, Debug)]
@@ -28,25 +38,49 @@ pub struct Config {
     pub max_registrations: usize,
 }
 
-/// `Entry::seq` values that are not positions in the waiting queue.
+/// `Record::seq` values that are not positions in the waiting queue.
 const IDLE: u64 = 0;
 const BUSY: u64 = u64::MAX;
+/// The client quit; the record waits in the queue to be popped or reused.
+const GONE: u64 = u64::MAX - 1;
 
 /// Whether `seq` is a place in the waiting queue.
 const fn in_queue(seq: u64) -> bool {
-    seq != IDLE && seq != BUSY
+    seq != IDLE && seq != BUSY && seq != GONE
 }
+
+/// Records due to be popped that each request pops on its way: more than
+/// one, so that expiry keeps up with requests that each queue one record.
+const POP_PER_REQUEST: usize = 4;
+
+/// Records a full registry pops to make room for one more, at most: enough
+/// to get past a run of quit records, few enough that one request never
+/// stalls the others.
+const POP_TO_MAKE_ROOM: usize = 1024;
+
+/// Quit records tolerated beside the held ones before the queue is
+/// compacted (see [`Registry::compact`]); below this a compaction would
+/// cost more than the memory it saves.
+const MIN_COMPACT: usize = 4096;
 
 /// One registration, kept small (see the module comment).
 struct Record {
+    id: ClientId,
     token: Token,
     // IPv4 addresses are stored IPv4-mapped, which costs one byte less than
-    // `IpAddr` and keeps the entry at 48 bytes.
+    // `IpAddr` and keeps the record at 88 bytes.
     ip: Ipv6Addr,
     port: u16,
     /// Whole seconds since start at which the registration lapses.
     expires_at: u32,
-    /// `IDLE`, `BUSY`, or the entry's position in `waiting`.
+    /// `expires_at` as it was when the record was queued. The queue is in
+    /// this order; a record refreshed since is queued again when it
+    /// reaches the front.
+    queued_until: u32,
+    /// The id's hash, so that neither a requeue nor a rebuilt index hashes
+    /// the id again.
+    hash: u32,
+    /// `IDLE`, `BUSY`, `GONE`, or the record's place in `waiting`.
     seq: u64,
 }
 
@@ -64,10 +98,18 @@ impl Record {
     }
 }
 
-/// Where a new registration goes.
-enum Slot<'a> {
-    Occupied(OccupiedEntry<'a, ClientId, Record>),
-    Vacant(VacantEntry<'a, ClientId, Record>),
+/// An index entry: where a record is, and its id's hash.
+#[derive(Clone, Copy)]
+struct Slot {
+    pos: u32,
+    hash: u32,
+}
+
+/// The hash the index is probed with. hashbrown picks the bucket from the
+/// low bits and a 7-bit tag from the top ones; repeating the 32 stored bits
+/// keeps the two independent up to 2^25 buckets.
+fn wide(hash: u32) -> u64 {
+    u64::from(hash) | (u64::from(hash) << 32)
 }
 
 /// The state of one client as the registry sees it (for tests and stats).
@@ -81,41 +123,58 @@ pub enum ClientState {
 /// All registrations and the queue of clients waiting for a peer.
 pub struct Registry {
     config: Config,
-    clients: HashMap<ClientId, Record>,
+    /// Every record, in the order it was queued (see the module comment).
+    queue: VecDeque<Record>,
+    /// The position of `queue[0]`. Positions count up, wrapping, so a
+    /// record keeps its position while the front moves.
+    front: u32,
+    /// Id hash → position. May hold stale slots (before the front); a slot
+    /// is trusted only once the record it points to has the right id.
+    index: HashTable<Slot>,
+    /// SipHash with a random key: ids come from clients, and a keyed hash
+    /// keeps them from choosing ids that collide.
+    hasher: RandomState,
+    /// Registrations held: live, or lapsed and not popped yet.
+    held: usize,
+    /// Quit records still in the queue.
+    gone: usize,
     /// Waiting clients by arrival: first come, first served.
     waiting: BTreeMap<u64, ClientId>,
     next_seq: u64,
-    full_sweep: Throttle,
 }
 
 impl Registry {
     pub fn new(config: Config) -> Registry {
         // Sized for the configured maximum up front (capped, so a huge
         // limit does not reserve memory it may never use): growing a
-        // table of a million entries rehashes all of them at once. Only
-        // the touched pages of the reservation become resident.
+        // queue or an index of a million entries moves all of them at
+        // once. Only the touched pages of the reservation become resident.
         let reserve = config.max_registrations.min(1 << 20);
         Registry {
             config,
-            clients: HashMap::with_capacity(reserve),
+            queue: VecDeque::with_capacity(reserve),
+            front: 0,
+            index: HashTable::with_capacity(reserve),
+            hasher: RandomState::new(),
+            held: 0,
+            gone: 0,
             waiting: BTreeMap::new(),
             next_seq: 1,
-            full_sweep: Throttle::new(FULL_SWEEP_EVERY),
         }
     }
 
-    /// Live and not yet swept registrations.
+    /// Registrations held: live ones, and lapsed ones not dropped yet.
     pub fn len(&self) -> usize {
-        self.clients.len()
+        self.held
     }
 
     pub fn is_empty(&self) -> bool {
-        self.clients.is_empty()
+        self.held == 0
     }
 
     /// The state of `id`, if it holds a live registration.
     pub fn state(&self, id: &ClientId, now: Duration) -> Option<ClientState> {
-        let e = self.clients.get(id).filter(|e| e.live(now))?;
+        let e = self.live(id, now)?;
         Some(match e.seq {
             IDLE => ClientState::Registered,
             BUSY => ClientState::Busy,
@@ -134,6 +193,7 @@ impl Registry {
         now: Duration,
         fresh_token: impl FnOnce() -> Result<Token, E>,
     ) -> Response {
+        self.pop_due(now, POP_PER_REQUEST);
         let result = match *request {
             Request::Probe => {
                 return Response::Error(Failure::bad_request(
@@ -165,25 +225,13 @@ impl Registry {
         };
         let expires_at = self.deadline(now);
         let expires = self.config.expires.as_secs() as u32;
-        let max = self.config.max_registrations;
-        if max != 0 && self.clients.len() >= max && !self.clients.contains_key(&id) {
-            self.make_room(now);
-            if self.clients.len() >= max {
-                return Err(Failure {
-                    retry_after: Some(60),
-                    ..Failure::new(
-                        ErrorStatus::Unavailable,
-                        format!("server full: {max} clients are registered; try again later"),
-                    )
-                });
-            }
-        }
-        // One hash-table probe for the common cases (a fresh id, a
+        // One probe of the index for the common cases (a fresh id, a
         // refresh): at a million entries each probe is a cache miss.
-        let mut lapsed_seq = None;
-        let slot = match self.clients.entry(id) {
-            Entry::Occupied(o) if o.get().live(now) => {
-                let e = o.into_mut();
+        let hash = self.hash(&id);
+        let found = self.find(&id, hash);
+        if let Some(i) = found {
+            let e = &mut self.queue[i];
+            if e.live(now) {
                 if token != Some(e.token) {
                     return Err(Failure::new(
                         ErrorStatus::RegNack,
@@ -194,7 +242,8 @@ impl Registry {
                 }
                 // A refresh: the token stays, so that a lost response
                 // cannot lock the client out; the contact follows the
-                // client.
+                // client. The record is queued again when it reaches the
+                // front, not now, so a refresh touches nothing else.
                 e.ip = ip;
                 e.port = port;
                 e.expires_at = expires_at;
@@ -205,37 +254,78 @@ impl Registry {
                     expires,
                 });
             }
-            // Lapsed but not swept yet: the id is free again.
-            Entry::Occupied(o) => {
-                lapsed_seq = Some(o.get().seq);
-                Slot::Occupied(o)
+        }
+        // A new registration: in a fresh record, or in the lapsed or quit
+        // record the id left behind.
+        let reuses_held = found.is_some_and(|i| self.queue[i].seq != GONE);
+        let max = self.config.max_registrations;
+        if max != 0 && !reuses_held && self.held >= max {
+            self.pop_due(now, POP_TO_MAKE_ROOM);
+            if self.held >= max {
+                return Err(Failure {
+                    retry_after: Some(60),
+                    ..Failure::new(
+                        ErrorStatus::Unavailable,
+                        format!("server full: {max} clients are registered; try again later"),
+                    )
+                });
             }
-            Entry::Vacant(v) => Slot::Vacant(v),
+        }
+        // The pop above may have taken the id's old record.
+        let found = if found.is_some() {
+            self.find(&id, hash)
+        } else {
+            None
         };
+        if found.is_none() && self.queue.len() >= u32::MAX as usize {
+            return Err(Failure::new(
+                ErrorStatus::Unavailable,
+                "server full: no room for another registration; try again later",
+            ));
+        }
         let token = fresh_token().map_err(|_| {
             Failure::new(
                 ErrorStatus::Unavailable,
                 "server cannot make a token right now; try again",
             )
         })?;
-        let entry = Record {
+        let record = Record {
+            id,
             token,
             ip,
             port,
             expires_at,
+            queued_until: expires_at,
+            hash,
             seq: IDLE,
         };
-        let addr = entry.addr();
-        match slot {
-            Slot::Occupied(mut o) => {
-                o.insert(entry);
+        let addr = record.addr();
+        match found {
+            Some(i) => {
+                let old = std::mem::replace(&mut self.queue[i], record);
+                // The old record's place in the queue is kept: it is
+                // queued again (with the new deadline) when it reaches the
+                // front.
+                self.queue[i].queued_until = old.queued_until;
+                if old.seq == GONE {
+                    self.gone -= 1;
+                    self.held += 1;
+                } else if in_queue(old.seq) {
+                    self.waiting.remove(&old.seq);
+                }
             }
-            Slot::Vacant(v) => {
-                v.insert(entry);
+            None => {
+                self.purge_if_full();
+                let pos = self.front.wrapping_add(self.queue.len() as u32);
+                let record = Record {
+                    queued_until: self.queued_until(expires_at),
+                    ..record
+                };
+                self.queue.push_back(record);
+                self.index
+                    .insert_unique(wide(hash), Slot { pos, hash }, |s| wide(s.hash));
+                self.held += 1;
             }
-        }
-        if let Some(seq) = lapsed_seq.filter(|&s| in_queue(s)) {
-            self.waiting.remove(&seq);
         }
         Ok(Response::RegAck {
             id,
@@ -243,15 +333,6 @@ impl Registry {
             token,
             expires,
         })
-    }
-
-    /// When full, drop lapsed registrations, but at most once a second: a
-    /// sweep walks the whole table, and a flood of REGISTERs against a
-    /// full server must not make it walk the table for each one.
-    fn make_room(&mut self, now: Duration) {
-        if self.full_sweep.ready(now) {
-            self.sweep(now);
-        }
     }
 
     fn bridge(
@@ -291,7 +372,7 @@ impl Registry {
                 })
             }
             None => {
-                let waiting = self.clients.get(&id).is_some_and(|e| in_queue(e.seq));
+                let waiting = self.live(&id, now).is_some_and(|e| in_queue(e.seq));
                 if !waiting {
                     let seq = self.next_seq;
                     self.next_seq += 1;
@@ -303,7 +384,8 @@ impl Registry {
     }
 
     /// The waiting client that came first, other than `id`; lapsed ones
-    /// met on the way are dropped, so they are never handed out.
+    /// met on the way leave the waiting queue, so they are never handed
+    /// out.
     fn longest_waiting_other(
         &mut self,
         id: ClientId,
@@ -311,20 +393,23 @@ impl Registry {
     ) -> Option<(ClientId, SocketAddr)> {
         let mut lapsed = Vec::new();
         let mut found = None;
-        for (_, candidate) in self.waiting.iter() {
+        for (&seq, candidate) in self.waiting.iter() {
             if *candidate == id {
                 continue;
             }
-            match self.clients.get(candidate) {
-                Some(e) if e.live(now) => {
+            match self.live(candidate, now) {
+                Some(e) => {
                     found = Some((*candidate, e.addr()));
                     break;
                 }
-                _ => lapsed.push(*candidate),
+                None => lapsed.push((seq, *candidate)),
             }
         }
-        for c in lapsed {
-            self.remove(&c);
+        for (seq, c) in lapsed {
+            self.waiting.remove(&seq);
+            if let Some(i) = self.find(&c, self.hash(&c)) {
+                self.queue[i].seq = IDLE;
+            }
         }
         found
     }
@@ -361,7 +446,21 @@ impl Registry {
 
     fn quit(&mut self, id: ClientId, token: Token, now: Duration) -> Result<Response, Failure> {
         self.authenticate(id, token, now)?;
-        self.remove(&id);
+        if let Some(i) = self.find(&id, self.hash(&id)) {
+            let e = &mut self.queue[i];
+            if in_queue(e.seq) {
+                self.waiting.remove(&e.seq);
+            }
+            // The record stays queued, lapsed, until it is popped or the
+            // id registers again; its slot stays too.
+            e.seq = GONE;
+            e.expires_at = 0;
+            self.held -= 1;
+            self.gone += 1;
+            if self.gone > self.held.max(MIN_COMPACT) {
+                self.compact();
+            }
+        }
         Ok(Response::QuitAck)
     }
 
@@ -381,12 +480,30 @@ impl Registry {
         Ok(())
     }
 
+    fn hash(&self, id: &ClientId) -> u32 {
+        // The low half of SipHash's output is as good as any other half.
+        self.hasher.hash_one(id) as u32
+    }
+
+    /// The queue index of `id`'s record (live, lapsed or quit), if the id
+    /// has one.
+    fn find(&self, id: &ClientId, hash: u32) -> Option<usize> {
+        let (queue, front) = (&self.queue, self.front);
+        let at = |pos: u32| pos.wrapping_sub(front) as usize;
+        let slot = self.index.find(wide(hash), |s| {
+            s.hash == hash && queue.get(at(s.pos)).is_some_and(|r| r.id == *id)
+        })?;
+        Some(at(slot.pos))
+    }
+
     fn live(&self, id: &ClientId, now: Duration) -> Option<&Record> {
-        self.clients.get(id).filter(|e| e.live(now))
+        let i = self.find(id, self.hash(id))?;
+        Some(&self.queue[i]).filter(|e| e.live(now))
     }
 
     fn set_seq(&mut self, id: ClientId, seq: u64) {
-        if let Some(e) = self.clients.get_mut(&id) {
+        if let Some(i) = self.find(&id, self.hash(&id)) {
+            let e = &mut self.queue[i];
             if in_queue(e.seq) {
                 self.waiting.remove(&e.seq);
             }
@@ -397,34 +514,139 @@ impl Registry {
         }
     }
 
-    fn remove(&mut self, id: &ClientId) {
-        if let Some(e) = self.clients.remove(id)
-            && in_queue(e.seq)
-        {
-            self.waiting.remove(&e.seq);
-        }
-    }
-
     fn deadline(&self, now: Duration) -> u32 {
         // Rounding the start up means a registration never lapses early.
         let start = now.as_secs() + u64::from(now.subsec_nanos() > 0);
         (start + self.config.expires.as_secs()).min(u64::from(u32::MAX)) as u32
     }
 
-    /// Drops every lapsed registration; returns how many. The server calls
-    /// it now and then so that memory follows the live count.
-    pub fn sweep(&mut self, now: Duration) -> usize {
-        let before = self.clients.len();
-        let waiting = &mut self.waiting;
-        self.clients.retain(|_, e| {
-            let keep = e.live(now);
-            if !keep && in_queue(e.seq) {
-                waiting.remove(&e.seq);
-            }
-            keep
-        });
-        before - self.clients.len()
+    /// What a record lapsing at `at` is queued with at the back: `at`, or
+    /// the deadline before it if that is later (a refreshed record going
+    /// back, or a request from a thread whose clock read lost a race), so
+    /// that the queue stays in order and popping can stop at the first
+    /// record not due. A record may then be popped a little after it
+    /// lapsed, never before.
+    fn queued_until(&self, at: u32) -> u32 {
+        self.queue.back().map_or(at, |b| b.queued_until.max(at))
     }
+
+    /// Pops up to `budget` records from the front whose queued deadline
+    /// has passed. A record refreshed since it was queued goes to the back
+    /// instead.
+    fn pop_due(&mut self, now: Duration, budget: usize) -> Sweep {
+        let mut done = Sweep {
+            looked: 0,
+            lapsed: 0,
+        };
+        while done.looked < budget {
+            let Some(r) = self.queue.front() else { break };
+            if now.as_secs() < u64::from(r.queued_until) {
+                break;
+            }
+            let Some(mut r) = self.queue.pop_front() else {
+                break;
+            };
+            done.looked += 1;
+            let pos = self.front;
+            self.front = self.front.wrapping_add(1);
+            if r.seq == GONE {
+                self.gone -= 1;
+            } else if r.live(now) {
+                let to = self.front.wrapping_add(self.queue.len() as u32);
+                r.queued_until = self.queued_until(r.expires_at);
+                let hash = r.hash;
+                self.queue.push_back(r);
+                match self
+                    .index
+                    .find_mut(wide(hash), |s| s.hash == hash && s.pos == pos)
+                {
+                    Some(s) => s.pos = to,
+                    // Every held record has a slot; should one be missing
+                    // all the same, the record gets one rather than being
+                    // lost.
+                    None => {
+                        self.index
+                            .insert_unique(wide(hash), Slot { pos: to, hash }, |s| wide(s.hash));
+                    }
+                }
+            } else {
+                // The slot is left stale, for a later purge.
+                if in_queue(r.seq) {
+                    self.waiting.remove(&r.seq);
+                }
+                self.held -= 1;
+                done.lapsed += 1;
+            }
+        }
+        done
+    }
+
+    /// Before an insert that would make the index grow, drops its stale
+    /// slots in one sequential pass: in steady churn there are about as
+    /// many of those as live ones, and growing would double the index
+    /// instead. With few stale slots the index grows, or every insert
+    /// would pay for a pass.
+    fn purge_if_full(&mut self) {
+        let stale = self.index.len().saturating_sub(self.queue.len());
+        if self.index.len() < self.index.capacity() || stale < self.index.len() / 4 {
+            return;
+        }
+        let (front, len) = (self.front, self.queue.len());
+        self.index
+            .retain(|s| (s.pos.wrapping_sub(front) as usize) < len);
+    }
+
+    /// Drops quit records from the queue and rebuilds the index, so that
+    /// a flood of REGISTER and QUIT cannot fill memory with records
+    /// waiting to lapse. It runs once quit records outnumber held ones, so
+    /// its cost is a constant per QUIT.
+    fn compact(&mut self) {
+        self.queue.retain(|r| r.seq != GONE);
+        self.gone = 0;
+        self.index.clear();
+        for (i, r) in self.queue.iter().enumerate() {
+            let pos = self.front.wrapping_add(i as u32);
+            let hash = r.hash;
+            self.index
+                .insert_unique(wide(hash), Slot { pos, hash }, |s| wide(s.hash));
+        }
+    }
+
+    /// Drops the registrations that have lapsed; returns how many, up to
+    /// `budget` records looked at. The server calls it now and then, a
+    /// slice at a time, so that memory follows the live count even when
+    /// no request comes, without holding the lock for long.
+    pub fn sweep(&mut self, now: Duration, budget: usize) -> Sweep {
+        let done = self.pop_due(now, budget);
+        if done.looked < budget {
+            self.shrink();
+        }
+        done
+    }
+
+    /// Gives back memory after a crowd has left: keeps room for twice
+    /// what is held.
+    fn shrink(&mut self) {
+        let want = (self.queue.len() * 2).max(1024);
+        if self.queue.capacity() > 2 * want {
+            self.queue.shrink_to(want);
+        }
+        if self.index.capacity() > 2 * want {
+            let (front, len) = (self.front, self.queue.len());
+            self.index
+                .retain(|s| (s.pos.wrapping_sub(front) as usize) < len);
+            self.index.shrink_to(want, |s| wide(s.hash));
+        }
+    }
+}
+
+/// What one slice of [`Registry::sweep`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Records popped; under the budget means nothing more was due.
+    pub looked: usize,
+    /// Registrations dropped.
+    pub lapsed: usize,
 }
 
 fn unknown(id: &ClientId) -> Failure {
@@ -451,7 +673,7 @@ mod tests {
 
     struct Harness {
         reg: Registry,
-        next_token: u8,
+        next_token: u64,
     }
 
     impl Harness {
@@ -466,7 +688,11 @@ mod tests {
         }
 
         fn send(&mut self, r: Request, now: Duration) -> Response {
-            let t = Token::from_bytes([self.next_token; 16]);
+            let n = self.next_token.to_le_bytes();
+            let mut t = [0; 16];
+            t[..8].copy_from_slice(&n);
+            t[8..].copy_from_slice(&n);
+            let t = Token::from_bytes(t);
             let r = self.reg.handle(&r, IP, now, || Ok::<_, Infallible>(t));
             if matches!(r, Response::RegAck { token, .. } if token == t) {
                 self.next_token += 1;
@@ -920,9 +1146,9 @@ mod tests {
     }
 
     #[test]
-    fn a_full_registry_sweeps_at_most_once_a_second() {
+    fn a_full_registry_has_room_as_soon_as_one_lapses() {
         let mut h = Harness::new(10, 1);
-        h.register("a", 1, secs(0.0));
+        h.register("a", 1, secs(0.5));
         let full = |h: &mut Harness, t| {
             status(&h.send(
                 Request::Register {
@@ -934,9 +1160,9 @@ mod tests {
             ))
         };
         assert_eq!(full(&mut h, 9.5), 503);
-        // a lapsed at 10 s, but the last sweep was under a second ago.
-        assert_eq!(full(&mut h, 10.2), 503);
-        assert_eq!(full(&mut h, 10.6), 200);
+        assert_eq!(full(&mut h, 10.9), 503);
+        // a lapses at 11 s (its start rounded up).
+        assert_eq!(full(&mut h, 11.0), 200);
     }
 
     #[test]
@@ -965,15 +1191,294 @@ mod tests {
         let a = h.register("a", 1, secs(0.0));
         h.bridge("a", a, None, secs(0.0));
         h.register("b", 2, secs(8.0));
-        assert_eq!(h.reg.sweep(secs(12.0)), 1);
+        let done = h.reg.sweep(secs(12.0), 100);
+        assert_eq!((done.looked, done.lapsed), (1, 1));
         assert_eq!(h.reg.len(), 1);
         assert!(h.reg.waiting.is_empty());
+    }
+
+    impl Registry {
+        /// Checks every invariant the layout rests on.
+        fn check(&self) {
+            let mut held = 0;
+            let mut gone = 0;
+            let mut last = 0;
+            for (i, r) in self.queue.iter().enumerate() {
+                assert!(r.queued_until >= last, "queue out of order at {i}");
+                last = r.queued_until;
+                assert_eq!(r.hash, self.hash(&r.id));
+                if r.seq == GONE {
+                    gone += 1;
+                } else {
+                    held += 1;
+                }
+                assert_eq!(self.find(&r.id, r.hash), Some(i), "{} not found", r.id);
+                if in_queue(r.seq) {
+                    assert_eq!(self.waiting.get(&r.seq), Some(&r.id));
+                }
+            }
+            assert_eq!((self.held, self.gone), (held, gone));
+            for (seq, id) in &self.waiting {
+                let i = self
+                    .find(id, self.hash(id))
+                    .expect("a waiting id has a record");
+                assert_eq!(self.queue[i].seq, *seq);
+            }
+        }
+    }
+
+    #[test]
+    fn a_refreshed_registration_is_queued_again_not_dropped() {
+        let mut h = Harness::new(10, 0);
+        let a = h.register("a", 1, secs(0.5));
+        let refresh = Request::Register {
+            id: id("a"),
+            port: 1,
+            token: Some(a),
+        };
+        assert_eq!(status(&h.send(refresh, secs(8.0))), 200);
+        // Its first deadline (11 s) comes: it goes to the back.
+        let done = h.reg.sweep(secs(12.0), 100);
+        assert_eq!((done.looked, done.lapsed), (1, 0));
+        h.reg.check();
+        // The refresh at 8 s holds it to 18 s.
+        assert_eq!(
+            h.reg.state(&id("a"), secs(17.9)),
+            Some(ClientState::Registered)
+        );
+        let done = h.reg.sweep(secs(18.0), 100);
+        assert_eq!((done.looked, done.lapsed), (1, 1));
+        assert!(h.reg.is_empty());
+        h.reg.check();
+    }
+
+    #[test]
+    fn requests_pop_what_is_due_without_a_sweep() {
+        let mut h = Harness::new(10, 0);
+        for i in 0..3 {
+            h.register(&format!("old{i}"), 1, secs(0.0));
+        }
+        assert_eq!(h.reg.len(), 3);
+        h.register("new", 1, secs(10.0));
+        assert_eq!(h.reg.len(), 1);
+        h.reg.check();
+    }
+
+    #[test]
+    fn a_clock_read_that_lost_a_race_keeps_the_queue_in_order() {
+        // Two workers read the clock, and the later reading takes the
+        // lock first.
+        let mut h = Harness::new(10, 0);
+        h.register("late", 1, secs(5.9));
+        h.register("early", 1, secs(5.0));
+        h.reg.check();
+        // "early" lapses at 15 s but is popped with "late", at 16 s.
+        assert_eq!(h.reg.state(&id("early"), secs(15.0)), None);
+        assert_eq!(h.reg.sweep(secs(15.5), 100).looked, 0);
+        assert_eq!(h.reg.sweep(secs(16.0), 100).lapsed, 2);
+    }
+
+    #[test]
+    fn churn_does_not_grow_the_index() {
+        // 1000 ids a second, each living 2 s: about 2000 held at a time.
+        let mut h = Harness::new(2, 0);
+        let mut n = 0;
+        let mut most = 0;
+        for second in 0..60 {
+            for _ in 0..1000 {
+                h.register(&format!("c{n}"), 1, secs(f64::from(second)));
+                n += 1;
+            }
+            most = most.max(h.reg.index.capacity());
+            assert!(h.reg.len() <= 3000, "{} held", h.reg.len());
+        }
+        h.reg.check();
+        // Twice the held count fits in 4096 buckets (3584 slots); without
+        // purges the index would hold every id ever seen.
+        assert!(most <= 7168, "index grew to {most}");
+        let last = format!("c{}", n - 1);
+        assert!(h.reg.state(&id(&last), secs(59.5)).is_some());
+    }
+
+    #[test]
+    fn quit_records_are_compacted_away() {
+        let mut h = Harness::new(300, 0);
+        let keep = h.register("keep", 1, secs(0.0));
+        for i in 0..3 * MIN_COMPACT {
+            let name = format!("q{i}");
+            let t = h.register(&name, 1, secs(1.0));
+            let r = h.send(
+                Request::Quit {
+                    id: id(&name),
+                    token: t,
+                },
+                secs(1.0),
+            );
+            assert_eq!(status(&r), 200);
+            assert!(h.reg.queue.len() <= MIN_COMPACT + 2);
+        }
+        h.reg.check();
+        assert_eq!(h.reg.len(), 1);
+        let r = h.bridge("keep", keep, None, secs(2.0));
+        assert_eq!(peer_of(&r), None);
+        h.reg.check();
+    }
+
+    #[test]
+    fn an_id_registers_again_in_the_record_it_left() {
+        let mut h = Harness::new(10, 1);
+        let a = h.register("a", 1, secs(0.0));
+        h.send(
+            Request::Quit {
+                id: id("a"),
+                token: a,
+            },
+            secs(1.0),
+        );
+        assert!(h.reg.is_empty());
+        // Quit, then back: one record, and the limit of one holds.
+        let a2 = h.register("a", 2, secs(2.0));
+        assert_ne!(a, a2);
+        assert_eq!((h.reg.len(), h.reg.queue.len()), (1, 1));
+        h.reg.check();
+        // Lapsed (at 12 s) but not popped yet, then back.
+        let r = h.send(
+            Request::Register {
+                id: id("a"),
+                port: 3,
+                token: None,
+            },
+            secs(12.5),
+        );
+        assert_eq!(status(&r), 200);
+        assert_eq!(h.reg.len(), 1);
+        h.reg.check();
+        // It lives to 23 s, though its record was queued at 0 s.
+        h.reg.sweep(secs(22.5), 100);
+        h.reg.check();
+        assert!(h.reg.state(&id("a"), secs(22.9)).is_some());
+    }
+
+    fn ceil(t: Duration) -> Duration {
+        Duration::from_secs(t.as_secs() + u64::from(t.subsec_nanos() > 0))
+    }
+
+    /// A tiny deterministic generator, so that a failing sequence can be
+    /// replayed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    #[test]
+    fn random_sequences_agree_with_a_plain_map() {
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut h = Harness::new(1 + rng.below(20), 0);
+            let expires = h.reg.config.expires;
+            // The model: id -> (token, lapses at).
+            let mut model: std::collections::HashMap<String, (Token, Duration)> =
+                Default::default();
+            let mut now = Duration::ZERO;
+            for step in 0..3000 {
+                now += Duration::from_millis(rng.below(400));
+                let name = format!("id{}", rng.below(60));
+                let live = model
+                    .get(&name)
+                    .filter(|(_, at)| now < *at)
+                    .map(|(t, _)| *t);
+                let token = match rng.below(3) {
+                    0 => None,
+                    1 => live,
+                    _ => Some(Token::from_bytes([0xee; 16])),
+                };
+                let ctx = format!("seed {seed} step {step} {name} at {now:?}");
+                match rng.below(10) {
+                    0..=4 => {
+                        let r = h.send(
+                            Request::Register {
+                                id: id(&name),
+                                port: 1,
+                                token,
+                            },
+                            now,
+                        );
+                        match (live, r) {
+                            (Some(t), Response::RegAck { token: got, .. }) => {
+                                assert_eq!(Some(t), token, "{ctx}");
+                                assert_eq!(got, t, "{ctx}");
+                                model.insert(name, (t, ceil(now) + expires));
+                            }
+                            (None, Response::RegAck { token: got, .. }) => {
+                                model.insert(name, (got, ceil(now) + expires));
+                            }
+                            (Some(_), Response::Error(f)) => {
+                                assert_eq!(f.status.code(), 409, "{ctx}");
+                            }
+                            (_, r) => panic!("{ctx}: {r:?}"),
+                        }
+                    }
+                    5..=6 => {
+                        let Some(t) = token else { continue };
+                        let r = h.send(
+                            Request::Quit {
+                                id: id(&name),
+                                token: t,
+                            },
+                            now,
+                        );
+                        let want = match live {
+                            None => 404,
+                            Some(l) if l != t => 401,
+                            Some(_) => 200,
+                        };
+                        assert_eq!(status(&r), want, "{ctx}");
+                        if want == 200 {
+                            model.remove(&name);
+                        }
+                    }
+                    7 => {
+                        let Some(t) = token else { continue };
+                        let r = h.bridge(&name, t, None, now);
+                        let want = match live {
+                            None => 404,
+                            Some(l) if l != t => 401,
+                            Some(_) => 200,
+                        };
+                        assert_eq!(status(&r), want, "{ctx}");
+                        if let Response::BridgeAck { peer: Some((p, _)) } = r {
+                            let p = p.to_string();
+                            assert!(model.get(&p).is_some_and(|(_, at)| now < *at), "{ctx}: {p}");
+                        }
+                    }
+                    8 => {
+                        h.reg.sweep(now, 1 + rng.below(8) as usize);
+                    }
+                    _ => {
+                        for (n, (_, at)) in &model {
+                            assert_eq!(h.reg.state(&id(n), now).is_some(), now < *at, "{ctx}: {n}");
+                        }
+                        h.reg.check();
+                    }
+                }
+            }
+            h.reg.sweep(now + expires * 2, usize::MAX);
+            assert!(h.reg.is_empty(), "seed {seed}");
+            h.reg.check();
+        }
     }
 
     #[test]
     fn entries_stay_small() {
         // The memory target (256 bytes per registration with hash-table
         // overhead) rests on this.
-        assert!(std::mem::size_of::<(ClientId, Record)>() <= 88);
+        assert!(std::mem::size_of::<Record>() <= 88);
+        assert_eq!(std::mem::size_of::<Slot>(), 8);
     }
 }
