@@ -250,6 +250,18 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 }
             }
             let r: Vec<f64> = rates.iter().map(|v| median(v)).collect();
+            // Each ratio is taken within a round, whose three runs follow
+            // one another, and the median of those is shown: a drift of
+            // the machine between rounds then moves both sides of a ratio
+            // alike instead of landing on one median and not the other.
+            let ratio = |col: usize| {
+                let per_round: Vec<f64> = rates[col]
+                    .iter()
+                    .zip(&rates[0])
+                    .map(|(x, reference)| x / reference)
+                    .collect();
+                median(&per_round)
+            };
             let l50: Vec<f64> = p50.iter().map(|v| median(v)).collect();
             let l99: Vec<f64> = p99.iter().map(|v| median(v)).collect();
             println!(
@@ -260,9 +272,9 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
                 },
                 r[0],
                 r[1],
-                r[1] / r[0],
+                ratio(1),
                 r[2],
-                r[2] / r[0],
+                ratio(2),
                 l50[0],
                 l99[0],
                 l50[1],
