@@ -4,7 +4,7 @@
 //! response here, so the two transports cannot drift apart. Locks are never
 //! held across an await. A request holds them for the few hundred
 //! nanoseconds a registry call takes. The periodic sweep takes the
-//! registry's lock a slice of [`SWEEP_SLICE`] records at a time, so no
+//! registry's lock a slice of `SWEEP_SLICE` records at a time, so no
 //! worker waits long for it; the rate limiter's sweep still walks its
 //! whole table (about 1 ms per 100,000 tracked sources).
 
