@@ -7,7 +7,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let options = Options::parse();
-    init_logging();
+    chat_proto::logging::init();
     let settings = match options.settings() {
         Ok(s) => s,
         Err(e) => {
@@ -32,26 +32,5 @@ fn main() -> ExitCode {
             eprintln!("chatd: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs to stderr: with timestamps and colours in a terminal; under
-/// systemd (JOURNAL_STREAM set) plain lines, as the journal adds its own
-/// timestamps.
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder
-            .without_time()
-            .with_ansi(false)
-            .with_target(false)
-            .init();
-    } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }

@@ -13,6 +13,8 @@
 //!   upgraded to a stream of [`frame`]s.
 //! - [`ipc`]: the control socket between `chatctl` and `chatd`, also
 //!   [`frame`]d; [`local`] says where that socket lives.
+//! - Behind features, what two binaries share beside messages: `config`
+//!   (configuration files) and `logging`.
 
 #[cfg(feature = "config")]
 pub mod config;
@@ -21,6 +23,8 @@ pub mod id;
 pub mod ipc;
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod peer;
 pub mod rendezvous;
 pub mod token;

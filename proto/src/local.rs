@@ -32,23 +32,19 @@ pub enum PathError {
     Create { path: String, source: io::Error },
 }
 
-/// The longest path a Unix socket address holds, excluding the final NUL.
-#[cfg(any(
+/// The longest path a Unix socket address holds, excluding the final NUL:
+/// `sun_path` is 104 bytes on the BSDs and macOS, 108 elsewhere.
+pub const MAX_SOCKET_PATH: usize = if cfg!(any(
     target_os = "macos",
     target_os = "ios",
     target_os = "freebsd",
     target_os = "openbsd",
     target_os = "netbsd"
-))]
-pub const MAX_SOCKET_PATH: usize = 103;
-#[cfg(not(any(
-    target_os = "macos",
-    target_os = "ios",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd"
-)))]
-pub const MAX_SOCKET_PATH: usize = 107;
+)) {
+    103
+} else {
+    107
+};
 
 /// The folder holding every daemon's socket, created if needed (Unix).
 pub fn socket_dir() -> Result<PathBuf, PathError> {
