@@ -247,12 +247,13 @@ impl Conn {
 
     /// Bounds how long reads wait (`None`: forever).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
-        set_timeout(&self.stream, timeout)
-            .map_err(|e| Error::Failed(format!("cannot set a timeout: {e}")))
+        self.stream
+            .set_recv_timeout(timeout)
+            .map_err(|e| Error::Failed(format!("cannot set a timeout on the control socket: {e}")))
     }
 
     fn write<T: serde::Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        encode(value, MAX_FRAME, &mut self.pending).map_err(|e| Error::Failed(e.to_string()))?;
+        encode_frame(value, &mut self.pending)?;
         self.flush()
     }
 
@@ -262,7 +263,7 @@ impl Conn {
         }
         let result = (&*self.stream).write_all(&self.pending);
         self.pending.clear();
-        result.map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))
+        result.map_err(lost)
     }
 
     fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
@@ -275,11 +276,7 @@ impl Conn {
             }
             match (&*self.stream).read(&mut chunk) {
                 Ok(0) => {
-                    return self
-                        .decoder
-                        .finish()
-                        .map(|()| None)
-                        .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")));
+                    return self.decoder.finish().map(|()| None).map_err(lost);
                 }
                 Ok(n) => self.decoder.extend(&chunk[..n]),
                 Err(e)
@@ -290,10 +287,19 @@ impl Conn {
                 {
                     return Err(Error::TimedOut);
                 }
-                Err(e) => return Err(Error::Failed(format!("lost the connection to chatd: {e}"))),
+                Err(e) => return Err(lost(e)),
             }
         }
     }
+}
+
+/// Appends `value` to `out` as one frame.
+fn encode_frame<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+    encode(value, MAX_FRAME, out).map_err(|e| Error::Failed(e.to_string()))
+}
+
+fn lost(e: impl std::fmt::Display) -> Error {
+    Error::Failed(format!("lost the connection to chatd: {e}"))
 }
 
 /// Sends requests on a connection whose answers another thread reads.
@@ -303,33 +309,14 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Sends a request; returns its number.
-    pub fn send(&mut self, request: Request) -> Result<u64, Error> {
+    /// Sends a request. `numbered` learns its number before it is
+    /// written, so that its answer never comes for a number nobody knows.
+    pub fn send(&mut self, request: Request, numbered: impl FnOnce(u64)) -> Result<(), Error> {
         let id = self.next_id;
         self.next_id += 1;
         let mut out = Vec::new();
-        encode(&ClientFrame { id, request }, MAX_FRAME, &mut out)
-            .map_err(|e| Error::Failed(e.to_string()))?;
-        (&*self.stream)
-            .write_all(&out)
-            .map_err(|e| Error::Failed(format!("lost the connection to chatd: {e}")))?;
-        Ok(id)
+        encode_frame(&ClientFrame { id, request }, &mut out)?;
+        numbered(id);
+        (&*self.stream).write_all(&out).map_err(lost)
     }
-}
-
-#[cfg(unix)]
-fn set_timeout(stream: &Arc<Stream>, timeout: Option<Duration>) -> std::io::Result<()> {
-    use std::os::fd::AsFd;
-    let Stream::UdSocket(s) = &**stream;
-    // A duplicate descriptor shares the socket, and with it SO_RCVTIMEO.
-    let unix = std::os::unix::net::UnixStream::from(s.as_fd().try_clone_to_owned()?);
-    unix.set_read_timeout(timeout)
-}
-
-#[cfg(not(unix))]
-fn set_timeout(_stream: &Arc<Stream>, _timeout: Option<Duration>) -> std::io::Result<()> {
-    Err(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "timeouts need Unix",
-    ))
 }

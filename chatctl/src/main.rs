@@ -244,18 +244,20 @@ const WINDOW: usize = 256;
 fn send(mut conn: Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
     if !words.is_empty() && words != ["-"] {
         let text = words.join(" ");
-        if text.len() > chat_proto::peer::MAX_TEXT {
-            return Err(Error::Failed(format!(
-                "the message is {} bytes; at most {} are allowed",
-                text.len(),
-                chat_proto::peer::MAX_TEXT
-            )));
+        if let Some(why) = too_long(&text) {
+            return Err(Error::Failed(format!("the message is {why}")));
         }
         let reply = conn.call(Request::Send { text }, |_| {})?;
         p.reply(&reply);
         return Ok(());
     }
     send_lines(conn, p.is_json())
+}
+
+/// Why `text` cannot be sent, if it is longer than a message may be.
+fn too_long(text: &str) -> Option<String> {
+    let max = chat_proto::peer::MAX_TEXT;
+    (text.len() > max).then(|| format!("{} bytes; a message is at most {max}", text.len()))
 }
 
 /// What `send -` has in flight and what failed, shared by the thread that
@@ -276,7 +278,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
     use std::sync::{Arc, Condvar, Mutex};
     let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
     let mut sender = conn.sender()?;
-    let answers = {
+    {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || {
             let printer = Printer::new(json);
@@ -310,36 +312,30 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 }
                 changed.notify_all();
             }
-        })
-    };
-    let _ = answers;
+        });
+    }
     let printer = Printer::new(json);
+    let (lock, changed) = &*shared;
     let stdin = std::io::stdin();
+    let mut unreadable = None;
     for (n, line) in stdin.lock().lines().enumerate() {
         let line = match line {
             Ok(l) => l,
             Err(e) => {
-                let (lock, _) = &*shared;
-                lock.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .failed
-                    .push((n + 1, format!("unreadable input: {e}")));
+                unreadable = Some(format!(
+                    "cannot read standard input at line {}: {e}; it and the lines after it were not sent",
+                    n + 1
+                ));
                 break;
             }
         };
         if line.is_empty() {
             continue;
         }
-        let (lock, changed) = &*shared;
         let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
         lines.total += 1;
         // Refused here rather than by the frame limit, so the others go.
-        if line.len() > chat_proto::peer::MAX_TEXT {
-            let why = format!(
-                "{} bytes; a message is at most {}",
-                line.len(),
-                chat_proto::peer::MAX_TEXT
-            );
+        if let Some(why) = too_long(&line) {
             printer.undelivered(n + 1, &why);
             lines.failed.push((n + 1, why));
             continue;
@@ -347,19 +343,24 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
         while lines.in_flight.len() >= WINDOW {
             lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
         }
-        // Sent under the lock, so the answer cannot come before the entry.
-        let id = sender.send(Request::Send { text: line })?;
-        lines.in_flight.insert(id, n + 1);
+        // Not written under the lock: a write that blocks must not stop
+        // the answers being read.
+        drop(lines);
+        sender.send(Request::Send { text: line }, |id| {
+            let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+            lines.in_flight.insert(id, n + 1);
+        })?;
     }
-    let (lock, changed) = &*shared;
     let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
     while !lines.in_flight.is_empty() {
         lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
     }
-    if lines.failed.is_empty() {
-        return Ok(());
+    let failed = (!lines.failed.is_empty()).then(|| summary(&lines, None));
+    match (unreadable, failed) {
+        (None, None) => Ok(()),
+        (Some(why), None) | (None, Some(why)) => Err(Error::Failed(why)),
+        (Some(u), Some(f)) => Err(Error::Failed(format!("{u}; {f}"))),
     }
-    Err(Error::Failed(summary(&lines, None)))
 }
 
 /// Failures after which no further message can be delivered.
