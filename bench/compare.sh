@@ -69,16 +69,27 @@ start_server() { # expires name
     sleep 0.05
   done
   server_addr=$(awk '{print $3; exit}' "$work/$2.out")
+  if [ -z "$server_addr" ]; then
+    echo "chat-server did not start; its log:" >&2
+    cat "$work/$2.err" >&2 || true
+    exit 1
+  fi
 }
 
 # Registrations expire after 10 s, as on a busy server whose clients come
 # and go: the registry holds a steady ~1M live entries instead of growing
 # by tens of millions over the run.
 start_server 10 server
+nginx_up=""
 for _ in $(seq 100); do
-  curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && break
+  (exec 3<>"/dev/tcp/127.0.0.1/$nginx_port") 2>/dev/null && nginx_up=1 && break
   sleep 0.05
 done
+if [ -z "$nginx_up" ]; then
+  echo "nginx did not start; its log:" >&2
+  cat "$work/logs/error.log" >&2 || true
+  exit 1
+fi
 
 echo "# chat-server vs nginx-light $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///'), $(nproc) cores, $(date -u +%F)"
 echo "# $rounds rounds of ${secs}s per cell; req/s are medians, \"vs nginx\" the median of per-round ratios; clients spread over 127.0.0.1-254"

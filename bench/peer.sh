@@ -22,16 +22,24 @@ trap cleanup EXIT
 export XDG_RUNTIME_DIR="$work/run" XDG_DATA_HOME="$work/data" XDG_CONFIG_HOME="$work/config"
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 
+# Says why a process did not start (its log goes with the work folder).
+failed() { # what log
+  echo "$1 did not start; its log:" >&2
+  cat "$2" >&2 || true
+  exit 1
+}
+
 "$bin/chat-server" --bind 127.0.0.1 --port 0 >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
 server=$(awk '{print $3; exit}' "$work/server.out")
+[ -n "$server" ] || failed chat-server "$work/server.err"
 
 start() { # id
   RUST_LOG=warn "$bin/chatd" --id "$1" --port 0 --server "$server" 2>"$work/$1.err" &
   pids+=($!)
   for _ in $(seq 200); do "$bin/chatctl" --socket "$XDG_RUNTIME_DIR/chatd/$1.sock" status >/dev/null 2>&1 && return; sleep 0.05; done
-  echo "chatd $1 did not start" >&2; exit 1
+  failed "chatd $1" "$work/$1.err"
 }
 start alice; start bob; start idle
 idle_pid=${pids[-1]}

@@ -33,14 +33,6 @@ impl LinkRun {
     }
 }
 
-/// A p-quantile of sorted microseconds, in milliseconds.
-pub fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
-}
-
 /// Sends `count` messages of `size` bytes through the daemon at `socket`,
 /// with `window` in flight.
 pub fn through_daemon(
@@ -64,7 +56,13 @@ pub fn through_daemon(
             hello.protocol
         );
     }
-    let text = "x".repeat(size);
+    // One frame, renumbered for each message.
+    let mut frame = ClientFrame {
+        id: 0,
+        request: Request::Send {
+            text: "x".repeat(size),
+        },
+    };
     let mut sent_at = std::collections::HashMap::new();
     let mut run = LinkRun {
         messages: 0,
@@ -77,14 +75,8 @@ pub fn through_daemon(
     while run.messages < count {
         out.clear();
         while sent_at.len() < window && (next as usize) <= count {
-            encode(
-                &ClientFrame {
-                    id: next,
-                    request: Request::Send { text: text.clone() },
-                },
-                MAX_FRAME,
-                &mut out,
-            )?;
+            frame.id = next;
+            encode(&frame, MAX_FRAME, &mut out)?;
             sent_at.insert(next, Instant::now());
             next += 1;
         }
@@ -212,25 +204,18 @@ fn echo_one(listener: &TcpListener, size: usize) -> std::io::Result<()> {
 }
 
 /// The median whole-process time of `argv`, over `runs` runs, in ms.
-pub fn process_time_ms(argv: &[String], runs: usize, stdin: Option<&str>) -> anyhow::Result<f64> {
+pub fn process_time_ms(argv: &[String], runs: usize) -> anyhow::Result<f64> {
     let (program, args) = argv.split_first().context("no command given")?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();
         let mut child = Command::new(program)
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot run {program}"))?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())?;
-        }
         let status = child.wait()?;
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         if !status.success() {

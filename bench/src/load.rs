@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chat_proto::rendezvous::{Method, Parsed, Request, RequestFraming, Response, parse_response};
+use chat_proto::rendezvous::{
+    MAX_DATAGRAM, MAX_HEADERS, Method, Parsed, Request, RequestFraming, Response,
+    headers_body_length, parse_response,
+};
 use chat_proto::{ClientId, Token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
@@ -153,12 +156,25 @@ struct Client {
     out: Vec<u8>,
     counter: u64,
     host: String,
+    /// The GET of `--op get`, the same for every request.
+    get: Vec<u8>,
+    /// Requests sent: each UDP request's `Request-Id`, so that no two of a
+    /// cycle share one (the server would answer the later ones from its
+    /// replay cache).
+    sent: u64,
+    rid: String,
     summary: Summary,
 }
 
 impl Client {
     fn new(index: usize, load: Arc<Load>, nonce: u32) -> Client {
         let host = load.target.to_string();
+        let conn = if load.mode == Mode::Transient {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        let get = format!("GET {} HTTP/1.1\r\nHost: {host}\r\n{conn}\r\n", load.path).into_bytes();
         Client {
             index,
             source: source_ip(index, load.sources),
@@ -170,6 +186,9 @@ impl Client {
             out: Vec::with_capacity(512),
             counter: 0,
             host,
+            get,
+            sent: 0,
+            rid: String::new(),
             summary: Summary::default(),
         }
     }
@@ -239,26 +258,25 @@ impl Client {
     async fn exchange(&mut self, request: &Request) -> anyhow::Result<Option<Response>> {
         let close = self.load.mode == Mode::Transient;
         self.out.clear();
-        let rid = self.counter.to_string();
+        self.sent += 1;
+        let udp = self.load.mode == Mode::Udp;
         if self.load.op == Op::Get {
-            let conn = if close { "Connection: close\r\n" } else { "" };
-            self.out.extend_from_slice(
-                format!(
-                    "GET {} HTTP/1.1\r\nHost: {}\r\n{conn}\r\n",
-                    self.load.path, self.host
-                )
-                .as_bytes(),
-            );
+            self.out.extend_from_slice(&self.get);
         } else {
+            if udp {
+                use std::fmt::Write as _;
+                self.rid.clear();
+                let _ = write!(self.rid, "{}", self.sent);
+            }
             let framing = RequestFraming {
                 host: Some(&self.host),
-                request_id: (self.load.mode == Mode::Udp).then_some(rid.as_str()),
+                request_id: udp.then_some(self.rid.as_str()),
                 close,
             };
             request.encode(&mut self.out, &framing);
         }
         match self.load.mode {
-            Mode::Udp => timeout(UDP_TIMEOUT, self.udp_exchange(request.method(), &rid))
+            Mode::Udp => timeout(UDP_TIMEOUT, self.udp_exchange(request.method()))
                 .await
                 .context("udp request timed out")?
                 .map(Some),
@@ -308,7 +326,7 @@ impl Client {
         }
     }
 
-    async fn udp_exchange(&mut self, method: Method, rid: &str) -> anyhow::Result<Response> {
+    async fn udp_exchange(&mut self, method: Method) -> anyhow::Result<Response> {
         if self.udp.is_none() {
             let bind = SocketAddr::new(self.source.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0);
             let s = UdpSocket::bind(bind).await?;
@@ -319,14 +337,14 @@ impl Client {
             bail!("no socket");
         };
         sock.send(&self.out).await?;
-        let mut buf = [0u8; 2048];
+        let mut buf = [0u8; MAX_DATAGRAM];
         loop {
             let n = sock.recv(&mut buf).await?;
             let Parsed::Complete((head, _)) = parse_response(&buf[..n], method, true)? else {
                 bail!("partial datagram");
             };
             // A late answer to an earlier, timed-out request: skip it.
-            if head.request_id.as_deref() == Some(rid) {
+            if head.request_id.as_deref() == Some(self.rid.as_str()) {
                 return Ok(head.response);
             }
         }
@@ -341,23 +359,12 @@ fn parse(
     light: bool,
 ) -> anyhow::Result<Option<(Option<Response>, usize)>> {
     if light {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut r = httparse::Response::new(&mut headers);
         let httparse::Status::Complete(head) = r.parse(buf)? else {
             return Ok(None);
         };
-        let len = r
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| {
-                std::str::from_utf8(h.value)
-                    .ok()?
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-            })
-            .unwrap_or(0);
+        let len = headers_body_length(r.headers)?.unwrap_or(0);
         if buf.len() < head + len {
             return Ok(None);
         }

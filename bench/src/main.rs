@@ -340,16 +340,16 @@ fn peer(a: PeerArgs) -> anyhow::Result<()> {
     let version_argv = vec![ctl.clone(), "--version".to_owned()];
     for _ in 0..a.rounds.max(1) {
         let p = link::tcp_ping_pong(a.count, SIZE)?;
-        ping.push(link::quantile_ms(&p, 0.5));
+        ping.push(stats::quantile_ms(&p, 0.5));
         let t = link::tcp_ping_pong_threads(a.count, SIZE)?;
-        ping_threads.push(link::quantile_ms(&t, 0.5));
+        ping_threads.push(stats::quantile_ms(&t, 0.5));
         let one = link::through_daemon(&a.socket, a.count, SIZE, 1)?;
-        daemon.push(link::quantile_ms(&one.daemon_rtt_us, 0.5));
-        client.push(link::quantile_ms(&one.client_rtt_us, 0.5));
+        daemon.push(stats::quantile_ms(&one.daemon_rtt_us, 0.5));
+        client.push(stats::quantile_ms(&one.client_rtt_us, 0.5));
         let flood = link::through_daemon(&a.socket, a.flood, SIZE, a.window)?;
         rate.push(flood.rate());
-        version_ms.push(link::process_time_ms(&version_argv, a.runs, None)?);
-        send_ms.push(link::process_time_ms(&send_argv, a.runs, None)?);
+        version_ms.push(link::process_time_ms(&version_argv, a.runs)?);
+        send_ms.push(link::process_time_ms(&send_argv, a.runs)?);
     }
     let (ping, daemon, client) = (median(&ping), median(&daemon), median(&client));
     let (send, version) = (median(&send_ms), median(&version_ms));

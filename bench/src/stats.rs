@@ -33,11 +33,16 @@ impl Summary {
 
     /// The `q` quantile (0..=1) of latency, in milliseconds.
     pub fn quantile_ms(&self, q: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
-        f64::from(self.latencies_us[i]) / 1000.0
+        quantile_ms(&self.latencies_us, q)
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted microseconds, in milliseconds (NaN
+/// when empty).
+pub fn quantile_ms<T: Copy + Into<u64>>(sorted_us: &[T], q: f64) -> f64 {
+    match sorted_us.len() {
+        0 => f64::NAN,
+        n => sorted_us[((n - 1) as f64 * q).round() as usize].into() as f64 / 1000.0,
     }
 }
 

@@ -64,9 +64,7 @@ pub fn resolve_socket(given: Option<PathBuf>) -> Result<PathBuf, Error> {
     match found.len() {
         1 => Ok(found.into_iter().next().map(|(_, p)| p).unwrap_or_default()),
         0 => {
-            let dir = local::socket_dir()
-                .map(|d| d.display().to_string())
-                .unwrap_or_else(|e| e.to_string());
+            let dir = local::socket_dir_name().display().to_string();
             Err(Error::Unreachable(format!(
                 "no chatd is running: no socket in {dir}\n{}",
                 start_hint("ID")

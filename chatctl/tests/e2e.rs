@@ -470,6 +470,10 @@ fn no_daemon_is_exit_3_with_a_hint() {
         err.contains("no chatd is running") && err.contains("chatd --id"),
         "{err}"
     );
+    assert!(
+        !run.join("chatd").exists(),
+        "looking for daemons creates no folder"
+    );
     let sock = run.join("nobody.sock");
     let out = run_bounded(
         {

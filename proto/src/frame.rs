@@ -24,25 +24,37 @@ pub enum FrameError {
     TooLarge { size: usize, max: usize },
     #[error("undecodable frame: {0}")]
     Malformed(#[from] postcard::Error),
+    #[error("frame holds {0} bytes after its value")]
+    Trailing(usize),
     #[error("connection closed in the middle of a frame")]
     Truncated,
 }
 
-/// Appends `value` as one frame to `out`.
+/// Appends `value` as one frame to `out`. On error `out` is left as it
+/// was, so frames queued before it are kept.
 pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; PREFIX]);
-    let out_vec = std::mem::take(out);
-    let mut encoded = postcard::to_extend(value, out_vec)?;
-    let size = encoded.len() - start - PREFIX;
+    if let Err(e) = postcard::to_extend(value, Append(out)) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let size = out.len() - start - PREFIX;
     if size > max {
-        encoded.truncate(start);
-        *out = encoded;
+        out.truncate(start);
         return Err(FrameError::TooLarge { size, max });
     }
-    encoded[start..start + PREFIX].copy_from_slice(&(size as u32).to_le_bytes());
-    *out = encoded;
+    out[start..start + PREFIX].copy_from_slice(&(size as u32).to_le_bytes());
     Ok(())
+}
+
+/// Lets postcard append to a borrowed buffer.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
+    }
 }
 
 /// Gathers bytes and yields whole frames.
@@ -100,14 +112,17 @@ impl Decoder {
             return Ok(None);
         }
         let body = &avail[PREFIX..PREFIX + size];
-        let value = postcard::from_bytes(body)?;
+        let (value, rest) = postcard::take_from_bytes(body)?;
+        if !rest.is_empty() {
+            return Err(FrameError::Trailing(rest.len()));
+        }
         self.start += PREFIX + size;
         Ok(Some(value))
     }
 
     /// Whether bytes of an unfinished frame are buffered (at end of stream,
     /// that is a truncated frame rather than a clean close).
-    pub fn has_partial(&self) -> bool {
+    fn has_partial(&self) -> bool {
         self.start < self.buf.len()
     }
 
@@ -172,10 +187,32 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_cannot_be_encoded_leaves_the_buffer_as_it_was() {
+        struct Unencodable;
+        impl Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        let mut out = Vec::new();
+        encode(&Msg::Number(7), 100, &mut out).unwrap();
+        let before = out.clone();
+        assert!(matches!(
+            encode(&Unencodable, 100, &mut out),
+            Err(FrameError::Malformed(_))
+        ));
+        assert_eq!(out, before);
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut d = Decoder::new(100);
         d.extend(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
         assert!(matches!(d.decode::<Msg>(), Err(FrameError::Malformed(_))));
+        // A value followed by bytes the frame's length counts in.
+        let mut d = Decoder::new(100);
+        d.extend(&[5, 0, 0, 0, 1, 7, 0xde, 0xad, 0xbe]);
+        assert!(matches!(d.decode::<Msg>(), Err(FrameError::Trailing(3))));
         let mut d = Decoder::new(100);
         d.extend(&[2, 0]);
         assert!(d.decode::<Msg>().unwrap().is_none());

@@ -11,7 +11,7 @@ use std::str::FromStr;
 pub const MAX_ID_LEN: usize = 32;
 
 /// A validated client id.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientId {
     len: u8,
     // Bytes past `len` are always zero, so the derived Eq and Hash agree with

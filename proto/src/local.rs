@@ -49,19 +49,21 @@ pub const MAX_SOCKET_PATH: usize = if cfg!(any(
 /// The folder holding every daemon's socket, created if needed (Unix).
 pub fn socket_dir() -> Result<PathBuf, PathError> {
     #[cfg(unix)]
-    {
-        let base = match runtime_dir() {
-            Some(run) => run,
-            None => private_temp_dir()?,
-        };
-        let dir = base.join("chatd");
-        ensure_private_dir(&dir)?;
-        Ok(dir)
+    if runtime_dir().is_none() {
+        ensure_private_dir(&temp_base())?;
     }
+    let dir = socket_dir_name();
+    #[cfg(unix)]
+    ensure_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Where that folder is, creating and checking nothing.
+pub fn socket_dir_name() -> PathBuf {
+    #[cfg(unix)]
+    return runtime_dir().unwrap_or_else(temp_base).join("chatd");
     #[cfg(not(unix))]
-    {
-        Ok(PathBuf::from(r"\\.\pipe"))
-    }
+    return PathBuf::from(r"\\.\pipe");
 }
 
 /// The default socket of daemon `id`.
@@ -74,11 +76,7 @@ pub fn default_socket(id: &ClientId) -> Result<PathBuf, PathError> {
 /// Where the default socket of daemon `id` would be, creating and checking
 /// nothing: for messages that name it, which must not leave folders behind.
 pub fn default_socket_name(id: &ClientId) -> PathBuf {
-    #[cfg(unix)]
-    let dir = runtime_dir().unwrap_or_else(temp_base).join("chatd");
-    #[cfg(not(unix))]
-    let dir = PathBuf::from(r"\\.\pipe");
-    socket_in(&dir, id)
+    socket_in(&socket_dir_name(), id)
 }
 
 fn socket_in(dir: &Path, id: &ClientId) -> PathBuf {
@@ -93,11 +91,15 @@ fn runtime_dir() -> Option<PathBuf> {
     directories::BaseDirs::new().and_then(|b| b.runtime_dir().map(Path::to_path_buf))
 }
 
-/// The daemons' sockets found in the default folder, by id.
+/// The daemons' sockets found in the default folder, by id. The folder is
+/// read, never created, and only if it is private to this user: a socket
+/// anyone else could have put there is not one to talk to.
 pub fn list_sockets() -> Vec<(String, PathBuf)> {
-    let Ok(dir) = socket_dir() else {
+    let dir = socket_dir_name();
+    #[cfg(unix)]
+    if !owned_dir_mode(&dir).is_ok_and(|mode| mode & 0o077 == 0) {
         return Vec::new();
-    };
+    }
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
@@ -142,14 +144,6 @@ fn temp_base() -> PathBuf {
     std::env::temp_dir().join(format!("chatd-{}", uid()))
 }
 
-/// `temp_base()`, made private to this user.
-#[cfg(unix)]
-fn private_temp_dir() -> Result<PathBuf, PathError> {
-    let dir = temp_base();
-    ensure_private_dir(&dir)?;
-    Ok(dir)
-}
-
 #[cfg(unix)]
 fn uid() -> u32 {
     // SAFETY: geteuid takes no arguments, touches no memory of ours and
@@ -161,7 +155,7 @@ fn uid() -> u32 {
 /// directory (not a symlink), owned by this user, and not open to others.
 #[cfg(unix)]
 pub fn ensure_private_dir(dir: &Path) -> Result<(), PathError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let shown = || dir.display().to_string();
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
@@ -173,6 +167,25 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), PathError> {
             });
         }
     }
+    if owned_dir_mode(dir)? & 0o077 != 0 {
+        // Ours, but open to others: close it (a directory we just made
+        // under a permissive umask, or one made by an older version).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| PathError::Create {
+                path: shown(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The mode of `dir` once it is known to be a real directory (not a
+/// symlink) owned by this user.
+#[cfg(unix)]
+fn owned_dir_mode(dir: &Path) -> Result<u32, PathError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = || dir.display().to_string();
     let meta = std::fs::symlink_metadata(dir).map_err(|source| PathError::Create {
         path: shown(),
         source,
@@ -196,17 +209,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), PathError> {
             uid()
         )));
     }
-    if meta.mode() & 0o077 != 0 {
-        // Ours, but open to others: close it (a directory we just made
-        // under a permissive umask, or one made by an older version).
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| PathError::Create {
-                path: shown(),
-                source,
-            },
-        )?;
-    }
-    Ok(())
+    Ok(meta.mode())
 }
 
 #[cfg(all(test, unix))]

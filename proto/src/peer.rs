@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
 use crate::rendezvous::{
-    ErrorStatus, Failure, MAX_HEAD, MAX_HEADERS, Method, Response, ResponseFraming,
+    ErrorStatus, Failure, HeadError, MAX_HEAD, MAX_HEADERS, Method, Response, ResponseFraming,
+    headers_body_length,
 };
 
 /// The protocol named in `Upgrade`.
@@ -89,7 +90,6 @@ impl Answer {
                 reason.as_str(),
             ))
             .encode(
-                Some(Method::Chat),
                 out,
                 &ResponseFraming {
                     close: true,
@@ -136,12 +136,10 @@ fn head_length(
     parsed: httparse::Result<usize>,
     buf: &[u8],
 ) -> Result<Option<usize>, HandshakeError> {
-    match parsed {
-        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(HandshakeError::TooLarge),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(e) => Err(HandshakeError::Malformed(e.to_string())),
-    }
+    crate::rendezvous::head_length(parsed, buf).map_err(|e| match e {
+        HeadError::TooLarge => HandshakeError::TooLarge,
+        HeadError::Malformed(e) => HandshakeError::Malformed(e.to_string()),
+    })
 }
 
 /// A header's value, trimmed, when it is text.
@@ -202,12 +200,9 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeErro
             .ok_or_else(|| HandshakeError::Malformed("101 without a valid Client-Id".into()))?;
         return Ok(Some((Answer::Accepted { id }, head)));
     }
-    let len: usize = get("Content-Length")
-        .and_then(|v| v.parse().ok())
+    let len = headers_body_length(resp.headers)
+        .map_err(|e| HandshakeError::Malformed(e.to_string()))?
         .unwrap_or(0);
-    if len > crate::rendezvous::MAX_BODY {
-        return Err(HandshakeError::TooLarge);
-    }
     if buf.len() < head + len {
         return Ok(None);
     }
@@ -219,6 +214,19 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handshake_head_is_held_to_the_limit_even_when_whole() {
+        let mut buf = b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/1\r\nClient-Id: a\r\n".to_vec();
+        buf.extend_from_slice(format!("X-Pad: {}\r\n\r\n", "p".repeat(MAX_HEAD)).as_bytes());
+        assert!(matches!(parse_hello(&buf), Err(HandshakeError::TooLarge)));
+        // A refusal's body is read by the same rule as the server's.
+        let answer = b"HTTP/1.1 409 Conflict\r\nContent-Length: abc\r\n\r\nbusy";
+        assert!(matches!(
+            parse_answer(answer),
+            Err(HandshakeError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn handshake_round_trip() {

@@ -369,9 +369,20 @@ pub struct ResponseFraming<'a> {
 }
 
 impl Response {
-    /// Writes the response as HTTP/1.1 into `out`, for a request of
-    /// `method` (`None` when the request was too broken to have one).
-    pub fn encode(&self, method: Option<Method>, out: &mut Vec<u8>, framing: &ResponseFraming<'_>) {
+    /// The request a success answers (`None` for an error).
+    pub fn method(&self) -> Option<Method> {
+        Some(match self {
+            Response::ProbeAck { .. } => Method::Probe,
+            Response::RegAck { .. } => Method::Register,
+            Response::BridgeAck { .. } => Method::Bridge,
+            Response::ChatAck => Method::Chat,
+            Response::QuitAck => Method::Quit,
+            Response::Error(_) => return None,
+        })
+    }
+
+    /// Writes the response as HTTP/1.1 into `out`.
+    pub fn encode(&self, out: &mut Vec<u8>, framing: &ResponseFraming<'_>) {
         let mut w = Writer(out);
         let mut body: Option<&str> = None;
         match self {
@@ -385,14 +396,8 @@ impl Response {
                 }
             }
             ok => {
-                let method = method.unwrap_or(match ok {
-                    Response::ProbeAck { .. } => Method::Probe,
-                    Response::RegAck { .. } => Method::Register,
-                    Response::BridgeAck { .. } => Method::Bridge,
-                    Response::ChatAck => Method::Chat,
-                    _ => Method::Quit,
-                });
-                w.status(200, method.ack());
+                let ack = ok.method().map_or("OK", Method::ack);
+                w.status(200, ack);
                 match ok {
                     Response::ProbeAck { transports, server } => {
                         w.header("Transport", transports);
@@ -598,23 +603,25 @@ pub enum Parsed<T> {
 pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(too_large_head());
+    let head_len = match head_length(req.parse(buf), buf) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(Parsed::Partial),
+        Err(HeadError::TooLarge) => {
+            return Err(Failure::new(
+                ErrorStatus::HeadersTooLarge,
+                format!("request head larger than {MAX_HEAD} bytes"),
+            ));
         }
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(httparse::Error::TooManyHeaders) => {
+        Err(HeadError::Malformed(httparse::Error::TooManyHeaders)) => {
             return Err(Failure::new(
                 ErrorStatus::HeadersTooLarge,
                 format!("more than {MAX_HEADERS} header fields"),
             ));
         }
-        Err(e) => return Err(Failure::bad_request(format!("malformed HTTP request: {e}"))),
+        Err(HeadError::Malformed(e)) => {
+            return Err(Failure::bad_request(format!("malformed HTTP request: {e}")));
+        }
     };
-    if head_len > MAX_HEAD {
-        return Err(too_large_head());
-    }
     let fields = Fields::collect(req.headers)?;
     let content_length = fields.content_length()?;
     let http10 = req.version == Some(0);
@@ -657,13 +664,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     }))
 }
 
-fn too_large_head() -> Failure {
-    Failure::new(
-        ErrorStatus::HeadersTooLarge,
-        format!("request head larger than {MAX_HEAD} bytes"),
-    )
-}
-
 fn unknown_method(name: &str) -> Failure {
     let shown: String = name.chars().take(32).collect();
     let hint = if Method::parse(&name.to_ascii_uppercase()).is_some() {
@@ -683,16 +683,14 @@ fn is_request_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_REQUEST_ID && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Header values are bytes in HTTP; ours are all ASCII, and anything else is
-/// treated as absent-but-present (a bad value).
 /// Characters of another program's error text worth showing.
-pub const MAX_REASON_CHARS: usize = 300;
+pub(crate) const MAX_REASON_CHARS: usize = 300;
 
 /// Error text from across a socket (a server's body, a daemon's refusal),
 /// made fit to show a person: no control characters, so no terminal
 /// escapes and no forged lines, and not a page of it. `fallback` (the
 /// reason phrase) stands in for an empty body.
-pub fn shown_reason(body: &[u8], fallback: &str) -> String {
+pub(crate) fn shown_reason(body: &[u8], fallback: &str) -> String {
     let clean = |s: &str| -> String {
         s.trim()
             .chars()
@@ -708,8 +706,75 @@ pub fn shown_reason(body: &[u8], fallback: &str) -> String {
     }
 }
 
+/// Header values are bytes in HTTP; ours are all ASCII, and anything else is
+/// treated as absent-but-present (a bad value).
 fn text(v: &[u8]) -> Option<&str> {
     std::str::from_utf8(v).ok().map(str::trim)
+}
+
+/// Why a head could not be taken, whoever sent it.
+#[derive(Debug)]
+pub(crate) enum HeadError {
+    TooLarge,
+    Malformed(httparse::Error),
+}
+
+/// The length of a head httparse has looked at: `None` while it is still
+/// arriving. One rule for every HTTP head in the system (requests and
+/// responses to the server, a daemon's handshake): at most [`MAX_HEAD`]
+/// bytes, whole or not.
+pub(crate) fn head_length(
+    parsed: httparse::Result<usize>,
+    buf: &[u8],
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => Ok(Some(n)),
+        Ok(httparse::Status::Complete(_)) => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(HeadError::Malformed(e)),
+    }
+}
+
+/// Why a `Content-Length` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LengthError {
+    #[error("bad Content-Length header")]
+    Malformed,
+    #[error("body larger than {MAX_BODY} bytes")]
+    TooLarge,
+}
+
+/// A `Content-Length` value, read by the one rule every side uses: ASCII
+/// digits only (no sign), at most [`MAX_BODY`].
+pub fn body_length(value: &[u8]) -> Result<usize, LengthError> {
+    let v = value.trim_ascii();
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return Err(LengthError::Malformed);
+    }
+    // Only digits: a number that does not parse overflowed, so is too large.
+    match std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        Some(n) if n <= MAX_BODY => Ok(n),
+        _ => Err(LengthError::TooLarge),
+    }
+}
+
+/// The body length a head's headers give: `None` without a
+/// `Content-Length`; two of them make the framing ambiguous, so malformed.
+pub fn headers_body_length(headers: &[httparse::Header]) -> Result<Option<usize>, LengthError> {
+    let mut lengths = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Content-Length"));
+    let Some(first) = lengths.next() else {
+        return Ok(None);
+    };
+    if lengths.next().is_some() {
+        return Err(LengthError::Malformed);
+    }
+    body_length(first.value).map(Some)
 }
 
 /// The header fields this protocol reads, gathered in one pass.
@@ -781,17 +846,13 @@ impl<'a> Fields<'a> {
         let Some(v) = self.content_length else {
             return Ok(0);
         };
-        let v = text(v).unwrap_or("x");
-        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Failure::bad_request("bad Content-Length header"));
-        }
-        match v.parse::<usize>() {
-            Ok(n) if n <= MAX_BODY => Ok(n),
-            _ => Err(Failure::new(
+        body_length(v).map_err(|e| match e {
+            LengthError::Malformed => Failure::bad_request("bad Content-Length header"),
+            LengthError::TooLarge => Failure::new(
                 ErrorStatus::ContentTooLarge,
                 format!("request body larger than {MAX_BODY} bytes"),
-            )),
-        }
+            ),
+        })
     }
 
     fn request(&self, method: Method) -> Result<Request, Failure> {
@@ -906,17 +967,14 @@ pub fn parse_response(
 ) -> Result<Parsed<(ResponseHead, usize)>, ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD || datagram => {
-            return Err(if datagram {
-                ResponseError::Malformed("incomplete datagram".into())
-            } else {
-                ResponseError::TooLarge
-            });
+    let head_len = match head_length(resp.parse(buf), buf) {
+        Ok(Some(n)) => n,
+        Ok(None) if datagram => {
+            return Err(ResponseError::Malformed("incomplete datagram".into()));
         }
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(e) => return Err(ResponseError::Malformed(e.to_string())),
+        Ok(None) => return Ok(Parsed::Partial),
+        Err(HeadError::TooLarge) => return Err(ResponseError::TooLarge),
+        Err(HeadError::Malformed(e)) => return Err(ResponseError::Malformed(e.to_string())),
     };
     let get = |name: &str| {
         resp.headers
@@ -924,14 +982,11 @@ pub fn parse_response(
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .and_then(|h| text(h.value))
     };
-    let content_length = match get("Content-Length") {
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| n <= MAX_BODY)
-            .ok_or_else(|| ResponseError::Malformed("bad Content-Length".into()))?,
-        None if datagram => buf.len() - head_len,
-        None => 0,
+    let content_length = match headers_body_length(resp.headers) {
+        Ok(Some(n)) => n,
+        Ok(None) if datagram => buf.len() - head_len,
+        Ok(None) => 0,
+        Err(e) => return Err(ResponseError::Malformed(e.to_string())),
     };
     let total = head_len + content_length;
     if buf.len() < total {
@@ -1024,6 +1079,28 @@ pub fn parse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_side_reads_a_content_length_alike() {
+        assert_eq!(body_length(b"12"), Ok(12));
+        assert_eq!(body_length(b" 0 "), Ok(0));
+        for bad in [&b"+3"[..], b"-1", b"", b"1 2", b"0x10", b"\xff"] {
+            assert_eq!(body_length(bad), Err(LengthError::Malformed), "{bad:?}");
+        }
+        assert_eq!(body_length(b"4097"), Err(LengthError::TooLarge));
+        assert_eq!(
+            body_length(b"99999999999999999999999"),
+            Err(LengthError::TooLarge)
+        );
+        // A response with two lengths is refused, as a request with two is.
+        let twice = b"HTTP/1.1 200 QUITACK\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n";
+        assert!(matches!(
+            parse_response(twice, Method::Quit, false),
+            Err(ResponseError::Malformed(_))
+        ));
+        let signed = b"HTTP/1.1 200 QUITACK\r\nContent-Length: +0\r\n\r\n";
+        assert!(parse_response(signed, Method::Quit, false).is_err());
+    }
 
     fn id(s: &str) -> ClientId {
         s.parse().unwrap()
@@ -1146,7 +1223,6 @@ mod tests {
             for datagram in [false, true] {
                 let mut buf = Vec::new();
                 resp.encode(
-                    Some(method),
                     &mut buf,
                     &ResponseFraming {
                         datagram,
@@ -1176,14 +1252,13 @@ mod tests {
             },
             server: "chat-server/0.1.0".into(),
         }
-        .encode(Some(Method::Probe), &mut buf, &ResponseFraming::default());
+        .encode(&mut buf, &ResponseFraming::default());
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             "HTTP/1.1 200 PROBEACK\r\nTransport: tcp\r\nServer: chat-server/0.1.0\r\nContent-Length: 0\r\n\r\n"
         );
         let mut buf = Vec::new();
         Response::Error(Failure::new(ErrorStatus::NotFound, "no client bob")).encode(
-            Some(Method::Bridge),
             &mut buf,
             &ResponseFraming {
                 close: true,
@@ -1314,7 +1389,6 @@ mod tests {
     fn minimal_datagram_drops_the_extras() {
         let mut buf = Vec::new();
         Response::Error(Failure::new(ErrorStatus::NotFound, "long text ".repeat(20))).encode(
-            Some(Method::Bridge),
             &mut buf,
             &ResponseFraming {
                 datagram: true,

@@ -32,11 +32,6 @@ impl Token {
         Token(bytes)
     }
 
-    /// The raw bits.
-    pub const fn to_bytes(self) -> [u8; 16] {
-        self.0
-    }
-
     /// The 32 lower-case hex digits, without allocating.
     pub fn to_hex(self) -> [u8; 32] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -91,7 +91,6 @@ pub async fn serve(
             };
             let close = head.close || stopping;
             response.encode(
-                head.method,
                 &mut out,
                 &ResponseFraming {
                     close,
@@ -180,7 +179,6 @@ fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
 async fn finish_with_error(mut stream: Stream, mut out: Vec<u8>, failure: Failure) {
     tracing::debug!(status = failure.status.code(), reason = %failure.reason, "closing connection");
     Response::Error(failure).encode(
-        None,
         &mut out,
         &ResponseFraming {
             close: true,

@@ -157,7 +157,6 @@ fn refuse(
     tokio::spawn(async move {
         let mut out = Vec::new();
         Response::Error(failure).encode(
-            None,
             &mut out,
             &ResponseFraming {
                 close: true,

@@ -102,7 +102,7 @@ pub fn answer(
     let now = state.now();
     let head = match parse_datagram(datagram) {
         Ok(head) => head,
-        Err(failure) => return encode(&Response::Error(failure), None, None, datagram.len()),
+        Err(failure) => return encode(&Response::Error(failure), None, datagram.len()),
     };
     let rid = head.request_id.as_deref();
     if let Some(rid) = rid
@@ -114,7 +114,7 @@ pub fn answer(
         return within_bound(kept, datagram.len()).then(|| kept.to_vec());
     }
     let response = state.answer(&head, from.ip());
-    let reply = encode(&response, head.method, rid, datagram.len())?;
+    let reply = encode(&response, rid, datagram.len())?;
     if let Some(rid) = rid {
         cache.insert(from, rid, reply.clone(), now);
     }
@@ -139,12 +139,7 @@ fn parse_datagram(datagram: &[u8]) -> Result<RequestHead, Failure> {
     }
 }
 
-fn encode(
-    response: &Response,
-    method: Option<chat_proto::rendezvous::Method>,
-    request_id: Option<&str>,
-    request_len: usize,
-) -> Option<Vec<u8>> {
+fn encode(response: &Response, request_id: Option<&str>, request_len: usize) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
     for minimal in [false, true] {
         out.clear();
@@ -154,7 +149,7 @@ fn encode(
             request_id,
             close: false,
         };
-        response.encode(method, &mut out, &framing);
+        response.encode(&mut out, &framing);
         if out.len() <= request_len * MAX_AMPLIFICATION {
             break;
         }
