@@ -169,12 +169,6 @@ fn default_config(id: Option<&ClientId>) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    /// A commented-out `key = value` line of the example file.
-    fn is_setting(line: &str) -> bool {
-        line.split_once(" = ").is_some_and(|(k, _)| {
-            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
-        })
-    }
     use std::path::Path;
 
     #[test]
@@ -237,11 +231,7 @@ mod tests {
     fn the_example_file_documents_every_key() {
         let text = include_str!("../../docs/chatd.example.toml");
         // Every key, uncommented, must parse into a fully set FileConfig.
-        let uncommented: String = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# ").filter(|l| is_setting(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let uncommented = chat_proto::config::example_settings(text);
         let file: FileConfig =
             chat_proto::config::parse(Path::new("example"), &uncommented).unwrap();
         assert!(file.id.is_some() && file.port.is_some() && file.server.is_some());

@@ -25,6 +25,21 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse(path, &text)
 }
 
+/// The settings an example file documents, uncommented: its `# key =
+/// value` lines, so that a test can parse them and check that every key
+/// is there and valid.
+pub fn example_settings(text: &str) -> String {
+    let is_setting = |line: &str| {
+        line.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        })
+    };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# ").filter(|l| is_setting(l)))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Parses `text`, read from `path`.
 pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {

@@ -336,7 +336,9 @@ impl std::error::Error for Failure {}
 pub enum Response {
     ProbeAck {
         transports: Transports,
-        server: String,
+        /// Borrowed when a server answers (its own name, no allocation
+        /// per PROBE); owned when a client has parsed it.
+        server: std::borrow::Cow<'static, str>,
     },
     RegAck {
         id: ClientId,
@@ -490,6 +492,12 @@ impl HeaderValue for &str {
 }
 
 impl HeaderValue for &String {
+    fn append(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl HeaderValue for &std::borrow::Cow<'_, str> {
     fn append(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.as_bytes());
     }
@@ -1016,7 +1024,7 @@ pub fn parse_response(
         match method {
             Method::Probe => Response::ProbeAck {
                 transports: Transports::parse(need(get("Transport"), ack, "Transport")?),
-                server: get("Server").unwrap_or_default().to_owned(),
+                server: get("Server").unwrap_or_default().to_owned().into(),
             },
             Method::Register => {
                 let id = need(get("Client-Id"), ack, "Client-Id")?;

@@ -150,7 +150,14 @@ impl Options {
         };
         let expires = self.expires.or(f.expires).unwrap_or(300);
         if expires == 0 {
-            return Err("expires must be at least 1 second".into());
+            let from = match (self.expires, &path) {
+                (Some(_), _) => "--expires 0".to_owned(),
+                (None, Some(p)) => format!("expires = 0 in {}", p.display()),
+                (None, None) => "expires = 0".to_owned(),
+            };
+            return Err(format!(
+                "{from}: a registration must live at least 1 second; the default is 300"
+            ));
         }
         Ok(Settings {
             bind: self.bind.or(f.bind).unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -211,12 +218,6 @@ impl Settings {
 mod tests {
     use super::*;
 
-    /// A commented-out `key = value` line of the example file.
-    fn is_setting(line: &str) -> bool {
-        line.split_once(" = ").is_some_and(|(k, _)| {
-            !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
-        })
-    }
     use std::path::Path;
 
     fn settings(args: &[&str]) -> Settings {
@@ -246,6 +247,19 @@ mod tests {
             Options::parse_from(["chat-server", "--expires", "0"])
                 .merge(FileConfig::default(), None)
                 .is_err()
+        );
+        let err = Options::parse_from(["chat-server"])
+            .merge(
+                FileConfig {
+                    expires: Some(0),
+                    ..FileConfig::default()
+                },
+                Some(PathBuf::from("/etc/chat-server/config.toml")),
+            )
+            .unwrap_err();
+        assert!(
+            err.contains("expires = 0 in /etc/chat-server/config.toml"),
+            "{err}"
         );
     }
 
@@ -278,11 +292,7 @@ mod tests {
     #[test]
     fn the_example_file_documents_every_key() {
         let text = include_str!("../../docs/chat-server.example.toml");
-        let uncommented: String = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# ").filter(|l| is_setting(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let uncommented = chat_proto::config::example_settings(text);
         let f: FileConfig = chat_proto::config::parse(Path::new("example"), &uncommented).unwrap();
         let every = [
             f.bind.is_some(),

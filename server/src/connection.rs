@@ -11,7 +11,6 @@
 //! the kernel reset the connection and could destroy that last response.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chat_proto::rendezvous::{
@@ -41,7 +40,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub async fn serve(
     mut stream: Stream,
     peer: SocketAddr,
-    state: Arc<State>,
+    state: &State,
     timeouts: Timeouts,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -85,8 +84,9 @@ pub async fn serve(
                 scanned = 0;
                 break;
             }
-            let response = match state.admit(peer.ip()) {
-                Ok(()) => state.answer(&head, peer.ip()),
+            let at = state.at(now.into_std());
+            let response = match state.admit(peer.ip(), at) {
+                Ok(()) => state.answer(&head, peer.ip(), at),
                 Err(refusal) => Response::Error(state.refused(refusal)),
             };
             let close = head.close || stopping;

@@ -70,12 +70,12 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let mut sockets: Vec<(Option<std::net::TcpListener>, Option<std::net::UdpSocket>)> = Vec::new();
     for i in 0..workers {
         let tcp = if transports.tcp {
-            Some(tcp::bind(addr).with_context(|| format!("cannot listen on TCP {addr}"))?)
+            Some(tcp::bind(addr).map_err(|e| cannot_listen(e, "TCP", addr))?)
         } else {
             None
         };
         let udp = if transports.udp {
-            Some(udp::bind(addr).with_context(|| format!("cannot listen on UDP {addr}"))?)
+            Some(udp::bind(addr).map_err(|e| cannot_listen(e, "UDP", addr))?)
         } else {
             None
         };
@@ -216,8 +216,7 @@ fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<S
     // With --port 0 a port free for TCP may be taken for UDP; try a few.
     for _ in 0..16 {
         let tcp = if transports.tcp {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on TCP {addr}"))?;
+            let l = std::net::TcpListener::bind(addr).map_err(|e| cannot_listen(e, "TCP", addr))?;
             Some(l)
         } else {
             None
@@ -232,7 +231,7 @@ fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<S
         match std::net::UdpSocket::bind(picked) {
             Ok(u) => return Ok(u.local_addr()?),
             Err(e) if addr.port() != 0 => {
-                return Err(e).with_context(|| format!("cannot listen on UDP {picked}"));
+                return Err(cannot_listen(e, "UDP", picked));
             }
             Err(_) => continue,
         }
@@ -277,4 +276,21 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
             .context("cannot handle Ctrl-C")?;
         Ok("Ctrl-C")
     }
+}
+
+/// Why the server cannot listen on `addr`, with what to do about it.
+fn cannot_listen(e: std::io::Error, transport: &str, addr: SocketAddr) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (another chat-server?) holds that port: stop it, or choose another --port"
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            "; ports below 1024 need privilege: choose --port 1024 or higher"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; that address is not one of this machine's: check --bind"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("cannot listen on {transport} {addr}: {e}{hint}")
 }

@@ -145,11 +145,6 @@ impl RateLimiter {
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }
-
-    /// Requests a second allowed per source.
-    pub fn rate(&self) -> f64 {
-        self.rate
-    }
 }
 
 /// Open TCP connections, per source and in all.

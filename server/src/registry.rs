@@ -228,7 +228,7 @@ impl Registry {
         // One probe of the index for the common cases (a fresh id, a
         // refresh): at a million entries each probe is a cache miss.
         let hash = self.hash(&id);
-        let found = self.find(&id, hash);
+        let mut found = self.find(&id, hash);
         if let Some(i) = found {
             let e = &mut self.queue[i];
             if e.live(now) {
@@ -270,13 +270,9 @@ impl Registry {
                     )
                 });
             }
+            // The pop moved the front, and may have taken the id's record.
+            found = found.and_then(|_| self.find(&id, hash));
         }
-        // The pop above may have taken the id's old record.
-        let found = if found.is_some() {
-            self.find(&id, hash)
-        } else {
-            None
-        };
         if found.is_none() && self.queue.len() >= u32::MAX as usize {
             return Err(Failure::new(
                 ErrorStatus::Unavailable,
@@ -316,14 +312,11 @@ impl Registry {
             }
             None => {
                 self.purge_if_full();
-                let pos = self.front.wrapping_add(self.queue.len() as u32);
                 let record = Record {
                     queued_until: self.queued_until(expires_at),
                     ..record
                 };
-                self.queue.push_back(record);
-                self.index
-                    .insert_unique(wide(hash), Slot { pos, hash }, |s| wide(s.hash));
+                self.push_back(record);
                 self.held += 1;
             }
         }
@@ -342,7 +335,7 @@ impl Registry {
         peer: Option<ClientId>,
         now: Duration,
     ) -> Result<Response, Failure> {
-        self.authenticate(id, token, now)?;
+        let me = self.authenticate(id, token, now)?;
         let found = match peer {
             Some(p) if p == id => {
                 return Err(Failure::bad_request(
@@ -366,17 +359,16 @@ impl Registry {
         match found {
             Some((p, addr)) => {
                 // The caller has its peer, so it stops waiting for one.
-                self.set_seq(id, IDLE);
+                self.set_seq(me, IDLE);
                 Ok(Response::BridgeAck {
                     peer: Some((p, addr)),
                 })
             }
             None => {
-                let waiting = self.live(&id, now).is_some_and(|e| in_queue(e.seq));
-                if !waiting {
+                if !in_queue(self.queue[me].seq) {
                     let seq = self.next_seq;
                     self.next_seq += 1;
-                    self.set_seq(id, seq);
+                    self.set_seq(me, seq);
                 }
                 Ok(Response::BridgeAck { peer: None })
             }
@@ -421,13 +413,14 @@ impl Registry {
         peer: ClientId,
         now: Duration,
     ) -> Result<Response, Failure> {
-        self.authenticate(id, token, now)?;
+        let me = self.authenticate(id, token, now)?;
         if peer == id {
             return Err(Failure::bad_request(
                 "Peer-Id is your own id: name the peer you chat with",
             ));
         }
-        let p = self.live(&peer, now).ok_or_else(|| unknown(&peer))?;
+        let them = self.live_at(&peer, now).ok_or_else(|| unknown(&peer))?;
+        let p = &self.queue[them];
         // A chat starts with a client that waits for one (or already
         // chats, when CHAT is repeated); otherwise any registered client
         // could take any idle one out of play.
@@ -439,45 +432,42 @@ impl Registry {
         }
         // The two chat directly now; the server only needs to stop handing
         // either of them out.
-        self.set_seq(id, BUSY);
-        self.set_seq(peer, BUSY);
+        self.set_seq(me, BUSY);
+        self.set_seq(them, BUSY);
         Ok(Response::ChatAck)
     }
 
     fn quit(&mut self, id: ClientId, token: Token, now: Duration) -> Result<Response, Failure> {
-        self.authenticate(id, token, now)?;
-        if let Some(i) = self.find(&id, self.hash(&id)) {
-            let e = &mut self.queue[i];
-            if in_queue(e.seq) {
-                self.waiting.remove(&e.seq);
-            }
-            // The record stays queued, lapsed, until it is popped or the
-            // id registers again; its slot stays too.
-            e.seq = GONE;
-            e.expires_at = 0;
-            self.held -= 1;
-            self.gone += 1;
-            if self.gone > self.held.max(MIN_COMPACT) {
-                self.compact();
-            }
+        let me = self.authenticate(id, token, now)?;
+        // The record stays queued, lapsed, until it is popped or the id
+        // registers again; its slot stays too.
+        self.set_seq(me, GONE);
+        self.queue[me].expires_at = 0;
+        self.held -= 1;
+        self.gone += 1;
+        if self.gone > self.held.max(MIN_COMPACT) {
+            self.compact();
         }
         Ok(Response::QuitAck)
     }
 
-    fn authenticate(&self, id: ClientId, token: Token, now: Duration) -> Result<(), Failure> {
-        let e = self.live(&id, now).ok_or_else(|| {
+    /// The queue index of `id`'s live record, if `token` is its token.
+    /// Indices hold until the next pop or compaction, so a request finds
+    /// each of its records once.
+    fn authenticate(&self, id: ClientId, token: Token, now: Duration) -> Result<usize, Failure> {
+        let i = self.live_at(&id, now).ok_or_else(|| {
             Failure::new(
                 ErrorStatus::NotFound,
                 format!("{id} is not registered (or its registration expired): REGISTER first"),
             )
         })?;
-        if e.token != token {
+        if self.queue[i].token != token {
             return Err(Failure::new(
                 ErrorStatus::Unauthorized,
                 format!("wrong Client-Token for {id}: send the token REGISTER returned"),
             ));
         }
-        Ok(())
+        Ok(i)
     }
 
     fn hash(&self, id: &ClientId) -> u32 {
@@ -496,22 +486,47 @@ impl Registry {
         Some(at(slot.pos))
     }
 
-    fn live(&self, id: &ClientId, now: Duration) -> Option<&Record> {
+    /// The queue index of `id`'s record, if it is live.
+    fn live_at(&self, id: &ClientId, now: Duration) -> Option<usize> {
         let i = self.find(id, self.hash(id))?;
-        Some(&self.queue[i]).filter(|e| e.live(now))
+        self.queue[i].live(now).then_some(i)
     }
 
-    fn set_seq(&mut self, id: ClientId, seq: u64) {
-        if let Some(i) = self.find(&id, self.hash(&id)) {
-            let e = &mut self.queue[i];
-            if in_queue(e.seq) {
-                self.waiting.remove(&e.seq);
-            }
-            e.seq = seq;
-            if in_queue(seq) {
-                self.waiting.insert(seq, id);
-            }
+    fn live(&self, id: &ClientId, now: Duration) -> Option<&Record> {
+        self.live_at(id, now).map(|i| &self.queue[i])
+    }
+
+    /// Sets the record at queue index `i` to `seq`, keeping `waiting` in
+    /// step.
+    fn set_seq(&mut self, i: usize, seq: u64) {
+        let e = &mut self.queue[i];
+        if in_queue(e.seq) {
+            self.waiting.remove(&e.seq);
         }
+        e.seq = seq;
+        if in_queue(seq) {
+            self.waiting.insert(seq, e.id);
+        }
+    }
+
+    /// Appends `record` to the queue and gives it a slot.
+    fn push_back(&mut self, record: Record) {
+        let pos = self.front.wrapping_add(self.queue.len() as u32);
+        let hash = record.hash;
+        self.queue.push_back(record);
+        self.index_insert(pos, hash);
+    }
+
+    fn index_insert(&mut self, pos: u32, hash: u32) {
+        self.index
+            .insert_unique(wide(hash), Slot { pos, hash }, |s| wide(s.hash));
+    }
+
+    /// Drops the slots that point before the front.
+    fn drop_stale_slots(&mut self) {
+        let (front, len) = (self.front, self.queue.len());
+        self.index
+            .retain(|s| (s.pos.wrapping_sub(front) as usize) < len);
     }
 
     fn deadline(&self, now: Duration) -> u32 {
@@ -539,8 +554,8 @@ impl Registry {
             lapsed: 0,
         };
         while done.looked < budget {
-            let Some(r) = self.queue.front() else { break };
-            if now.as_secs() < u64::from(r.queued_until) {
+            let due = |r: &Record| now.as_secs() >= u64::from(r.queued_until);
+            if !self.queue.front().is_some_and(due) {
                 break;
             }
             let Some(mut r) = self.queue.pop_front() else {
@@ -564,10 +579,7 @@ impl Registry {
                     // Every held record has a slot; should one be missing
                     // all the same, the record gets one rather than being
                     // lost.
-                    None => {
-                        self.index
-                            .insert_unique(wide(hash), Slot { pos: to, hash }, |s| wide(s.hash));
-                    }
+                    None => self.index_insert(to, hash),
                 }
             } else {
                 // The slot is left stale, for a later purge.
@@ -591,9 +603,7 @@ impl Registry {
         if self.index.len() < self.index.capacity() || stale < self.index.len() / 4 {
             return;
         }
-        let (front, len) = (self.front, self.queue.len());
-        self.index
-            .retain(|s| (s.pos.wrapping_sub(front) as usize) < len);
+        self.drop_stale_slots();
     }
 
     /// Drops quit records from the queue and rebuilds the index, so that
@@ -604,11 +614,9 @@ impl Registry {
         self.queue.retain(|r| r.seq != GONE);
         self.gone = 0;
         self.index.clear();
-        for (i, r) in self.queue.iter().enumerate() {
+        for i in 0..self.queue.len() {
             let pos = self.front.wrapping_add(i as u32);
-            let hash = r.hash;
-            self.index
-                .insert_unique(wide(hash), Slot { pos, hash }, |s| wide(s.hash));
+            self.index_insert(pos, self.queue[i].hash);
         }
     }
 
@@ -632,9 +640,7 @@ impl Registry {
             self.queue.shrink_to(want);
         }
         if self.index.capacity() > 2 * want {
-            let (front, len) = (self.front, self.queue.len());
-            self.index
-                .retain(|s| (s.pos.wrapping_sub(front) as usize) < len);
+            self.drop_stale_slots();
             self.index.shrink_to(want, |s| wide(s.hash));
         }
     }

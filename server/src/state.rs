@@ -31,6 +31,8 @@ pub struct State {
     pub transports: Transports,
     registry: Mutex<Registry>,
     limiter: Option<Mutex<RateLimiter>>,
+    /// The limiter's rate, for refusals, which need not take its lock.
+    per_ip_rate: u32,
     pub conns: Mutex<ConnLimits>,
 }
 
@@ -51,6 +53,7 @@ impl State {
             transports,
             registry: Mutex::new(Registry::new(limits.registry.clone())),
             limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
+            per_ip_rate: limits.per_ip_rate,
             conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
         }
     }
@@ -60,12 +63,18 @@ impl State {
         self.origin.elapsed()
     }
 
-    /// Takes one request from `source`'s allowance. The refusal is cheap:
-    /// UDP drops it as it is, and only TCP, which answers it, pays for
-    /// [`State::refused`].
-    pub fn admit(&self, source: IpAddr) -> Result<(), Refusal> {
+    /// `at` on that clock: a connection passes the time it read a request
+    /// at, so that a request costs no clock reading of its own.
+    pub fn at(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.origin)
+    }
+
+    /// Takes one request from `source`'s allowance at `now`. The refusal
+    /// is cheap: UDP drops it as it is, and only TCP, which answers it,
+    /// pays for [`State::refused`].
+    pub fn admit(&self, source: IpAddr, now: Duration) -> Result<(), Refusal> {
         match &self.limiter {
-            Some(limiter) => lock(limiter).check(Source::from(source), self.now()),
+            Some(limiter) => lock(limiter).check(Source::from(source), now),
             None => Ok(()),
         }
     }
@@ -74,7 +83,7 @@ impl State {
     pub fn refused(&self, refusal: Refusal) -> Failure {
         match refusal {
             Refusal::RateLimited { retry_after } => {
-                let rate = self.limiter.as_ref().map_or(0.0, |l| lock(l).rate());
+                let rate = self.per_ip_rate;
                 Failure {
                     retry_after: Some(retry_after),
                     ..Failure::new(
@@ -95,19 +104,16 @@ impl State {
         }
     }
 
-    /// The response to a parsed request from `source`, which has been
-    /// admitted already.
-    pub fn answer(&self, head: &RequestHead, source: IpAddr) -> Response {
+    /// The response to a parsed request from `source` at `now`, which has
+    /// been admitted already.
+    pub fn answer(&self, head: &RequestHead, source: IpAddr, now: Duration) -> Response {
         match &head.request {
             Err(f) => Response::Error(f.clone()),
             Ok(Request::Probe) => Response::ProbeAck {
                 transports: self.transports,
-                server: SERVER_NAME.to_owned(),
+                server: SERVER_NAME.into(),
             },
-            Ok(request) => {
-                let now = self.now();
-                lock(&self.registry).handle(request, source, now, fresh_token)
-            }
+            Ok(request) => lock(&self.registry).handle(request, source, now, fresh_token),
         }
     }
 

@@ -93,16 +93,15 @@ pub async fn run(
         let opened = lock(&state.conns).open(source);
         match opened {
             Ok(()) => {
-                let state = Arc::clone(&state);
+                // Counted out however the task ends, even by a panic.
+                let slot = Slot {
+                    state: Arc::clone(&state),
+                    source,
+                };
                 let shutdown = shutdown.clone();
                 let done = done.clone();
                 tokio::spawn(async move {
-                    // Counted out however the task ends, even by a panic.
-                    let _slot = Slot {
-                        state: Arc::clone(&state),
-                        source,
-                    };
-                    connection::serve(stream, peer, Arc::clone(&state), timeouts, shutdown).await;
+                    connection::serve(stream, peer, &slot.state, timeouts, shutdown).await;
                     drop(done);
                 });
             }

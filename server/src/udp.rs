@@ -96,10 +96,10 @@ pub fn answer(
     datagram: &[u8],
     from: SocketAddr,
 ) -> Option<Vec<u8>> {
-    if state.admit(from.ip()).is_err() {
+    let now = state.now();
+    if state.admit(from.ip(), now).is_err() {
         return None;
     }
-    let now = state.now();
     let head = match parse_datagram(datagram) {
         Ok(head) => head,
         Err(failure) => return encode(&Response::Error(failure), None, datagram.len()),
@@ -113,7 +113,7 @@ pub fn answer(
         // cache would be an amplifier for anyone who saw the id.
         return within_bound(kept, datagram.len()).then(|| kept.to_vec());
     }
-    let response = state.answer(&head, from.ip());
+    let response = state.answer(&head, from.ip(), now);
     let reply = encode(&response, rid, datagram.len())?;
     if let Some(rid) = rid {
         cache.insert(from, rid, reply.clone(), now);
@@ -231,6 +231,7 @@ mod tests {
     fn responses_stay_within_three_times_the_request() {
         let s = state(0);
         let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut answered = Vec::new();
         for req in [
             &b"PROBE / HTTP/1.1\r\n\r\n"[..],
             b"X\r\n\r\n",
@@ -247,8 +248,30 @@ mod tests {
                     text(req),
                     text(&resp)
                 );
+                answered.push(text(&resp));
             }
         }
+        // Whatever can be answered within the bound is, in its minimal
+        // form (no body, no Server); no answer fits three times a 1- or
+        // 4-byte datagram, so those get nothing.
+        let lines: Vec<&str> = answered
+            .iter()
+            .map(|r| r.lines().next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "HTTP/1.1 200 PROBEACK",
+                "HTTP/1.1 501 Not Implemented",
+                "HTTP/1.1 200 REGACK",
+                "HTTP/1.1 401 Unauthorized",
+            ]
+        );
+        assert!(
+            answered.iter().all(|r| r.ends_with("\r\n\r\n")),
+            "{answered:?}"
+        );
+        assert!(!answered[0].contains("Server:"), "{}", answered[0]);
     }
 
     #[test]

@@ -611,13 +611,18 @@ fn udp_retransmitted_quit_is_executed_once() {
 fn udp_never_amplifies_and_drops_when_rate_limited() {
     let s = Server::start(&["-u"]);
     let sock = udp_socket();
+    // These fit an answer within three times their size, so get one.
     for raw in [
         &b"PROBE / HTTP/1.1\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\n\r\n",
         b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\n\r\n",
-        b"x\r\n\r\n",
-        b"\r\n",
     ] {
+        let resp = udp_exchange(&sock, s.addr, raw, WAIT);
+        let resp = resp.unwrap_or_else(|| panic!("no answer to {raw:?}"));
+        assert!(resp.len() <= 3 * raw.len(), "{raw:?} -> {resp:?}");
+    }
+    // These do not: silence, or at most an answer within the bound.
+    for raw in [&b"x\r\n\r\n"[..], b"\r\n"] {
         if let Some(resp) = udp_exchange(&sock, s.addr, raw, Duration::from_millis(500)) {
             assert!(resp.len() <= 3 * raw.len(), "{raw:?} -> {resp:?}");
         }
@@ -627,6 +632,7 @@ fn udp_never_amplifies_and_drops_when_rate_limited() {
     let probe = b"PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: 1\r\n\r\n";
     assert!(udp_exchange(&sock, limited.addr, probe, WAIT).is_some());
     let mut answered = 0;
+    let started = Instant::now();
     for i in 0..20 {
         let raw = format!("PROBE / HTTP/1.1\r\nHost: t\r\nRequest-Id: x{i}\r\n\r\n");
         sock.send_to(raw.as_bytes(), limited.addr).unwrap();
@@ -634,12 +640,18 @@ fn udp_never_amplifies_and_drops_when_rate_limited() {
     sock.set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
     let mut buf = [0u8; 4096];
+    let mut last = started;
     while sock.recv_from(&mut buf).is_ok() {
         answered += 1;
+        last = Instant::now();
     }
+    // The bucket holds one token and gains one a second: however slowly a
+    // loaded machine got through the 20, no more can have been answered.
+    let most = 1 + last.duration_since(started).as_secs_f64().ceil() as usize;
     assert!(
-        answered < 20,
-        "a burst of 1 at 1/s cannot answer 20 at once"
+        answered <= most,
+        "{answered} of 20 answered within {:?}; a burst of 1 at 1/s allows {most}",
+        last.duration_since(started)
     );
 }
 
@@ -654,9 +666,13 @@ fn sigterm_stops_cleanly() {
     let started = Instant::now();
     let status = s.stop();
     assert!(status.success(), "{status:?}");
-    // It did not wait out the idle connection's 60 s (stop() would have
-    // killed it at WAIT, and the status would say so).
-    assert!(started.elapsed() < WAIT);
+    // It closed the idle connection at once rather than giving it the
+    // 5 s a busy one gets to finish.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // The idle keep-alive connection was closed, not left hanging.
     assert_eq!(read_to_close(&mut idle), "");
 }
@@ -670,6 +686,7 @@ fn port_in_use_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on TCP 127.0.0.1:"), "{err}");
+    assert!(err.contains("choose another --port"), "{err}");
 }
 
 #[test]
