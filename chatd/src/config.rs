@@ -38,7 +38,8 @@ pub struct Options {
     pub data_dir: Option<PathBuf>,
 
     /// Take turns, as the seed projects did: the initiator writes first,
-    /// then the two alternate
+    /// then the two alternate (in chats this daemon starts; a chat follows
+    /// the setting of the daemon that starts it)
     #[arg(long)]
     pub turns: bool,
 

@@ -25,7 +25,7 @@ use crate::history::History;
 use crate::ipc::{ClientHandle, ClientKey, Queued};
 use crate::peer::{self, Decision, LinkHandle, LinkOut};
 use crate::rendezvous;
-use crate::session::{Action, Command, Input, LinkId, Session, Ticket};
+use crate::session::{Action, Command, Input, LinkId, OpId, Session, Ticket};
 
 /// How many queued events one turn of the loop takes before committing.
 const BATCH: usize = 1024;
@@ -139,12 +139,10 @@ impl Core {
     /// Registers as soon as the loop runs (`chatd --register`); the outcome
     /// is logged, as no shell asked.
     pub fn register_at_start(&mut self) {
-        self.session
-            .register_automatically(std::time::Instant::now());
+        self.session.register_automatically();
     }
 
-    /// Runs until `stop` resolves (or every sender is gone), then leaves
-    /// the peer and the server.
+    /// Runs until `stop` resolves, then leaves the peer and the server.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<CoreEvent>,
@@ -157,7 +155,14 @@ impl Core {
         self.flush();
         loop {
             let wake = self.session.poll_timeout().map(Instant::from_std);
+            // Events before the timer: after a stall (a long history
+            // read), the pings that came meanwhile must be taken in before
+            // the timer decides the peer went silent. The timer still runs
+            // after each batch, so a flood of events cannot starve it; and
+            // a stop comes first of all.
             tokio::select! {
+                biased;
+                () = &mut stop => break,
                 event = rx.recv() => {
                     let Some(event) = event else { break };
                     self.event(event);
@@ -167,12 +172,16 @@ impl Core {
                             Err(_) => break,
                         }
                     }
+                    let now = std::time::Instant::now();
+                    if self.session.poll_timeout().is_some_and(|t| t <= now) {
+                        self.session.handle_timeout(now);
+                        self.execute();
+                    }
                 }
                 () = sleep_until(wake) => {
                     self.session.handle_timeout(std::time::Instant::now());
                     self.execute();
                 }
-                () = &mut stop => break,
             }
             if self.send_early() {
                 // Let the link writers put those frames on the wire while
@@ -187,16 +196,17 @@ impl Core {
     async fn stop(&mut self, rx: &mut mpsc::Receiver<CoreEvent>) {
         self.session
             .handle(Input::Shutdown, std::time::Instant::now());
-        let quitting = self.execute();
+        let mut pending = self.execute();
         self.flush();
-        // Wait (bounded) for the server's QUITACK, still serving events so
-        // the reply is taken in; then let the link writers finish.
+        // Wait (bounded) for the answers to what shutting down asked the
+        // server (its QUITACK), still serving events so they are taken in;
+        // an answer to an earlier request does not count. Then let the link
+        // writers finish.
         let deadline = Instant::now() + QUIT_WAIT;
-        let mut pending = quitting;
-        while pending > 0 {
+        while !pending.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(CoreEvent::Session(input @ Input::ServerReply { .. }))) => {
-                    pending -= 1;
+                Ok(Some(CoreEvent::Session(input @ Input::ServerReply { op, .. }))) => {
+                    pending.retain(|&p| p != op);
                     self.session.handle(input, std::time::Instant::now());
                     self.execute();
                     self.flush();
@@ -438,14 +448,14 @@ impl Core {
         true
     }
 
-    /// Carries out the session's actions; returns how many server requests
-    /// it started.
-    fn execute(&mut self) -> usize {
-        let mut started = 0;
+    /// Carries out the session's actions; returns the server requests it
+    /// started.
+    fn execute(&mut self) -> Vec<OpId> {
+        let mut started = Vec::new();
         while let Some(action) = self.session.poll_action() {
             match action {
                 Action::Server { op, request } => {
-                    started += 1;
+                    started.push(op);
                     let client = Arc::clone(&self.rendezvous);
                     let events = self.events.clone();
                     tokio::spawn(async move {

@@ -168,16 +168,22 @@ fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Creates the data directory readable by its owner only: it holds
-/// private conversations.
+/// Makes the data directory private to its owner, whether it is new or
+/// was given: it holds private conversations. One that is a symlink or
+/// belongs to someone else is refused; one open to others is closed.
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    }
     #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+    chat_proto::local::ensure_private_dir(dir).with_context(
+        || "the data directory must be private: fix it or choose another --data-dir",
+    )?;
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    Ok(())
 }
 
 fn default_data_dir(id: &chat_proto::ClientId) -> anyhow::Result<PathBuf> {

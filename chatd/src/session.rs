@@ -8,7 +8,7 @@
 //! [`Session::handle_timeout`] next. So registration refreshes, heartbeats,
 //! turn-taking and every failure path are unit tests, not sleeps.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -216,27 +216,22 @@ enum Phase {
 struct Chat {
     peer: ClientId,
     link: LinkId,
+    /// Whether the two take turns: the initiator's setting, which it sends
+    /// in its hello, so that both ends hold the same rule.
+    turns: bool,
     my_turn: bool,
     next_id: u64,
-    /// Sent messages not yet acknowledged: the command to answer, and when.
-    unacked: HashMap<u64, (Ticket, Instant)>,
-    /// The same, in the order sent, for the oldest one's deadline (ids
-    /// acknowledged meanwhile are skipped when they reach the front).
-    sent_order: VecDeque<(Instant, u64)>,
+    /// Sent messages not yet acknowledged, by id: the command to answer,
+    /// and when it was sent. Ids only grow, so the first is the oldest.
+    unacked: BTreeMap<u64, (Ticket, Instant)>,
     next_ping: Instant,
     deadline: Instant,
 }
 
 impl Chat {
     /// When the oldest unacknowledged message was sent.
-    fn oldest_unacked(&mut self) -> Option<Instant> {
-        while let Some(&(at, id)) = self.sent_order.front() {
-            if self.unacked.contains_key(&id) {
-                return Some(at);
-            }
-            self.sent_order.pop_front();
-        }
-        None
+    fn oldest_unacked(&self) -> Option<Instant> {
+        self.unacked.first_key_value().map(|(_, &(_, at))| at)
     }
 }
 
@@ -252,8 +247,6 @@ pub struct Session {
     epoch: u64,
     next_op: OpId,
     next_link: LinkId,
-    /// A background refresh is in flight (at most one).
-    refreshing: bool,
     /// When to try registering at start-up again.
     retry_register_at: Option<Instant>,
     out: VecDeque<Action>,
@@ -271,7 +264,6 @@ impl Session {
             epoch: 0,
             next_op: 1,
             next_link: 1,
-            refreshing: false,
             retry_register_at: None,
             out: VecDeque::new(),
         }
@@ -292,8 +284,7 @@ impl Session {
             Phase::Ready { peer, .. } | Phase::Connecting { peer, .. } => (Some(*peer), None),
             Phase::Chatting(c) => (
                 Some(c.peer),
-                self.config
-                    .turns
+                c.turns
                     .then_some(if c.my_turn { Turn::Mine } else { Turn::Peers }),
             ),
             _ => (None, None),
@@ -319,9 +310,9 @@ impl Session {
 
     /// Registers now, and keeps trying while the server is unreachable
     /// (`chatd --register`).
-    pub fn register_automatically(&mut self, now: Instant) {
+    pub fn register_automatically(&mut self) {
         self.retry_register_at = None;
-        self.server(Purpose::AutoRegister, now);
+        self.server(Purpose::AutoRegister);
     }
 
     /// The next thing to do.
@@ -329,21 +320,23 @@ impl Session {
         self.out.pop_front()
     }
 
+    /// Whether a background refresh is in flight (there is at most one).
+    fn refreshing(&self) -> bool {
+        self.ops
+            .values()
+            .any(|(p, _)| matches!(p, Purpose::Refresh))
+    }
+
     /// When [`Session::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let refresh = self
             .reg
             .as_ref()
-            .filter(|_| !self.refreshing)
+            .filter(|_| !self.refreshing())
             .map(|r| r.refresh_at);
         let link = match &self.phase {
             Phase::Chatting(c) => {
-                // The front may be acknowledged already: then this wakes a
-                // little early, which is harmless.
-                let ack = c
-                    .sent_order
-                    .front()
-                    .map(|(at, _)| *at + self.config.peer_timeout);
+                let ack = c.oldest_unacked().map(|at| at + self.config.peer_timeout);
                 Some(c.next_ping.min(c.deadline).min(ack.unwrap_or(c.deadline)))
             }
             _ => None,
@@ -356,10 +349,10 @@ impl Session {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.retry_register_at.is_some_and(|t| now >= t) {
-            self.register_automatically(now);
+            self.register_automatically();
         }
         if let Some(reg) = &self.reg
-            && !self.refreshing
+            && !self.refreshing()
             && now >= reg.refresh_at
         {
             if now >= reg.lapses_at {
@@ -367,8 +360,7 @@ impl Session {
                 self.notice("registration lapsed: the server could not be reached to refresh it; run `chatctl register` once it is back");
                 self.phase_lost_with_registration();
             } else {
-                self.refreshing = true;
-                self.server(Purpose::Refresh, now);
+                self.server(Purpose::Refresh);
             }
         }
         if let Phase::Chatting(c) = &mut self.phase {
@@ -466,7 +458,7 @@ impl Session {
                 }
                 self.set_phase(Phase::None);
                 if self.reg.is_some() {
-                    self.server(Purpose::Quit(None), now);
+                    self.server(Purpose::Quit(None));
                     self.reg = None;
                 }
             }
@@ -475,19 +467,16 @@ impl Session {
 
     fn command(&mut self, ticket: Ticket, command: Command, now: Instant) {
         match command {
-            Command::Register => self.server(Purpose::Register(ticket), now),
+            Command::Register => self.server(Purpose::Register(ticket)),
             Command::Bridge { peer } => {
                 if let Err(f) = self.can_bridge(peer) {
                     return self.reply(ticket, Err(f));
                 }
-                self.server(
-                    Purpose::Bridge {
-                        ticket,
-                        peer,
-                        retried: false,
-                    },
-                    now,
-                );
+                self.server(Purpose::Bridge {
+                    ticket,
+                    peer,
+                    retried: false,
+                });
             }
             Command::Chat => match self.phase.clone() {
                 Phase::Ready { peer, addr } => {
@@ -560,7 +549,7 @@ impl Session {
                 self.retry_register_at = None;
                 if self.reg.is_some() || self.token.is_some() {
                     self.reg = None;
-                    self.server(Purpose::Quit(Some(ticket)), now);
+                    self.server(Purpose::Quit(Some(ticket)));
                 } else {
                     self.reply(ticket, Ok(Reply::Quit));
                 }
@@ -596,7 +585,6 @@ impl Session {
     }
 
     fn send(&mut self, ticket: Ticket, text: String, now: Instant) {
-        let turns = self.config.turns;
         let me = self.config.id;
         let Phase::Chatting(c) = &mut self.phase else {
             let why = match self.phase {
@@ -628,7 +616,7 @@ impl Session {
                 ),
             );
         }
-        if turns && !c.my_turn {
+        if c.turns && !c.my_turn {
             let peer = c.peer;
             return self.fail(
                 ticket,
@@ -639,8 +627,7 @@ impl Session {
         let id = c.next_id;
         c.next_id += 1;
         c.unacked.insert(id, (ticket, now));
-        c.sent_order.push_back((now, id));
-        if turns {
+        if c.turns {
             c.my_turn = false;
         }
         let (link, peer) = (c.link, c.peer);
@@ -687,15 +674,12 @@ impl Session {
                 ),
             );
         }
-        self.start_chat(peer, link, true, now);
+        self.start_chat(peer, link, true, self.config.turns, now);
         self.reply(ticket, Ok(Reply::Chatting { peer }));
-        self.server(
-            Purpose::Chat {
-                peer,
-                retried: false,
-            },
-            now,
-        );
+        self.server(Purpose::Chat {
+            peer,
+            retried: false,
+        });
     }
 
     fn incoming(&mut self, link: LinkId, hello: Hello, now: Instant) {
@@ -717,12 +701,12 @@ impl Session {
             }
             Phase::Waiting => {
                 self.out.push_back(Action::Accept { link });
-                self.start_chat(hello.id, link, false, now);
+                self.start_chat(hello.id, link, false, hello.turns, now);
             }
             Phase::Ready { peer, .. } if *peer == hello.id => {
                 // Both were handed each other; whoever connects first wins.
                 self.out.push_back(Action::Accept { link });
-                self.start_chat(hello.id, link, false, now);
+                self.start_chat(hello.id, link, false, hello.turns, now);
             }
             // Handed another peer: about to call it, not waiting for anyone.
             Phase::Ready { .. } => self.out.push_back(refuse(
@@ -736,15 +720,22 @@ impl Session {
         }
     }
 
-    fn start_chat(&mut self, peer: ClientId, link: LinkId, initiator: bool, now: Instant) {
+    fn start_chat(
+        &mut self,
+        peer: ClientId,
+        link: LinkId,
+        initiator: bool,
+        turns: bool,
+        now: Instant,
+    ) {
         self.set_phase(Phase::Chatting(Chat {
             peer,
             link,
+            turns,
             // The initiator writes first.
             my_turn: initiator,
             next_id: 1,
-            unacked: HashMap::new(),
-            sent_order: VecDeque::new(),
+            unacked: BTreeMap::new(),
             next_ping: now + self.config.ping_every,
             deadline: now + self.config.peer_timeout,
         }));
@@ -816,9 +807,7 @@ impl Session {
         if close {
             self.out.push_back(Action::Close { link: c.link });
         }
-        let mut unacked: Vec<_> = c.unacked.into_iter().collect();
-        unacked.sort_by_key(|(id, _)| *id);
-        for (id, (ticket, _)) in unacked {
+        for (id, (ticket, _)) in c.unacked {
             self.out.push_back(Action::Delivery {
                 link: c.link,
                 id,
@@ -836,9 +825,6 @@ impl Session {
         };
         if epoch != self.epoch && !matches!(purpose, Purpose::Quit(_)) {
             // Sent before a quit: its answer must not undo the quit.
-            if matches!(purpose, Purpose::Refresh) {
-                self.refreshing = false;
-            }
             return self.fail_purpose(
                 purpose,
                 FailureKind::State,
@@ -894,13 +880,12 @@ impl Session {
                     ..
                 }),
             ) => {
-                self.refreshing = false;
                 self.registered(addr, token, expires, now);
                 if matches!(self.phase, Phase::Waiting) {
                     // Still waiting: say so again. A restarted server lost
                     // its pool, and a server may have been told (by a
                     // CHAT from anyone) that we chat.
-                    self.server(Purpose::Rejoin, now);
+                    self.server(Purpose::Rejoin);
                 }
             }
             (
@@ -913,7 +898,7 @@ impl Session {
                 }),
             ) => {
                 self.registered(addr, token, expires, now);
-                self.server(*then, now);
+                self.server(*then);
             }
             (Purpose::Register(ticket), Ok(Response::Error(f))) => {
                 if f.status == ErrorStatus::RegNack {
@@ -922,7 +907,6 @@ impl Session {
                 self.fail(ticket, FailureKind::Server, server_refused(&f));
             }
             (Purpose::Refresh, Ok(Response::Error(f))) => {
-                self.refreshing = false;
                 self.drop_registration();
                 self.notice(&format!("registration lost: {}", server_refused(&f)));
                 self.phase_lost_with_registration();
@@ -937,7 +921,6 @@ impl Session {
                 self.fail_purpose(*then, FailureKind::Server, message);
             }
             (Purpose::Refresh, Err(why)) => {
-                self.refreshing = false;
                 if let Some(r) = &mut self.reg {
                     r.refresh_at = now + self.config.retry_after;
                 }
@@ -981,16 +964,13 @@ impl Session {
                     self.reply(ticket, Ok(Reply::Bridged { peer: None }));
                 }
                 Response::Error(f) if forgot_us(&f) && !retried => {
-                    self.server(
-                        Purpose::Reregister {
-                            then: Box::new(Purpose::Bridge {
-                                ticket,
-                                peer,
-                                retried: true,
-                            }),
-                        },
-                        now,
-                    );
+                    self.server(Purpose::Reregister {
+                        then: Box::new(Purpose::Bridge {
+                            ticket,
+                            peer,
+                            retried: true,
+                        }),
+                    });
                 }
                 Response::Error(f) => self.fail(ticket, FailureKind::Server, server_refused(&f)),
                 other => self.fail(
@@ -1013,15 +993,12 @@ impl Session {
             (Purpose::Chat { peer, retried }, Ok(Response::Error(f)))
                 if forgot_us(&f) && !retried =>
             {
-                self.server(
-                    Purpose::Reregister {
-                        then: Box::new(Purpose::Chat {
-                            peer,
-                            retried: true,
-                        }),
-                    },
-                    now,
-                );
+                self.server(Purpose::Reregister {
+                    then: Box::new(Purpose::Chat {
+                        peer,
+                        retried: true,
+                    }),
+                });
             }
             (Purpose::Chat { peer, .. }, Ok(Response::Error(f))) => {
                 tracing::warn!(
@@ -1065,8 +1042,8 @@ impl Session {
                 self.fail(t, kind, message)
             }
             Purpose::Reregister { then } => self.fail_purpose(*then, kind, message),
-            Purpose::Refresh => self.refreshing = false,
-            Purpose::Rejoin
+            Purpose::Refresh
+            | Purpose::Rejoin
             | Purpose::Chat { .. }
             | Purpose::Quit(None)
             | Purpose::AutoRegister => {}
@@ -1104,7 +1081,7 @@ impl Session {
         self.record_state();
     }
 
-    fn server(&mut self, purpose: Purpose, _now: Instant) {
+    fn server(&mut self, purpose: Purpose) {
         let id = self.config.id;
         let request = match &purpose {
             Purpose::Register(_)
@@ -1341,11 +1318,13 @@ mod tests {
                 });
                 assert_eq!(self.s.state(), State::Waiting);
                 let link = self.s.next_link();
+                // The initiator set up as this daemon is.
+                let turns = self.s.config.turns;
                 let a = self.input(Input::Incoming {
                     link,
                     hello: Hello {
                         id: id("bob"),
-                        turns: false,
+                        turns,
                     },
                 });
                 assert!(a.contains(&Action::Accept { link }), "{a:?}");
@@ -1426,7 +1405,7 @@ mod tests {
     #[test]
     fn registering_at_start_up_retries_until_the_server_answers() {
         let mut t = T::new(false);
-        t.s.register_automatically(t.now);
+        t.s.register_automatically();
         let (op, _) = T::server_op(&t.drain());
         t.input(Input::ServerReply {
             op,
@@ -1450,7 +1429,7 @@ mod tests {
         assert_eq!(t.s.state(), State::Registered);
         // A refusal is not retried: it needs a person.
         let mut t = T::new(false);
-        t.s.register_automatically(t.now);
+        t.s.register_automatically();
         let (op, _) = T::server_op(&t.drain());
         let a = t.input(Input::ServerReply {
             op,
@@ -2013,6 +1992,38 @@ mod tests {
     }
 
     #[test]
+    fn the_responder_follows_the_initiators_turns() {
+        for (mine, theirs) in [(false, true), (true, false)] {
+            let mut r = T::new(mine);
+            r.register();
+            let (_, a) = r.command(Command::Bridge { peer: None });
+            let (op, _) = T::server_op(&a);
+            r.input(Input::ServerReply {
+                op,
+                result: Ok(Response::BridgeAck { peer: None }),
+            });
+            let link = r.s.next_link();
+            r.input(Input::Incoming {
+                link,
+                hello: Hello {
+                    id: id("bob"),
+                    turns: theirs,
+                },
+            });
+            let (t, a) = r.command(Command::Send {
+                text: "first?".into(),
+            });
+            if theirs {
+                assert_eq!(reply_of(&a, t).unwrap_err().kind, FailureKind::Turn);
+                assert_eq!(r.s.status().turn, Some(Turn::Peers));
+            } else {
+                assert_eq!(sent_messages(&a).len(), 1, "{a:?}");
+                assert_eq!(r.s.status().turn, None);
+            }
+        }
+    }
+
+    #[test]
     fn without_turns_both_write_at_any_time() {
         let mut t = T::new(false);
         t.chatting(false);
@@ -2218,7 +2229,7 @@ mod tests {
         assert_eq!(t.s.poll_timeout(), None, "nothing left to refresh");
         // Nor does a start-up retry after a quit.
         let mut t = T::new(false);
-        t.s.register_automatically(t.now);
+        t.s.register_automatically();
         let (op, _) = T::server_op(&t.drain());
         t.input(Input::ServerReply {
             op,

@@ -2,23 +2,25 @@
 //! wrong and exits non-zero, before anything is half started.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use chat_testkit::{Guard, WAIT, run_bounded, stderr};
+use chat_testkit::{Guard, eventually, fails_with, isolate, run_bounded};
 
 fn chatd(home: &std::path::Path, args: &[&str]) -> Command {
-    let run = home.join("run");
-    std::fs::create_dir_all(&run).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
-    cmd.args(args)
-        .env("XDG_RUNTIME_DIR", &run)
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("HOME", home)
+    isolate(&mut cmd, home)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
+}
+
+/// chatd with id `a`, a free peer port and a server nobody answers at,
+/// then `more`.
+fn chatd_a(home: &std::path::Path, more: &[&str]) -> Command {
+    let mut args = vec!["--id", "a", "--port", "0", "--server", "127.0.0.1:1"];
+    args.extend_from_slice(more);
+    chatd(home, &args)
 }
 
 #[test]
@@ -31,18 +33,13 @@ fn a_bad_id_is_a_usage_error() {
         ),
         None,
     );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("only A-Z a-z 0-9 . _ - are allowed"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 2, "only A-Z a-z 0-9 . _ - are allowed");
 }
 
 #[test]
 fn a_peer_port_in_use_is_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
-    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     let out = run_bounded(
         chatd(
@@ -51,12 +48,7 @@ fn a_peer_port_in_use_is_a_clear_error() {
         ),
         None,
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains(&format!("peer port {port} is already in use")),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, &format!("peer port {port} is already in use"));
 }
 
 #[test]
@@ -64,27 +56,10 @@ fn a_socket_path_too_long_is_refused_with_the_limit() {
     let home = tempfile::tempdir().unwrap();
     let long = home.path().join("x".repeat(120));
     let out = run_bounded(
-        chatd(
-            home.path(),
-            &[
-                "--id",
-                "a",
-                "--port",
-                "0",
-                "--server",
-                "127.0.0.1:1",
-                "--socket",
-                long.to_str().unwrap(),
-            ],
-        ),
+        chatd_a(home.path(), &["--socket", long.to_str().unwrap()]),
         None,
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("this platform allows at most"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "this platform allows at most");
 }
 
 #[test]
@@ -92,50 +67,53 @@ fn two_daemons_cannot_share_a_history() {
     let home = tempfile::tempdir().unwrap();
     let data = home.path().join("shared");
     let data = data.to_str().unwrap();
-    let mut first = chatd(
-        home.path(),
-        &[
-            "--id",
-            "a",
-            "--port",
-            "0",
-            "--server",
-            "127.0.0.1:1",
-            "--data-dir",
-            data,
-        ],
-    );
-    let mut first = Guard::new(first.spawn().unwrap());
+    let mut first = Guard::new(chatd_a(home.path(), &["--data-dir", data]).spawn().unwrap());
     let sock = home.path().join("run").join("chatd").join("a.sock");
-    let deadline = Instant::now() + WAIT;
-    while !sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the first chatd's socket", || {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first chatd exited"
+        );
+        sock.exists()
+    });
     let other_sock = home.path().join("b.sock");
     let out = run_bounded(
-        chatd(
+        chatd_a(
             home.path(),
-            &[
-                "--id",
-                "a",
-                "--port",
-                "0",
-                "--server",
-                "127.0.0.1:1",
-                "--data-dir",
-                data,
-                "--socket",
-                other_sock.to_str().unwrap(),
-            ],
+            &["--data-dir", data, "--socket", other_sock.to_str().unwrap()],
         ),
         None,
     );
-    let _ = first.kill();
-    let _ = first.wait();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("in use by another chatd"),
-        "{}",
-        stderr(&out)
+    drop(first);
+    fails_with(&out, 1, "in use by another chatd");
+}
+
+#[cfg(unix)]
+#[test]
+fn the_data_directory_is_made_private_or_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    // Given open to others: closed before any history is written.
+    let open = home.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Guard::new(
+        chatd_a(home.path(), &["--data-dir", open.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
     );
+    eventually("the history in the data directory", || {
+        open.join("history.db").exists()
+    });
+    drop(daemon);
+    let mode = std::fs::metadata(&open).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // Behind a symlink: refused, saying what to do.
+    let link = home.path().join("link");
+    std::os::unix::fs::symlink(&open, &link).unwrap();
+    let out = run_bounded(
+        chatd_a(home.path(), &["--data-dir", link.to_str().unwrap()]),
+        None,
+    );
+    fails_with(&out, 1, "choose another --data-dir");
 }

@@ -196,7 +196,7 @@ fn owned_dir_mode(dir: &Path) -> Result<u32, PathError> {
     };
     if meta.file_type().is_symlink() {
         return Err(unsafe_dir(
-            "is a symbolic link; refusing to put a control socket behind it",
+            "is a symbolic link; refusing to use it for private files",
         ));
     }
     if !meta.is_dir() {

@@ -33,20 +33,25 @@ pub fn bin(name: &str) -> PathBuf {
         "chat-server" => "server",
         other => other,
     };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(package)
-        .join("src");
-    if newest(&src).is_some_and(|t| t > built) {
-        panic!(
-            "{} is older than its sources in {}: {hint}",
-            path.display(),
-            src.display()
-        );
+    // Its own sources, and the protocol crate every binary is built on.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for src in [
+        root.join(package).join("src"),
+        root.join("proto").join("src"),
+    ] {
+        if newest(&src).is_some_and(|t| t > built) {
+            panic!(
+                "{} is older than its sources in {}: {hint}",
+                path.display(),
+                src.display()
+            );
+        }
     }
     path
 }
 
+/// The newest modification time below `dir`; an entry that cannot be read
+/// is skipped rather than hiding all the others.
 fn newest(dir: &Path) -> Option<SystemTime> {
     let mut best = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
@@ -54,11 +59,37 @@ fn newest(dir: &Path) -> Option<SystemTime> {
         let t = if p.is_dir() {
             newest(&p)
         } else {
-            entry.metadata().ok()?.modified().ok()
+            entry.metadata().and_then(|m| m.modified()).ok()
         };
         best = best.max(t);
     }
     best
+}
+
+/// Gives `cmd` a home of its own below `home`: runtime, data and config
+/// directories (the runtime one created, private), and `HOME`, so that a
+/// daemon or CLI under test touches nothing of the user running the tests.
+pub fn isolate<'c>(cmd: &'c mut Command, home: &Path) -> &'c mut Command {
+    let run = home.join("run");
+    std::fs::create_dir_all(&run).expect("create the runtime directory");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
+            .expect("make the runtime directory private");
+    }
+    cmd.env("XDG_RUNTIME_DIR", run)
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("HOME", home)
+}
+
+/// Checks that a finished command exited with `code` and said `needle` on
+/// stderr (shown in full when it did not).
+pub fn fails_with(out: &Output, code: i32, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
 /// SIGTERM first, so the process takes its clean path; SIGKILL if it has
@@ -119,7 +150,7 @@ impl Drop for Guard {
 
 /// A chat-server on 127.0.0.1, stopped when dropped.
 pub struct Server {
-    child: Child,
+    child: Guard,
     pub addr: SocketAddr,
 }
 
@@ -151,7 +182,10 @@ impl Server {
             terminate(&mut child);
             panic!("unexpected first line from chat-server: {line:?}");
         };
-        Server { child, addr }
+        Server {
+            child: Guard::new(child),
+            addr,
+        }
     }
 
     /// Stops the server (see [`terminate`]) and returns how it exited.
@@ -161,12 +195,6 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        terminate(&mut self.child);
     }
 }
 
@@ -189,7 +217,8 @@ pub fn first_line(child: &mut Child) -> String {
     }
 }
 
-/// Waits for a started child to end and collects its output; kills it and
+/// Waits for a started child to end and collects its output; kills it
+/// (with its process group, when it leads one: see [`run_bounded`]) and
 /// fails the test if it takes longer than `WAIT`.
 pub fn output_bounded(child: Child) -> Output {
     let pid = child.id();
@@ -200,17 +229,24 @@ pub fn output_bounded(child: Child) -> Output {
     match rx.recv_timeout(WAIT) {
         Ok(out) => out.expect("wait for the child"),
         Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            for target in [format!("-{pid}"), pid.to_string()] {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &target])
+                    .stderr(Stdio::null())
+                    .status();
+            }
             panic!("child {pid} did not finish within {WAIT:?}");
         }
     }
 }
 
 /// Runs a command to its end, feeding `input` on stdin; kills it and fails
-/// the test if it takes longer than `WAIT`.
+/// the test if it takes longer than `WAIT`. It runs in a process group of
+/// its own, so what it started (`chatctl demo`'s server and daemons) is
+/// killed with it.
 pub fn run_bounded(mut cmd: Command, input: Option<&str>) -> Output {
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.stdin(if input.is_some() {
         Stdio::piped()
     } else {
