@@ -88,9 +88,11 @@ pub fn run(keep: bool) -> Result<(), Error> {
 fn demo_in(demo: &mut Demo) -> Result<(), Error> {
     let keep = demo.keep;
     let home = demo.home.clone();
-    let bin = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
+    let ctl = std::env::current_exe()
+        .map_err(|e| Error::Failed(format!("cannot tell where chatctl is installed: {e}")))?;
+    let bin = ctl
+        .parent()
+        .map(Path::to_path_buf)
         .ok_or_else(|| Error::Failed("cannot tell where chatctl is installed".into()))?;
     let server_bin = bin.join(format!("chat-server{}", std::env::consts::EXE_SUFFIX));
     let chatd_bin = bin.join(format!("chatd{}", std::env::consts::EXE_SUFFIX));
@@ -206,13 +208,7 @@ fn demo_in(demo: &mut Demo) -> Result<(), Error> {
         },
         |r| {
             if let RecordKind::Message { from, text, .. } = &r.kind {
-                let when = jiff::Timestamp::from_millisecond(r.time_ms)
-                    .map(|t| {
-                        t.to_zoned(jiff::tz::TimeZone::system())
-                            .strftime("%H:%M:%S")
-                            .to_string()
-                    })
-                    .unwrap_or_default();
+                let when = crate::output::local_time(r.time_ms, "%H:%M:%S");
                 println!("    {when}  {from:>5}: {text}");
             }
         },
@@ -225,7 +221,6 @@ fn demo_in(demo: &mut Demo) -> Result<(), Error> {
             .iter()
             .map(|p| p.child.id().to_string())
             .collect();
-        let ctl = bin.join("chatctl");
         let ctl = ctl.display();
         say("everything is still running; attach from any shell:");
         println!();
@@ -247,7 +242,7 @@ fn demo_in(demo: &mut Demo) -> Result<(), Error> {
     } else {
         step(bob, "bob", Request::Quit)?;
         step(alice, "alice", Request::Quit)?;
-        say("stopping the daemons and the server (run `./demo.sh --keep` to keep them)");
+        say("stopping the daemons and the server (run `chatctl demo --keep` to keep them)");
     }
     Ok(())
 }

@@ -123,7 +123,7 @@ fn reply_json(reply: &Reply) -> Value {
 }
 
 pub fn record_text(r: &Record) -> String {
-    let when = local_time(r.time_ms);
+    let when = local_time(r.time_ms, "%Y-%m-%d %H:%M:%S");
     match &r.kind {
         RecordKind::Message {
             from,
@@ -232,12 +232,12 @@ pub fn rfc3339(ms: i64) -> String {
     }
 }
 
-/// Local wall-clock time, for people.
-fn local_time(ms: i64) -> String {
+/// Local wall-clock time, for people, in strftime `format`.
+pub fn local_time(ms: i64, format: &str) -> String {
     match jiff::Timestamp::from_millisecond(ms) {
         Ok(t) => t
             .to_zoned(jiff::tz::TimeZone::system())
-            .strftime("%Y-%m-%d %H:%M:%S")
+            .strftime(format)
             .to_string(),
         Err(_) => ms.to_string(),
     }

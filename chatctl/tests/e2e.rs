@@ -3,6 +3,7 @@
 
 mod common;
 
+use chat_proto::ipc::Hello;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::Stdio;
 use std::time::Instant;
@@ -110,15 +111,9 @@ fn bridge_to_a_named_peer() {
     }
     // carol is registered but not waiting: refused with the reason.
     let out = bob.ctl(&["bridge", "carol"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("carol is not waiting"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "carol is not waiting");
     let out = bob.ctl(&["bridge", "nobody"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("nobody"), "{}", stderr(&out));
+    fails_with(&out, 1, "nobody");
     assert!(alice.ok(&["bridge"]).contains("waiting"));
     let out = bob.ok(&["--json", "bridge", "alice"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -127,12 +122,7 @@ fn bridge_to_a_named_peer() {
     alice.wait_for("chatting");
     // Chatting takes alice out of the pool: carol cannot be handed her.
     let out = carol.ctl(&["bridge", "alice"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("alice is not waiting"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "alice is not waiting");
 }
 
 #[test]
@@ -143,13 +133,11 @@ fn turn_mode_refuses_out_of_turn_sends() {
     connect_pair(&alice, &bob);
     // alice waited, so bob (the initiator) writes first.
     let out = alice.ctl(&["send", "me first?"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not your turn"), "{}", stderr(&out));
+    fails_with(&out, 1, "not your turn");
     assert_eq!(bob.status()["turn"], "mine");
     bob.ok(&["send", "one"]);
     let out = bob.ctl(&["send", "two"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not your turn"));
+    fails_with(&out, 1, "not your turn");
     alice.ok(&["send", "reply"]);
     bob.ok(&["send", "three"]);
     assert_eq!(texts(&alice), ["one", "reply", "three"]);
@@ -244,12 +232,7 @@ fn a_daemon_restarted_after_a_crash_reclaims_its_id() {
     // Another daemon with the same id (no token) is refused.
     let impostor = Daemon::start("alice", server.addr, &[]);
     let out = impostor.ctl(&["register"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("registered by another client"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "registered by another client");
 }
 
 #[test]
@@ -265,8 +248,7 @@ fn a_killed_peer_is_noticed() {
     let tail = alice.ok(&["tail", "-n", "3"]);
     assert!(tail.contains("lost bob"), "{tail}");
     let out = alice.ctl(&["send", "anyone?"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("not chatting"), "{}", stderr(&out));
+    fails_with(&out, 1, "not chatting");
 }
 
 #[test]
@@ -325,17 +307,15 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
         u32::MAX.to_le_bytes().to_vec(),
         // A valid hello, then a frame that does not decode.
         {
-            let mut v = vec![9, 0, 0, 0, 1, 7];
-            v.extend_from_slice(b"chatctl");
+            let mut v = hello_frame(Hello::ours("chatctl"));
             v.extend_from_slice(&[3, 0, 0, 0, 0xff, 0xff, 0xff]);
             v
         },
         // A hello from a future version.
-        {
-            let mut v = vec![12, 0, 0, 0, 99, 10];
-            v.extend_from_slice(b"chatctl 99");
-            v
-        },
+        hello_frame(Hello {
+            protocol: 99,
+            software: "chatctl 99".into(),
+        }),
     ];
     for bytes in cases {
         let mut s = UnixStream::connect(&alice.socket).unwrap();
@@ -377,19 +357,9 @@ fn send_without_a_chat_fails_clearly() {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);
     let out = alice.ctl(&["send", "hello?"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("not chatting: run `chatctl register`"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "not chatting: run `chatctl register`");
     let out = alice.ctl(&["bridge"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("not registered: run `chatctl register`"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 1, "not registered: run `chatctl register`");
     // stdin mode says which lines were not delivered.
     alice.ok(&["register"]);
     let out = alice.ctl_stdin(&["send", "-"], "a\nb\n");
@@ -424,21 +394,12 @@ fn a_stream_into_send_stops_when_the_chat_ends() {
     // The next line cannot be delivered: chatctl says so and stops, with
     // its input still open.
     writeln!(input, "second line").unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = send.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let Some(status) = status else {
-        let _ = send.kill();
-        panic!("chatctl send - kept waiting for input after the chat ended");
-    };
-    assert_eq!(status.code(), Some(1));
+    let mut status = None;
+    eventually("chatctl send - to stop, its input still open", || {
+        status = send.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
     let mut err = String::new();
     send.stderr
         .take()
@@ -454,16 +415,7 @@ fn no_daemon_is_exit_3_with_a_hint() {
     let home = tempfile::tempdir().unwrap();
     let run = home.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["status"])
-                .env("XDG_RUNTIME_DIR", &run)
-                .env_remove("CHATD_SOCKET");
-            c
-        },
-        None,
-    );
+    let out = run_chatctl(&["status"], &[("XDG_RUNTIME_DIR", run.as_path())]);
     assert_eq!(out.status.code(), Some(3));
     let err = stderr(&out);
     assert!(
@@ -475,50 +427,21 @@ fn no_daemon_is_exit_3_with_a_hint() {
         "looking for daemons creates no folder"
     );
     let sock = run.join("nobody.sock");
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["--socket", sock.to_str().unwrap(), "status"]);
-            c
-        },
-        None,
-    );
-    assert_eq!(out.status.code(), Some(3));
-    assert!(
-        stderr(&out).contains(sock.to_str().unwrap()),
-        "{}",
-        stderr(&out)
-    );
+    let out = run_chatctl(&["--socket", sock.to_str().unwrap(), "status"], &[]);
+    fails_with(&out, 3, sock.to_str().unwrap());
     // A socket in the default place is known by its id, and naming it in a
     // hint creates no folder.
     let fresh = home.path().join("fresh");
     std::fs::create_dir_all(&fresh).unwrap();
     let ghost = fresh.join("chatd").join("ghost.sock");
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["--socket", ghost.to_str().unwrap(), "status"])
-                .env("XDG_RUNTIME_DIR", &fresh);
-            c
-        },
-        None,
+    let out = run_chatctl(
+        &["--socket", ghost.to_str().unwrap(), "status"],
+        &[("XDG_RUNTIME_DIR", fresh.as_path())],
     );
-    assert_eq!(out.status.code(), Some(3));
-    assert!(
-        stderr(&out).contains("systemctl --user start chatd@ghost"),
-        "{}",
-        stderr(&out)
-    );
+    fails_with(&out, 3, "systemctl --user start chatd@ghost");
     assert!(!fresh.join("chatd").exists());
     // Usage errors are exit 2.
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["wait", "sleeping"]);
-            c
-        },
-        None,
-    );
+    let out = run_chatctl(&["wait", "sleeping"], &[]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -560,8 +483,7 @@ fn wait_times_out_with_exit_1() {
     let alice = Daemon::start("alice", server.addr, &[]);
     let started = Instant::now();
     let out = alice.ctl(&["wait", "chatting", "--timeout", "0.5"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    fails_with(&out, 1, "timed out");
     // It waited the half second it was given (and run_bounded bounds the
     // other side).
     assert!(started.elapsed() >= std::time::Duration::from_millis(500));
@@ -575,22 +497,13 @@ fn a_frozen_peer_is_noticed_by_its_silence() {
     connect_pair(&alice, &bob);
     // SIGSTOP: bob's socket stays open but nothing comes from it, as when a
     // cable is pulled. Only the heartbeat can tell.
-    let pid = bob.pid().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let frozen = Frozen::new(bob.pid());
     let started = Instant::now();
     // A message sent into the silence: it can only fail, and say so.
     let unheard = alice.ctl(&["send", "are you there?"]);
     alice.wait_for("registered");
     let took = started.elapsed();
-    let _ = std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status();
+    drop(frozen);
     assert_eq!(unheard.status.code(), Some(1));
     assert!(
         stderr(&unheard).contains("not delivered: lost bob"),
@@ -656,14 +569,7 @@ fn completions_and_man_pages_come_from_the_definitions() {
         ("zsh", "#compdef chatctl"),
         ("fish", "complete -c chatctl"),
     ] {
-        let out = run_bounded(
-            {
-                let mut c = std::process::Command::new(chatctl());
-                c.args(["completions", shell]);
-                c
-            },
-            None,
-        );
+        let out = run_chatctl(&["completions", shell], &[]);
         assert!(out.status.success());
         let script = stdout(&out);
         assert!(
@@ -672,14 +578,7 @@ fn completions_and_man_pages_come_from_the_definitions() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["man", dir.path().to_str().unwrap()]);
-            c
-        },
-        None,
-    );
+    let out = run_chatctl(&["man", dir.path().to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     for (page, option) in [
         ("chat-server", "per\\-ip\\-rate"),
@@ -705,26 +604,28 @@ fn a_daemon_of_another_protocol_version_is_named() {
         let (mut s, _) = listener.accept().unwrap();
         let mut sink = [0u8; 256];
         let _ = s.read(&mut sink);
-        // Hello { protocol: 99, software: "chatd 9.9.9" }, framed.
-        let mut frame = vec![13, 0, 0, 0, 99, 11];
-        frame.extend_from_slice(b"chatd 9.9.9");
+        let frame = hello_frame(Hello {
+            protocol: 99,
+            software: "chatd 9.9.9".into(),
+        });
         s.write_all(&frame).unwrap();
     });
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new(chatctl());
-            c.args(["--socket", path.to_str().unwrap(), "status"]);
-            c
-        },
-        None,
-    );
+    let out = run_chatctl(&["--socket", path.to_str().unwrap(), "status"], &[]);
     fake.join().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("protocol v1") && err.contains("chatd 9.9.9 speaks v99"),
+        err.contains(&format!("protocol v{}", chat_proto::ipc::VERSION))
+            && err.contains("chatd 9.9.9 speaks v99"),
         "{err}"
     );
+}
+
+/// `hello` as one control-socket frame.
+fn hello_frame(hello: Hello) -> Vec<u8> {
+    let mut v = Vec::new();
+    chat_proto::frame::encode(&hello, chat_proto::ipc::MAX_FRAME, &mut v).unwrap();
+    v
 }
 
 #[test]
@@ -839,16 +740,38 @@ fn http(server: std::net::SocketAddr, method: &str, headers: &[(&str, &str)]) ->
     out
 }
 
+/// A process stopped with SIGSTOP, continued when this drops (even when a
+/// test fails half-way, so its other end is not left frozen).
+struct Frozen(String);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        let pid = pid.to_string();
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
 #[test]
 fn register_at_start_up_needs_no_shell() {
     let server = Server::start(&[]);
     // Started by hand, not by the harness (which talks to the socket):
     // nothing but --register may make it register.
     let home = tempfile::tempdir().unwrap();
-    let run = home.path().join("run");
-    std::fs::create_dir_all(&run).unwrap();
     let mut chatd = std::process::Command::new(bin("chatd"));
-    chatd
+    isolate(&mut chatd, home.path())
         .args([
             "--id",
             "early",
@@ -858,9 +781,6 @@ fn register_at_start_up_needs_no_shell() {
             &server.addr.to_string(),
             "--register",
         ])
-        .env("XDG_RUNTIME_DIR", &run)
-        .env("XDG_DATA_HOME", home.path().join("data"))
-        .env("XDG_CONFIG_HOME", home.path().join("config"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut chatd = Guard::new(chatd.spawn().unwrap());
@@ -878,8 +798,7 @@ fn register_at_start_up_needs_no_shell() {
         .trim()
         .to_owned();
     let mut answer = String::new();
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
+    eventually("the server to know \"early\"", || {
         answer = http(
             server.addr,
             "BRIDGE",
@@ -889,11 +808,8 @@ fn register_at_start_up_needs_no_shell() {
                 ("Peer-Id", "early"),
             ],
         );
-        if !answer.starts_with("HTTP/1.1 404") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        !answer.starts_with("HTTP/1.1 404")
+    });
     terminate(&mut chatd);
     assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
 }

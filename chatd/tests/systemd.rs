@@ -11,9 +11,9 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use chat_testkit::{Guard, WAIT, bin, output_bounded, run_bounded, terminate};
+use chat_testkit::{Guard, WAIT, bin, eventually, isolate, output_bounded, run_bounded, terminate};
 
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH")
@@ -99,13 +99,7 @@ fn the_units_pass_systemd_analyze_verify() {
 }
 
 fn chatd_env(cmd: &mut Command, home: &Path) {
-    let run = home.join("run");
-    std::fs::create_dir_all(&run).unwrap();
-    cmd.env("XDG_RUNTIME_DIR", &run)
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("HOME", home)
-        .env("RUST_LOG", "info");
+    isolate(cmd, home).env("RUST_LOG", "info");
 }
 
 fn chatctl_status(socket: &Path) -> Option<serde_json::Value> {
@@ -142,19 +136,14 @@ fn chatd_serves_a_socket_systemd_made() {
         .stderr(Stdio::piped());
     chatd_env(&mut cmd, home.path());
     let mut child = Guard::new(cmd.spawn().unwrap());
-    let deadline = Instant::now() + WAIT;
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the activated socket", || socket.exists());
     // The first connection starts chatd, which answers on the socket it
     // was passed.
     let mut status = None;
-    while status.is_none() && Instant::now() < deadline {
+    eventually("chatd to answer on the activated socket", || {
         status = chatctl_status(&socket);
-        if status.is_none() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+        status.is_some()
+    });
     terminate(&mut child);
     let status = status.expect("chatd answered on the activated socket");
     assert_eq!(status["id"], "socketed");
@@ -194,10 +183,8 @@ fn chatd_tells_systemd_it_is_ready_and_what_it_does() {
     let socket = home.path().join("run/chatd/ready.sock");
     // READY=1 means it answers now, without retrying.
     let status = chatctl_status(&socket);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    // And it says it is stopping.
+    // And it says it is stopping (the datagram waits in the socket).
+    terminate(&mut child);
     let mut stopping = String::new();
     while !stopping.contains("STOPPING=1") && Instant::now() < deadline {
         match notify.recv(&mut buf) {
@@ -205,7 +192,6 @@ fn chatd_tells_systemd_it_is_ready_and_what_it_does() {
             Err(_) => break,
         }
     }
-    terminate(&mut child);
     assert!(got.contains("READY=1"), "{got:?}");
     assert!(got.contains("STATUS=ready: idle"), "{got:?}");
     assert!(status.is_some(), "chatd answers once it said READY=1");

@@ -2,14 +2,13 @@
 //! own runtime, data and config directories, and chatctl driving them.
 //! Every wait is bounded; every process is stopped when its handle drops.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 pub use chat_testkit::{
-    Guard, Server, WAIT, bin, eventually, output_bounded, run_bounded, stderr, stdout, terminate,
+    Guard, Server, WAIT, bin, eventually, fails_with, isolate, output_bounded, run_bounded, stderr,
+    stdout, terminate,
 };
 
 pub fn chatctl() -> PathBuf {
@@ -18,12 +17,12 @@ pub fn chatctl() -> PathBuf {
 
 /// A chatd with its own directories, and chatctl pointed at it.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Option<Guard>,
     pub id: String,
     pub home: tempfile::TempDir,
     pub socket: PathBuf,
     args: Vec<String>,
-    pub stderr_log: PathBuf,
+    stderr_log: PathBuf,
 }
 
 impl Daemon {
@@ -56,18 +55,7 @@ impl Daemon {
 
     /// Environment for both chatd and chatctl: everything under `home`.
     fn env(&self, cmd: &mut Command) {
-        let h = self.home.path();
-        let run = h.join("run");
-        std::fs::create_dir_all(&run).expect("runtime dir");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700));
-        }
-        cmd.env("XDG_RUNTIME_DIR", run)
-            .env("XDG_DATA_HOME", h.join("data"))
-            .env("XDG_CONFIG_HOME", h.join("config"))
-            .env("HOME", h)
+        isolate(cmd, self.home.path())
             .env_remove("CHATD_SOCKET")
             .env("RUST_LOG", "info");
     }
@@ -82,8 +70,17 @@ impl Daemon {
         let mut cmd = Command::new(bin("chatd"));
         cmd.args(&self.args).stdout(Stdio::null()).stderr(log);
         self.env(&mut cmd);
-        self.child = Some(cmd.spawn().expect("start chatd"));
+        self.child = Some(Guard::new(cmd.spawn().expect("start chatd")));
         eventually(&format!("chatd {} to answer", self.id), || {
+            if let Some(c) = &mut self.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "chatd {} exited ({status}); its log:\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
             self.ctl(&["status"]).status.success()
         });
     }
@@ -122,11 +119,12 @@ impl Daemon {
         let out = self.ctl(args);
         assert!(
             out.status.success(),
-            "chatctl {args:?} on {} failed ({:?}): {}{}",
+            "chatctl {args:?} on {} failed ({:?}): {}{}\nchatd's log:\n{}",
             self.id,
             out.status,
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -148,10 +146,11 @@ impl Daemon {
         let out = self.ctl(&["wait", state, "--timeout", &WAIT.as_secs().to_string()]);
         assert!(
             out.status.success(),
-            "{} never reached {state}: {}; now {}",
+            "{} never reached {state}: {}; now {}\nchatd's log:\n{}",
             self.id,
             String::from_utf8_lossy(&out.stderr),
-            self.state()
+            self.state(),
+            self.log()
         );
     }
 
@@ -171,7 +170,7 @@ impl Daemon {
     }
 
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(mut c) = self.child.take().map(Guard::into_inner) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -179,19 +178,11 @@ impl Daemon {
 
     /// SIGTERM, and waits for the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.take().map(|mut c| terminate(&mut c))
+        self.child.take().map(|c| terminate(&mut c.into_inner()))
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            terminate(&mut c);
-        }
     }
 }
 
@@ -208,4 +199,15 @@ pub fn connect_pair(waiter: &Daemon, caller: &Daemon) {
             .contains(&format!("chatting with {}", waiter.id))
     );
     waiter.wait_for("chatting");
+}
+
+/// Runs chatctl with `args`, and `env` set on top of the test's own
+/// environment (no `CHATD_SOCKET`); bounded.
+pub fn run_chatctl(args: &[&str], env: &[(&str, &std::path::Path)]) -> Output {
+    let mut cmd = Command::new(chatctl());
+    cmd.args(args).env_remove("CHATD_SOCKET");
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    run_bounded(cmd, None)
 }
