@@ -21,7 +21,7 @@ use chat_proto::peer::{Hello, MAX_FRAME, PeerFrame};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::history::History;
+use crate::history::{History, HistoryError};
 use crate::ipc::{ClientHandle, ClientKey, Queued};
 use crate::peer::{self, Decision, LinkHandle, LinkOut};
 use crate::rendezvous;
@@ -29,6 +29,9 @@ use crate::session::{Action, Command, Input, LinkId, OpId, Session, Ticket};
 
 /// How many queued events one turn of the loop takes before committing.
 const BATCH: usize = 1024;
+
+/// What to check when the history cannot be written.
+const STORAGE_HINT: &str = "check that its disk has room and its directory is writable; messages are not acknowledged until they are stored";
 /// How long stopping waits for the server to acknowledge our QUIT.
 const QUIT_WAIT: Duration = Duration::from_secs(2);
 
@@ -543,8 +546,7 @@ impl Core {
                     if let Some(seq) = self.in_flight.remove(&(link, id))
                         && let Err(e) = self.history.set_delivered(seq, delivered)
                     {
-                        tracing::error!("{e}");
-                        self.storage_error.get_or_insert(e.to_string());
+                        self.storage_failed("record a delivery", &e);
                     }
                 }
                 Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {
@@ -560,7 +562,12 @@ impl Core {
                 },
                 Action::SaveToken(token) => {
                     if let Err(e) = self.history.save_token(&self.server, token) {
-                        tracing::error!("cannot save the client token: {e}");
+                        // Not a message: nothing to withhold. The daemon
+                        // registers anew (with a new token) next start.
+                        tracing::error!(
+                            "cannot save the client token in {}: {e}; {STORAGE_HINT}",
+                            self.history.path()
+                        );
                     }
                 }
             }
@@ -581,11 +588,20 @@ impl Core {
                 Some(seq)
             }
             Err(e) => {
-                tracing::error!("{e}");
-                self.storage_error.get_or_insert(e.to_string());
+                self.storage_failed("store a record", &e);
                 None
             }
         }
+    }
+
+    /// A write to the history failed: said with what to check, and kept
+    /// so that the turn's acknowledgements are withheld.
+    fn storage_failed(&mut self, doing: &str, e: &HistoryError) {
+        tracing::error!(
+            "cannot {doing} in {}: {e}; {STORAGE_HINT}",
+            self.history.path()
+        );
+        self.storage_error.get_or_insert(e.to_string());
     }
 
     /// Hands the frames that need no commit to their links' writers;
@@ -605,16 +621,18 @@ impl Core {
     fn flush(&mut self) {
         self.send_early();
         if let Err(e) = self.history.commit() {
-            tracing::error!("{e}");
-            self.storage_error.get_or_insert(e.to_string());
+            self.storage_failed("commit", &e);
+            // Rolled back: nothing of this turn is stored, so none of it
+            // is announced.
+            self.fresh.clear();
         }
         if let Some(err) = self.storage_error.take() {
-            // Nothing stored may be acknowledged: drop what was queued for
-            // peers and close the links, so senders are told their messages
-            // were not delivered rather than left believing they were.
+            // What failed to store may not be acknowledged: drop what was
+            // queued for peers and close the links, so senders are told
+            // their messages were not delivered rather than left believing
+            // they were. (Records that were stored are still announced.)
             self.outgoing.clear();
             self.early.clear();
-            self.fresh.clear();
             let links: Vec<LinkId> = self.links.keys().copied().collect();
             for link in links {
                 self.session.handle(
@@ -626,8 +644,16 @@ impl Core {
                 );
                 self.closing.push(link);
             }
+            let before = self.fresh.len();
             self.execute();
-            let _ = self.history.commit();
+            if let Err(e) = self.history.commit() {
+                tracing::error!(
+                    "cannot commit in {}: {e}; {STORAGE_HINT}",
+                    self.history.path()
+                );
+                // The notices of this failure were not stored either.
+                self.fresh.truncate(before);
+            }
         }
         let fresh = std::mem::take(&mut self.fresh);
         if !fresh.is_empty() {

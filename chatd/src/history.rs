@@ -164,6 +164,11 @@ impl History {
         Ok(())
     }
 
+    /// The database file, for messages.
+    pub fn path(&self) -> &str {
+        self.conn.path().unwrap_or("the history database")
+    }
+
     /// Stores a record; returns it with its place and time.
     pub fn append(&mut self, time_ms: i64, kind: RecordKind) -> Result<Record, HistoryError> {
         let mut stmt = self.conn.prepare_cached(

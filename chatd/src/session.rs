@@ -327,6 +327,31 @@ impl Session {
             .any(|(p, _)| matches!(p, Purpose::Refresh))
     }
 
+    /// Leaves whatever this daemon is doing with a peer: says Bye and ends
+    /// a chat (failing what was not acknowledged with `undelivered`),
+    /// abandons a connection being made (failing its command with
+    /// `connecting`), and makes answers to requests already sent stale.
+    fn leave(&mut self, notice: String, undelivered: String, connecting: Failure) {
+        match self.phase {
+            Phase::Chatting(ref c) => {
+                let link = c.link;
+                self.out.push_back(Action::Send {
+                    link,
+                    frame: PeerFrame::Bye,
+                });
+                self.end_chat(notice, undelivered, true);
+            }
+            Phase::Connecting { link, ticket, .. } => {
+                self.out.push_back(Action::Close { link });
+                self.reply(ticket, Err(connecting));
+            }
+            _ => {}
+        }
+        self.set_phase(Phase::None);
+        self.epoch += 1;
+        self.retry_register_at = None;
+    }
+
     /// When [`Session::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let refresh = self
@@ -435,28 +460,14 @@ impl Session {
                 }
             }
             Input::Shutdown => {
-                self.epoch += 1;
-                self.retry_register_at = None;
-                if let Phase::Chatting(c) = &self.phase {
-                    let link = c.link;
-                    self.out.push_back(Action::Send {
-                        link,
-                        frame: PeerFrame::Bye,
-                    });
-                    self.end_chat(
-                        "left the chat: chatd is stopping".into(),
-                        "not delivered: chatd is stopping".into(),
-                        true,
-                    );
-                }
-                if let Phase::Connecting { link, ticket, .. } = self.phase {
-                    self.out.push_back(Action::Close { link });
-                    self.reply(
-                        ticket,
-                        Err(Failure::new(FailureKind::ShuttingDown, "chatd is stopping")),
-                    );
-                }
-                self.set_phase(Phase::None);
+                self.leave(
+                    "left the chat: chatd is stopping".into(),
+                    "not delivered: chatd is stopping".into(),
+                    Failure::new(FailureKind::ShuttingDown, "chatd is stopping"),
+                );
+                // Only a registration this run made is taken back: a token
+                // kept from an earlier run most likely names nothing now,
+                // and stopping should not wait on the server to say so.
                 if self.reg.is_some() {
                     self.server(Purpose::Quit(None));
                     self.reg = None;
@@ -521,32 +532,17 @@ impl Session {
             },
             Command::Send { text } => self.send(ticket, text, now),
             Command::Quit => {
-                match &self.phase {
-                    Phase::Chatting(c) => {
-                        let link = c.link;
-                        self.out.push_back(Action::Send {
-                            link,
-                            frame: PeerFrame::Bye,
-                        });
-                        let peer = c.peer;
-                        self.end_chat(
-                            format!("left the chat with {peer}"),
-                            format!("not delivered: you left the chat with {peer}"),
-                            true,
-                        );
-                    }
-                    Phase::Connecting {
-                        link, ticket: t, ..
-                    } => {
-                        let (link, t) = (*link, *t);
-                        self.out.push_back(Action::Close { link });
-                        self.fail(t, FailureKind::State, "cancelled by `chatctl quit`");
-                    }
-                    _ => {}
-                }
-                self.set_phase(Phase::None);
-                self.epoch += 1;
-                self.retry_register_at = None;
+                let peer = match &self.phase {
+                    Phase::Chatting(c) => c.peer.to_string(),
+                    _ => String::new(),
+                };
+                self.leave(
+                    format!("left the chat with {peer}"),
+                    format!("not delivered: you left the chat with {peer}"),
+                    Failure::new(FailureKind::State, "cancelled by `chatctl quit`"),
+                );
+                // A quit asked for also takes back a registration an
+                // earlier run left (the token is kept).
                 if self.reg.is_some() || self.token.is_some() {
                     self.reg = None;
                     self.server(Purpose::Quit(Some(ticket)));
@@ -828,11 +824,21 @@ impl Session {
             return self.fail_purpose(
                 purpose,
                 FailureKind::State,
-                "cancelled: `chatctl quit` came first".into(),
+                "cancelled: the daemon quit (`chatctl quit`, or it is stopping) before the server answered".into(),
             );
         }
         let server = self.config.server.clone();
-        let unreachable = |why: &str| format!("cannot reach the server {server}: {why}");
+        let unreachable = |why: &str| {
+            format!(
+                "cannot reach the server {server}: {why}; is chat-server running there? (chatd's --server, or `server =` in its config)"
+            )
+        };
+        let unexpected = |other: &Response| {
+            let answer = other.method().map_or("an error", |m| m.ack());
+            format!(
+                "the server {server} answered with {answer}, which does not fit the request; is it a chat-server of the same version as this chatd?"
+            )
+        };
         match (purpose, result) {
             (
                 Purpose::AutoRegister,
@@ -914,8 +920,8 @@ impl Session {
             (Purpose::Reregister { then }, Ok(Response::Error(f))) => {
                 self.drop_registration();
                 let message = format!(
-                    "the server forgot this daemon and refused to register it again: {}",
-                    f.reason
+                    "the server forgot this daemon and refused to register it again: {}; run `chatctl register`",
+                    server_refused(&f)
                 );
                 self.phase_lost_with_registration();
                 self.fail_purpose(*then, FailureKind::Server, message);
@@ -973,11 +979,7 @@ impl Session {
                     });
                 }
                 Response::Error(f) => self.fail(ticket, FailureKind::Server, server_refused(&f)),
-                other => self.fail(
-                    ticket,
-                    FailureKind::Server,
-                    format!("unexpected answer from the server: {other:?}"),
-                ),
+                other => self.fail(ticket, FailureKind::Server, unexpected(&other)),
             },
             (
                 Purpose::Rejoin,
@@ -1028,11 +1030,9 @@ impl Session {
             (purpose, Err(why)) => {
                 self.fail_purpose(purpose, FailureKind::Server, unreachable(&why))
             }
-            (purpose, Ok(other)) => self.fail_purpose(
-                purpose,
-                FailureKind::Server,
-                format!("unexpected answer from the server: {other:?}"),
-            ),
+            (purpose, Ok(other)) => {
+                self.fail_purpose(purpose, FailureKind::Server, unexpected(&other))
+            }
         }
     }
 
