@@ -691,6 +691,29 @@ impl Session {
                 .push_back(refuse(400, format!("{me} cannot chat with itself")));
         }
         match &self.phase {
+            // Both ran `chat` at once, each calling the other. One link
+            // must win, the same one at both ends: the call of the lower
+            // id. The higher takes it and drops its own; the lower refuses
+            // this one and keeps its own, which the other end takes.
+            Phase::Connecting {
+                peer,
+                link: own,
+                ticket,
+                ..
+            } if *peer == hello.id => {
+                let (own, ticket) = (*own, *ticket);
+                if hello.id.as_str() < me.as_str() {
+                    self.out.push_back(Action::Close { link: own });
+                    self.out.push_back(Action::Accept { link });
+                    self.start_chat(hello.id, link, false, hello.turns, now);
+                    self.reply(ticket, Ok(Reply::Chatting { peer: hello.id }));
+                } else {
+                    self.out.push_back(refuse(
+                        409,
+                        format!("{me} is calling you at the same time; its call goes through"),
+                    ));
+                }
+            }
             Phase::Chatting(_) | Phase::Connecting { .. } => {
                 self.out
                     .push_back(refuse(409, format!("{me} is busy in another chat")));
@@ -1989,6 +2012,55 @@ mod tests {
             text: "first?".into(),
         });
         assert_eq!(reply_of(&a, t3).unwrap_err().kind, FailureKind::Turn);
+    }
+
+    #[test]
+    fn two_calls_crossing_settle_on_the_lower_ids() {
+        // "me" calls bob while bob calls "me"; bob's id is the lower.
+        for (peer, mine_wins) in [("bob", false), ("zed", true)] {
+            let mut t = T::new(false);
+            t.register();
+            let (_, a) = t.command(Command::Bridge { peer: None });
+            let (op, _) = T::server_op(&a);
+            t.input(Input::ServerReply {
+                op,
+                result: Ok(Response::BridgeAck {
+                    peer: Some((id(peer), addr(5000))),
+                }),
+            });
+            let (chat, a) = t.command(Command::Chat);
+            let own = match &a[..] {
+                [.., Action::Connect { link, .. }] => *link,
+                other => panic!("{other:?}"),
+            };
+            let theirs = t.s.next_link();
+            let a = t.input(Input::Incoming {
+                link: theirs,
+                hello: Hello {
+                    id: id(peer),
+                    turns: false,
+                },
+            });
+            if mine_wins {
+                assert!(
+                    matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("at the same time")),
+                    "{a:?}"
+                );
+                assert!(matches!(t.s.phase, Phase::Connecting { link, .. } if link == own));
+            } else {
+                assert!(a.contains(&Action::Close { link: own }), "{a:?}");
+                assert!(a.contains(&Action::Accept { link: theirs }), "{a:?}");
+                assert_eq!(reply_of(&a, chat), Ok(Reply::Chatting { peer: id(peer) }));
+                assert_eq!(t.s.state(), State::Chatting);
+                // The call it dropped, answering late, changes nothing.
+                let a = t.input(Input::LinkUp {
+                    link: own,
+                    peer: id(peer),
+                });
+                assert_eq!(a, [Action::Close { link: own }]);
+                assert_eq!(t.s.state(), State::Chatting);
+            }
+        }
     }
 
     #[test]
