@@ -125,10 +125,9 @@ impl RateLimiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - b.tokens) / rate;
-            Err(Refusal::RateLimited {
-                retry_after: (wait.ceil() as u32).max(1),
-            })
+            // Under one token, refilling at one or more a second: the next
+            // is at most a second away, whatever the rate.
+            Err(Refusal::RateLimited { retry_after: 1 })
         }
     }
 
@@ -142,7 +141,9 @@ impl RateLimiter {
         });
     }
 
-    pub fn tracked(&self) -> usize {
+    /// Sources tracked (for tests).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.buckets.len()
     }
 }

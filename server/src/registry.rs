@@ -112,7 +112,8 @@ fn wide(hash: u32) -> u64 {
     u64::from(hash) | (u64::from(hash) << 32)
 }
 
-/// The state of one client as the registry sees it (for tests and stats).
+/// The state of one client as the registry sees it (for tests).
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientState {
     Registered,
@@ -173,6 +174,7 @@ impl Registry {
     }
 
     /// The state of `id`, if it holds a live registration.
+    #[cfg(test)]
     pub fn state(&self, id: &ClientId, now: Duration) -> Option<ClientState> {
         let e = self.live(id, now)?;
         Some(match e.seq {

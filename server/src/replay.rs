@@ -9,11 +9,27 @@
 //! expiry order and a queue is the whole index. Memory is bounded too:
 //! past the cap, the oldest entries go first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::RandomState;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-type Key = (SocketAddr, Box<str>);
+use hashbrown::{Equivalent, HashMap};
+
+/// The map and the queue share one allocation of the id.
+type Key = (SocketAddr, Arc<str>);
+
+/// A key as a request carries it, to look up without allocating. It hashes
+/// as a [`Key`] does: field by field, the id as a `str`.
+#[derive(Hash)]
+struct Lookup<'a>(SocketAddr, &'a str);
+
+impl Equivalent<Key> for Lookup<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0 == key.0 && self.1 == &*key.1
+    }
+}
 
 /// Responses by (source, Request-Id), for `ttl`.
 pub struct ReplayCache {
@@ -21,7 +37,7 @@ pub struct ReplayCache {
     max_bytes: usize,
     bytes: usize,
     /// Each response with the stamp of its queue entry.
-    map: HashMap<Key, (u64, Vec<u8>)>,
+    map: HashMap<Key, (u64, Vec<u8>), RandomState>,
     /// Expiry order. A key inserted twice has two queue entries; only the
     /// one whose stamp matches the map removes it.
     order: VecDeque<(Duration, u64, Key)>,
@@ -35,7 +51,7 @@ impl ReplayCache {
             ttl,
             max_bytes,
             bytes: 0,
-            map: HashMap::new(),
+            map: HashMap::with_hasher(RandomState::new()),
             order: VecDeque::new(),
             next_stamp: 0,
         }
@@ -45,7 +61,7 @@ impl ReplayCache {
     pub fn get(&mut self, source: SocketAddr, request_id: &str, now: Duration) -> Option<&[u8]> {
         self.expire(now);
         self.map
-            .get(&(source, Box::from(request_id)))
+            .get(&Lookup(source, request_id))
             .map(|(_, v)| v.as_slice())
     }
 
@@ -58,7 +74,7 @@ impl ReplayCache {
         now: Duration,
     ) {
         self.expire(now);
-        let key: Key = (source, Box::from(request_id));
+        let key: Key = (source, Arc::from(request_id));
         let cost = Self::map_cost(&key, &response) + Self::queue_cost(&key);
         if cost > self.max_bytes {
             return;
@@ -75,12 +91,10 @@ impl ReplayCache {
         self.order.push_back((now + self.ttl, stamp, key));
     }
 
-    pub fn len(&self) -> usize {
+    /// Responses kept (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     // Byte costs include a fixed allowance for the table and queue slots,
