@@ -321,13 +321,8 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
         let mut s = UnixStream::connect(&alice.socket).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let _ = s.write_all(&bytes);
-        let mut sink = Vec::new();
         // The daemon closes this connection (after at most a short reply).
-        match s.read_to_end(&mut sink) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("chatd kept a bad client's connection open: {e}"),
-        }
+        let sink = read_to_close(&mut s);
         assert!(sink.len() < 1024);
     }
     // Half a frame, then silence, then close.
@@ -725,21 +720,6 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     assert_eq!(alice.messages().len(), count);
 }
 
-/// One HTTP request to the server, as curl would send it.
-fn http(server: std::net::SocketAddr, method: &str, headers: &[(&str, &str)]) -> String {
-    let mut s = std::net::TcpStream::connect(server).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut req = format!("{method} / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    for (n, v) in headers {
-        req.push_str(&format!("{n}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// A process stopped with SIGSTOP, continued when this drops (even when a
 /// test fails half-way, so its other end is not left frozen).
 struct Frozen(String);
@@ -786,20 +766,15 @@ fn register_at_start_up_needs_no_shell() {
     let mut chatd = Guard::new(chatd.spawn().unwrap());
     // A probe client asks the server for "early" by name: 404 until it is
     // registered, then 409 (registered, not waiting).
-    let reg = http(
+    let reg = request(
         server.addr,
         "REGISTER",
         &[("Client-Id", "probe"), ("Client-Port", "9")],
     );
-    let token = reg
-        .lines()
-        .find_map(|l| l.strip_prefix("Client-Token: "))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let mut answer = String::new();
+    let token = reg.header("Client-Token").unwrap().to_owned();
+    let mut answer = None;
     eventually("the server to know \"early\"", || {
-        answer = http(
+        let reply = request(
             server.addr,
             "BRIDGE",
             &[
@@ -808,10 +783,13 @@ fn register_at_start_up_needs_no_shell() {
                 ("Peer-Id", "early"),
             ],
         );
-        !answer.starts_with("HTTP/1.1 404")
+        let known = reply.status != 404;
+        answer = Some(reply);
+        known
     });
     terminate(&mut chatd);
-    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.status, 409, "{answer:?}");
 }
 
 #[test]

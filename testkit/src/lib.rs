@@ -3,6 +3,8 @@
 //! and waiting for them with bounds, so that a hung binary fails a test
 //! instead of hanging CI. A dev-dependency only; never shipped.
 
+pub mod http;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

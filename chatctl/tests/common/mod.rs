@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+pub use chat_testkit::http::{read_to_close, request};
 pub use chat_testkit::{
     Guard, Server, WAIT, bin, eventually, fails_with, isolate, output_bounded, run_bounded, stderr,
     stdout, terminate,
