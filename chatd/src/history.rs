@@ -524,15 +524,13 @@ mod tests {
 
     #[test]
     fn survives_reopening() {
-        let dir = std::env::temp_dir().join(format!("chatd-history-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("history.db");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
         {
             let mut h = History::open(&path, id("me")).unwrap();
             h.append(1, msg("me", "bob", "kept", true)).unwrap();
         }
         let h = History::open(&path, id("me")).unwrap();
         assert_eq!(h.last(10, usize::MAX).unwrap().len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

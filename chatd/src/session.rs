@@ -931,17 +931,17 @@ impl Session {
             }
             (Purpose::Register(ticket), Ok(Response::Error(f))) => {
                 if f.status == ErrorStatus::RegNack {
-                    self.drop_registration();
+                    self.reg = None;
                 }
                 self.fail(ticket, FailureKind::Server, server_refused(&f));
             }
             (Purpose::Refresh, Ok(Response::Error(f))) => {
-                self.drop_registration();
+                self.reg = None;
                 self.notice(&format!("registration lost: {}", server_refused(&f)));
                 self.phase_lost_with_registration();
             }
             (Purpose::Reregister { then }, Ok(Response::Error(f))) => {
-                self.drop_registration();
+                self.reg = None;
                 let message = format!(
                     "the server forgot this daemon and refused to register it again: {}; run `chatctl register`",
                     server_refused(&f)
@@ -1033,7 +1033,7 @@ impl Session {
             }
             (Purpose::Chat { .. }, _) => {}
             (Purpose::Quit(ticket), Ok(Response::QuitAck)) => {
-                self.drop_registration();
+                self.reg = None;
                 if let Some(t) = ticket {
                     self.reply(t, Ok(Reply::Quit));
                 }
@@ -1041,7 +1041,7 @@ impl Session {
             (Purpose::Quit(ticket), Ok(Response::Error(f))) => {
                 // Unknown to the server (404) or not ours any more (401):
                 // either way we are not registered there.
-                self.drop_registration();
+                self.reg = None;
                 if let Some(t) = ticket {
                     if forgot_us(&f) {
                         self.reply(t, Ok(Reply::Quit));
@@ -1090,10 +1090,6 @@ impl Session {
         if was != self.state() {
             self.record_state();
         }
-    }
-
-    fn drop_registration(&mut self) {
-        self.reg = None;
     }
 
     /// Without a registration there is no waiting and no handed-out peer.
