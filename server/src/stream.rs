@@ -67,34 +67,35 @@ mod unix {
         let addr = addr
             .as_socket()
             .ok_or_else(|| io::Error::other("accepted a connection that is not IP"))?;
-        Ok((
-            Stream {
-                plain: Some(socket),
-                registered: None,
-            },
-            addr,
-        ))
+        Ok((Stream(Socket::Plain(socket)), addr))
     }
 
     /// A connection: plain until a call would block, registered after.
-    pub struct Stream {
-        plain: Option<socket2::Socket>,
-        registered: Option<AsyncFd<socket2::Socket>>,
+    pub struct Stream(Socket);
+
+    enum Socket {
+        Plain(socket2::Socket),
+        Registered(AsyncFd<socket2::Socket>),
+        /// Registering failed; the socket is gone.
+        Closed,
     }
 
     impl Stream {
         fn register(&mut self) -> io::Result<&AsyncFd<socket2::Socket>> {
-            if let Some(s) = self.plain.take() {
-                self.registered = Some(watch(s)?);
+            if let Socket::Plain(_) = self.0
+                && let Socket::Plain(s) = std::mem::replace(&mut self.0, Socket::Closed)
+            {
+                self.0 = Socket::Registered(watch(s)?);
             }
-            self.registered
-                .as_ref()
-                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+            match &self.0 {
+                Socket::Registered(fd) => Ok(fd),
+                _ => Err(io::ErrorKind::NotConnected.into()),
+            }
         }
 
         /// Appends what the socket has to `buf`; `Ok(0)` at end of stream.
         pub async fn read(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-            if let Some(s) = &self.plain {
+            if let Socket::Plain(s) = &self.0 {
                 match read_into(s, buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     done => return done,
@@ -118,7 +119,7 @@ mod unix {
         }
 
         pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-            if let Some(s) = &self.plain {
+            if let Socket::Plain(s) = &self.0 {
                 match (&*s).write(data) {
                     Ok(n) if n == data.len() => return Ok(()),
                     Ok(n) => data = &data[n..],
@@ -141,10 +142,10 @@ mod unix {
 
         /// Sends FIN: no more data from us.
         pub fn shutdown_write(&self) -> io::Result<()> {
-            match (&self.plain, &self.registered) {
-                (Some(s), _) => s.shutdown(std::net::Shutdown::Write),
-                (_, Some(fd)) => fd.get_ref().shutdown(std::net::Shutdown::Write),
-                _ => Ok(()),
+            match &self.0 {
+                Socket::Plain(s) => s.shutdown(std::net::Shutdown::Write),
+                Socket::Registered(fd) => fd.get_ref().shutdown(std::net::Shutdown::Write),
+                Socket::Closed => Ok(()),
             }
         }
     }
