@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::connection::Timeouts;
@@ -20,6 +20,24 @@ use crate::state::Limits;
 #[derive(Parser, Debug, Clone, Default)]
 #[command(name = "chat-server", version, max_term_width = 100)]
 pub struct Options {
+    #[command(flatten)]
+    pub knobs: Knobs,
+
+    /// Serve UDP only; the same as `--transport udp`
+    #[arg(short = 'u', long, conflicts_with = "transport")]
+    pub udp: bool,
+
+    /// Configuration file (TOML) [default: config.toml in
+    /// $CONFIGURATION_DIRECTORY, when systemd sets it]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The settings a flag or the configuration file may give, each defined
+/// once for both (a flag `--per-ip-rate`, a key `per-ip-rate`); a flag wins.
+#[derive(Args, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Knobs {
     /// Address to listen on (`::` for IPv6 and IPv4) [default: 0.0.0.0]
     #[arg(long)]
     pub bind: Option<IpAddr>,
@@ -31,10 +49,6 @@ pub struct Options {
     /// Transports to serve [default: tcp]
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
-
-    /// Serve UDP only; the same as `--transport udp`
-    #[arg(short = 'u', long, conflicts_with = "transport")]
-    pub udp: bool,
 
     /// Requests per second allowed from one source address (for IPv6, one /64); 0 = off [default: 20]
     #[arg(long, value_name = "N")]
@@ -71,29 +85,29 @@ pub struct Options {
     /// Worker threads, each with its own listening sockets; 0 = one per core [default: 0]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
-
-    /// Configuration file (TOML) [default: config.toml in
-    /// $CONFIGURATION_DIRECTORY, when systemd sets it]
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
 }
 
-/// The configuration file: the same settings as the flags.
-#[derive(Deserialize, Debug, Default, PartialEq)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub bind: Option<IpAddr>,
-    pub port: Option<u16>,
-    pub transport: Option<Transport>,
-    pub per_ip_rate: Option<u32>,
-    pub per_ip_burst: Option<u32>,
-    pub per_ip_conns: Option<u32>,
-    pub max_conns: Option<usize>,
-    pub max_registrations: Option<usize>,
-    pub expires: Option<u32>,
-    pub header_timeout: Option<u64>,
-    pub idle_timeout: Option<u64>,
-    pub workers: Option<usize>,
+/// The configuration file holds the same settings as the flags.
+pub type FileConfig = Knobs;
+
+impl Knobs {
+    /// Each setting from `self` if given, else from `other`.
+    fn or(self, other: Knobs) -> Knobs {
+        Knobs {
+            bind: self.bind.or(other.bind),
+            port: self.port.or(other.port),
+            transport: self.transport.or(other.transport),
+            per_ip_rate: self.per_ip_rate.or(other.per_ip_rate),
+            per_ip_burst: self.per_ip_burst.or(other.per_ip_burst),
+            per_ip_conns: self.per_ip_conns.or(other.per_ip_conns),
+            max_conns: self.max_conns.or(other.max_conns),
+            max_registrations: self.max_registrations.or(other.max_registrations),
+            expires: self.expires.or(other.expires),
+            header_timeout: self.header_timeout.or(other.header_timeout),
+            idle_timeout: self.idle_timeout.or(other.idle_timeout),
+            workers: self.workers.or(other.workers),
+        }
+    }
 }
 
 /// Which sockets the server opens.
@@ -143,14 +157,16 @@ impl Options {
     }
 
     fn merge(self, f: FileConfig, path: Option<PathBuf>) -> Result<Settings, String> {
+        let flag_expires = self.knobs.expires;
+        let k = self.knobs.or(f);
         let transport = if self.udp {
             Transport::Udp
         } else {
-            self.transport.or(f.transport).unwrap_or(Transport::Tcp)
+            k.transport.unwrap_or(Transport::Tcp)
         };
-        let expires = self.expires.or(f.expires).unwrap_or(300);
+        let expires = k.expires.unwrap_or(300);
         if expires == 0 {
-            let from = match (self.expires, &path) {
+            let from = match (flag_expires, &path) {
                 (Some(_), _) => "--expires 0".to_owned(),
                 (None, Some(p)) => format!("expires = 0 in {}", p.display()),
                 (None, None) => "expires = 0".to_owned(),
@@ -160,24 +176,18 @@ impl Options {
             ));
         }
         Ok(Settings {
-            bind: self.bind.or(f.bind).unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            port: self
-                .port
-                .or(f.port)
-                .unwrap_or(chat_proto::rendezvous::DEFAULT_PORT),
+            bind: k.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: k.port.unwrap_or(chat_proto::rendezvous::DEFAULT_PORT),
             transport,
-            per_ip_rate: self.per_ip_rate.or(f.per_ip_rate).unwrap_or(20),
-            per_ip_burst: self.per_ip_burst.or(f.per_ip_burst).unwrap_or(100),
-            per_ip_conns: self.per_ip_conns.or(f.per_ip_conns).unwrap_or(32),
-            max_conns: self.max_conns.or(f.max_conns).unwrap_or(10_000),
-            max_registrations: self
-                .max_registrations
-                .or(f.max_registrations)
-                .unwrap_or(100_000),
+            per_ip_rate: k.per_ip_rate.unwrap_or(20),
+            per_ip_burst: k.per_ip_burst.unwrap_or(100),
+            per_ip_conns: k.per_ip_conns.unwrap_or(32),
+            max_conns: k.max_conns.unwrap_or(10_000),
+            max_registrations: k.max_registrations.unwrap_or(100_000),
             expires,
-            header_timeout: self.header_timeout.or(f.header_timeout).unwrap_or(10),
-            idle_timeout: self.idle_timeout.or(f.idle_timeout).unwrap_or(60),
-            workers: self.workers.or(f.workers).unwrap_or(0),
+            header_timeout: k.header_timeout.unwrap_or(10),
+            idle_timeout: k.idle_timeout.unwrap_or(60),
+            workers: k.workers.unwrap_or(0),
             config: path,
         })
     }
