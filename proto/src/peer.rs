@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::ClientId;
 use crate::rendezvous::{
     ErrorStatus, Failure, HeadError, MAX_HEAD, MAX_HEADERS, Method, Response, ResponseFraming,
-    headers_body_length,
+    Writer, headers_body_length,
 };
 
 /// The protocol named in `Upgrade`.
@@ -49,16 +49,16 @@ pub struct Hello {
 
 impl Hello {
     pub fn encode(&self, host: &str, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"CHAT / HTTP/1.1\r\nHost: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\nClient-Id: ");
-        out.extend_from_slice(self.id.as_str().as_bytes());
-        out.extend_from_slice(b"\r\nConnection: Upgrade\r\nUpgrade: ");
-        out.extend_from_slice(UPGRADE.as_bytes());
+        let mut w = Writer(out);
+        w.request_line(Method::Chat.as_str());
+        w.header("Host", host);
+        w.header("Client-Id", &self.id);
+        w.header("Connection", "Upgrade");
+        w.header("Upgrade", UPGRADE);
         if self.turns {
-            out.extend_from_slice(b"\r\nChat-Turns: on");
+            w.header("Chat-Turns", "on");
         }
-        out.extend_from_slice(b"\r\n\r\n");
+        w.end_head();
     }
 }
 
@@ -75,13 +75,12 @@ impl Answer {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Answer::Accepted { id } => {
-                out.extend_from_slice(
-                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ",
-                );
-                out.extend_from_slice(UPGRADE.as_bytes());
-                out.extend_from_slice(b"\r\nClient-Id: ");
-                out.extend_from_slice(id.as_str().as_bytes());
-                out.extend_from_slice(b"\r\n\r\n");
+                let mut w = Writer(out);
+                w.status(101, "Switching Protocols");
+                w.header("Connection", "Upgrade");
+                w.header("Upgrade", UPGRADE);
+                w.header("Client-Id", id);
+                w.end_head();
             }
             // Written as the server writes its errors: one format, one
             // table of reason phrases.
