@@ -8,7 +8,7 @@
 //! then flushes the frames queued for peers. That order is what makes an
 //! acknowledgement mean "stored": the ack leaves after the commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +21,7 @@ use chat_proto::peer::{Hello, MAX_FRAME, PeerFrame};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::history::{History, HistoryError};
+use crate::history::{History, HistoryError, SEARCH_SLICE, Search};
 use crate::ipc::{ClientHandle, ClientKey, Queued};
 use crate::peer::{self, Decision, LinkHandle, LinkOut};
 use crate::rendezvous;
@@ -74,6 +74,14 @@ struct Client {
     waits: Vec<(u64, State, OwnedSemaphorePermit)>,
 }
 
+/// A shell's `history` request, part way through.
+struct PendingSearch {
+    key: ClientKey,
+    id: u64,
+    search: Search,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// The core's state.
 pub struct Core {
     me: ClientId,
@@ -95,6 +103,8 @@ pub struct Core {
     draining: Vec<LinkHandle>,
     deciders: HashMap<LinkId, oneshot::Sender<Decision>>,
     clients: HashMap<ClientKey, Client>,
+    /// `history` requests being answered a slice at a time, in turn.
+    searches: VecDeque<PendingSearch>,
     tickets: HashMap<Ticket, (ClientKey, u64, OwnedSemaphorePermit)>,
     next_ticket: Ticket,
     /// Stored this turn, announced after the commit.
@@ -129,6 +139,7 @@ impl Core {
             draining: Vec::new(),
             deciders: HashMap::new(),
             clients: HashMap::new(),
+            searches: VecDeque::new(),
             tickets: HashMap::new(),
             next_ticket: 1,
             fresh: Vec::new(),
@@ -184,6 +195,10 @@ impl Core {
                 () = sleep_until(wake) => {
                     self.session.handle_timeout(std::time::Instant::now());
                     self.execute();
+                }
+                // Nothing else to do: a slice of a history search.
+                () = std::future::ready(()), if !self.searches.is_empty() => {
+                    self.step_search();
                 }
             }
             if self.send_early() {
@@ -325,12 +340,20 @@ impl Core {
                 return self.answer(key, id, Ok(Reply::Done));
             }
             ipc::Request::History { peer, grep, limit } => {
+                // Run between events, a slice at a time (see
+                // `step_search`): a grep through a long history must not
+                // keep this thread from the peer link.
                 self.flush();
-                let records =
-                    self.history
-                        .search(peer, grep.as_deref(), limit, self.answer_room(key));
-                if self.serve_records(key, id, records) {
-                    self.answer(key, id, Ok(Reply::Done));
+                match Search::new(&self.history, peer, grep.as_deref(), limit) {
+                    Ok(search) => self.searches.push_back(PendingSearch {
+                        key,
+                        id,
+                        search,
+                        _permit: permit,
+                    }),
+                    Err(e) => {
+                        self.serve_records(key, id, Err(e));
+                    }
                 }
                 return;
             }
@@ -404,6 +427,30 @@ impl Core {
 
     /// Bytes of answers shell `key` may still be sent before it reads
     /// some: history is read no further than this.
+    /// Runs one slice of the first pending search, then puts it last, so
+    /// that shells searching at once take turns; answers it when done.
+    fn step_search(&mut self) {
+        let Some(mut pending) = self.searches.pop_front() else {
+            return;
+        };
+        let (key, id) = (pending.key, pending.id);
+        if !self.clients.contains_key(&key) {
+            return; // the shell left: drop its search
+        }
+        let room = self.answer_room(key);
+        match pending.search.step(&self.history, SEARCH_SLICE, room) {
+            Ok(false) => self.searches.push_back(pending),
+            Ok(true) => {
+                if self.serve_records(key, id, Ok(pending.search.into_records())) {
+                    self.answer(key, id, Ok(Reply::Done));
+                }
+            }
+            Err(e) => {
+                self.serve_records(key, id, Err(e));
+            }
+        }
+    }
+
     fn answer_room(&self, key: ClientKey) -> usize {
         self.clients.get(&key).map_or(0, |c| {
             crate::ipc::MAX_ANSWER_BYTES

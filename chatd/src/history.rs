@@ -241,7 +241,9 @@ impl History {
     }
 
     /// Messages matching the filters, oldest first; at most `limit` (the
-    /// newest ones), if they fit in `max_bytes`.
+    /// newest ones), if they fit in `max_bytes`. In one go, for tests: the
+    /// daemon runs a [`Search`] a slice at a time instead.
+    #[cfg(test)]
     pub fn search(
         &self,
         peer: Option<ClientId>,
@@ -249,26 +251,19 @@ impl History {
         limit: u32,
         max_bytes: usize,
     ) -> Result<Vec<Record>, HistoryError> {
-        let pattern = grep.map(|g| {
-            format!(
-                "%{}%",
-                g.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            )
-        });
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records
-             WHERE kind = 'message'
-               AND (?1 IS NULL OR peer = ?1)
-               AND (?2 IS NULL OR text LIKE ?2 ESCAPE '\\')
-             ORDER BY seq DESC LIMIT ?3",
-        )?;
-        let me = self.me;
-        let rows = stmt.query_map(params![peer.map(|p| p.to_string()), pattern, limit], |r| {
-            row_to_record(r, me)
-        })?;
-        within(rows, max_bytes)
+        let mut search = Search::new(self, peer, grep, limit)?;
+        while !search.step(self, SEARCH_SLICE, max_bytes)? {}
+        Ok(search.into_records())
+    }
+
+    /// One past the newest record's seq.
+    fn end(&self) -> Result<u64, HistoryError> {
+        let max: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(max as u64 + 1)
     }
 
     /// The token saved for `server`, if any.
@@ -296,6 +291,98 @@ impl History {
 
 /// Rows read newest first, returned oldest first; stops reading as soon as
 /// they pass `max_bytes`.
+/// Records a search slice looks at: a few milliseconds of SQLite's time,
+/// so that a search through a long history never holds the daemon's one
+/// thread for long (a grep over a million messages takes about 0.2 s).
+pub const SEARCH_SLICE: u64 = 20_000;
+
+/// A search of the messages, run a slice of records at a time from the
+/// newest back, so that the daemon serves its peers between slices. It
+/// looks at the history as it was when it began.
+pub struct Search {
+    peer: Option<String>,
+    pattern: Option<String>,
+    limit: u32,
+    /// Records below this seq are still to be looked at.
+    below: u64,
+    /// What matched so far, newest first.
+    found: Vec<Record>,
+    bytes: usize,
+}
+
+impl Search {
+    pub fn new(
+        history: &History,
+        peer: Option<ClientId>,
+        grep: Option<&str>,
+        limit: u32,
+    ) -> Result<Search, HistoryError> {
+        let pattern = grep.map(|g| {
+            format!(
+                "%{}%",
+                g.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+        Ok(Search {
+            peer: peer.map(|p| p.to_string()),
+            pattern,
+            limit,
+            below: history.end()?,
+            found: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Looks at the next `rows` records; returns whether the search is
+    /// done. Fails once what matched is over `max_bytes`.
+    pub fn step(
+        &mut self,
+        history: &History,
+        rows: u64,
+        max_bytes: usize,
+    ) -> Result<bool, HistoryError> {
+        let floor = self.below.saturating_sub(rows.max(1));
+        let want = self.limit.saturating_sub(self.found.len() as u32);
+        let mut stmt = history.conn.prepare_cached(
+            "SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records
+             WHERE seq < ?4 AND seq >= ?5
+               AND kind = 'message'
+               AND (?1 IS NULL OR peer = ?1)
+               AND (?2 IS NULL OR text LIKE ?2 ESCAPE '\\')
+             ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let me = history.me;
+        let rows = stmt.query_map(
+            params![
+                self.peer,
+                self.pattern,
+                want,
+                self.below as i64,
+                floor as i64
+            ],
+            |r| row_to_record(r, me),
+        )?;
+        for row in rows {
+            let Some(record) = row? else { continue };
+            self.bytes += crate::ipc::record_bytes(&record);
+            if self.bytes > max_bytes {
+                return Err(HistoryError::OverBudget { max_bytes });
+            }
+            self.found.push(record);
+        }
+        self.below = floor;
+        Ok(floor == 0 || self.found.len() >= self.limit as usize)
+    }
+
+    /// What matched, oldest first.
+    pub fn into_records(mut self) -> Vec<Record> {
+        self.found.reverse();
+        self.found
+    }
+}
+
 fn within(
     rows: impl Iterator<Item = rusqlite::Result<Option<Record>>>,
     max_bytes: usize,
@@ -470,6 +557,48 @@ mod tests {
             })
             .collect();
         assert_eq!(delivered, vec![Some(true), Some(false)]);
+    }
+
+    #[test]
+    fn a_search_in_small_slices_finds_what_one_pass_finds() {
+        let mut h = History::in_memory(id("me"));
+        for i in 0..50 {
+            let kind = match i % 5 {
+                0 => RecordKind::Notice {
+                    text: format!("note {i}"),
+                },
+                1 | 2 => msg("me", "bob", &format!("to bob {i}"), true),
+                _ => msg("carol", "me", &format!("from carol {i}"), false),
+            };
+            h.append(i, kind).unwrap();
+        }
+        let seqs = |rs: &[Record]| rs.iter().map(|r| r.seq).collect::<Vec<_>>();
+        for (peer, grep, limit) in [
+            (None, None, 100),
+            (None, None, 7),
+            (Some(id("bob")), None, 100),
+            (Some(id("carol")), Some("1"), 4),
+            (None, Some("nothing like it"), 10),
+        ] {
+            let whole = h.search(peer, grep, limit, usize::MAX).unwrap();
+            let mut s = Search::new(&h, peer, grep, limit).unwrap();
+            let mut steps = 0;
+            while !s.step(&h, 3, usize::MAX).unwrap() {
+                steps += 1;
+            }
+            assert_eq!(
+                seqs(&s.into_records()),
+                seqs(&whole),
+                "{peer:?} {grep:?} {limit}"
+            );
+            // It went slice by slice, stopping early once it had enough.
+            assert!((1..=17).contains(&steps), "{steps}");
+        }
+        // Messages stored after a search began are not in it.
+        let mut s = Search::new(&h, None, None, 100).unwrap();
+        h.append(99, msg("me", "bob", "late", true)).unwrap();
+        while !s.step(&h, 10, usize::MAX).unwrap() {}
+        assert!(s.into_records().iter().all(|r| r.seq <= 50));
     }
 
     #[test]
