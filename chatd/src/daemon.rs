@@ -196,9 +196,13 @@ impl Core {
                     self.session.handle_timeout(std::time::Instant::now());
                     self.execute();
                 }
-                // Nothing else to do: a slice of a history search.
+                // Nothing else to do: a slice of a history search, then
+                // the other tasks' turn (the link readers and the shells
+                // run on this thread too, and a branch that is always
+                // ready would otherwise never let them).
                 () = std::future::ready(()), if !self.searches.is_empty() => {
                     self.step_search();
+                    tokio::task::yield_now().await;
                 }
             }
             if self.send_early() {

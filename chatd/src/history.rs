@@ -291,10 +291,10 @@ impl History {
 
 /// Rows read newest first, returned oldest first; stops reading as soon as
 /// they pass `max_bytes`.
-/// Records a search slice looks at: a few milliseconds of SQLite's time,
-/// so that a search through a long history never holds the daemon's one
-/// thread for long (a grep over a million messages takes about 0.2 s).
-pub const SEARCH_SLICE: u64 = 20_000;
+/// Records a search slice looks at: about a millisecond of SQLite's time
+/// (a grep over a million messages takes about 0.2 s), so that a search
+/// through a long history never holds the daemon's one thread for long.
+pub const SEARCH_SLICE: u64 = 5_000;
 
 /// A search of the messages, run a slice of records at a time from the
 /// newest back, so that the daemon serves its peers between slices. It
