@@ -26,6 +26,38 @@ fn json_lines(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<serd
     rx
 }
 
+/// `chatctl --json tail -n N -f` on `d`: the follower, and its records as
+/// they come.
+fn follow(d: &Daemon, n: &str) -> (Guard, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let mut cmd = d.ctl_cmd(&["--json", "tail", "-n", n, "-f"]);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let mut child = Guard::new(cmd.spawn().expect("tail -f"));
+    let records = json_lines(child.stdout.take().expect("stdout"));
+    (child, records)
+}
+
+/// The message records `records` brings, until `enough` says so or `WAIT`
+/// runs out (the caller's assertions then say what was missing).
+fn messages_until(
+    records: &std::sync::mpsc::Receiver<serde_json::Value>,
+    mut enough: impl FnMut(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !enough(&got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(v) = records.recv_timeout(left) else {
+            break;
+        };
+        if v["type"] == "message" {
+            got.push(v);
+        }
+    }
+    got
+}
+
 fn texts(d: &Daemon) -> Vec<String> {
     d.messages().into_iter().map(|(_, _, t)| t).collect()
 }
@@ -151,42 +183,26 @@ fn two_followers_see_every_message_in_order_and_a_late_tail_sees_history() {
     connect_pair(&alice, &bob);
     // Followers print the history first (`-n 1000` covers all of it), then
     // live records: whenever they attached, each message shows up once.
-    let spawn_follower = || {
-        let mut cmd = alice.ctl_cmd(&["--json", "tail", "-n", "1000", "-f"]);
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null());
-        let mut child = Guard::new(cmd.spawn().expect("tail -f"));
-        let lines = json_lines(child.stdout.take().expect("stdout"));
-        (child, lines)
-    };
-    let mut followers = vec![spawn_follower(), spawn_follower()];
+    let followers = vec![follow(&alice, "1000"), follow(&alice, "1000")];
     let count = 50;
     let lines: String = (0..count).map(|i| format!("message {i}\n")).collect();
     let out = bob.ctl_stdin(&["send", "-"], &lines);
     assert!(out.status.success(), "{}", stderr(&out));
     let expected: Vec<String> = (0..count).map(|i| format!("message {i}")).collect();
-    for (child, lines) in &mut followers {
+    for (child, lines) in followers {
+        let messages = messages_until(&lines, |got| got.len() >= count);
         let mut got = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while got.len() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(v) = lines.recv_timeout(left) else {
-                break;
-            };
-            if v["type"] == "message" {
-                assert_eq!(v["from"], "bob");
-                assert_eq!(v["to"], "alice");
-                assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')));
-                got.push(v["text"].as_str().unwrap_or_default().to_owned());
-            }
+        for v in messages {
+            assert_eq!(v["from"], "bob");
+            assert_eq!(v["to"], "alice");
+            assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+            got.push(v["text"].as_str().unwrap_or_default().to_owned());
         }
         assert_eq!(
             got, expected,
             "each follower sees every message once, in order"
         );
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
     }
     // A late `tail -n` sees the earlier messages.
     let late = alice.ok(&["tail", "-n", "3"]);
@@ -296,10 +312,7 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
     let alice = Daemon::start("alice", server.addr, &[]);
     let bob = Daemon::start("bob", server.addr, &[]);
     connect_pair(&alice, &bob);
-    let mut follower = alice.ctl_cmd(&["--json", "tail", "-n", "1000", "-f"]);
-    follower.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut follower = Guard::new(follower.spawn().unwrap());
-    let records = json_lines(follower.stdout.take().unwrap());
+    let (follower, records) = follow(&alice, "1000");
     let cases: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         vec![0xff; 64],
@@ -333,18 +346,12 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
     // The daemon, the chat and the other shell are fine.
     assert_eq!(alice.state(), "chatting");
     bob.ok(&["send", "still here"]);
-    let deadline = Instant::now() + WAIT;
-    let mut seen = false;
-    while !seen {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(v) = records.recv_timeout(left) else {
-            break;
-        };
-        seen = v["text"] == "still here";
-    }
+    let got = messages_until(&records, |got| {
+        got.last().is_some_and(|v| v["text"] == "still here")
+    });
+    let seen = got.last().is_some_and(|v| v["text"] == "still here");
     assert!(seen, "the other shell still follows");
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
 }
 
 #[test]
@@ -674,29 +681,19 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     }
     // A follower that reads. It asks for the whole history, so that
     // whenever it attaches, it sees every message exactly once.
-    let mut reader = alice.ctl_cmd(&["--json", "tail", "-n", "100000", "-f"]);
-    reader.stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut reader = Guard::new(reader.spawn().unwrap());
-    let records = json_lines(reader.stdout.take().unwrap());
+    let (reader, records) = follow(&alice, "100000");
     // Far more records than the stuck one's queue and socket buffer hold.
     let count = 12_000;
     let lines: String = (0..count).map(|i| format!("m{i}\n")).collect();
     let sent = bob.ctl_stdin(&["send", "-"], &lines);
     assert!(sent.status.success(), "{}", stderr(&sent));
-    let mut got = 0;
-    let deadline = Instant::now() + WAIT;
-    while got < count && Instant::now() < deadline {
-        let Ok(v) = records.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            break;
-        };
-        if v["type"] == "message" {
-            assert_eq!(v["text"], format!("m{got}"));
-            got += 1;
-        }
+    let messages = messages_until(&records, |got| got.len() >= count);
+    for (i, v) in messages.iter().enumerate() {
+        assert_eq!(v["text"], format!("m{i}"));
     }
+    let got = messages.len();
     assert_eq!(got, count, "the reading follower saw everything, in order");
-    let _ = reader.kill();
-    let _ = reader.wait();
+    drop(reader);
     // The stuck one, reading at last, finds the end of its stream: a
     // Dropped frame saying why, then the close.
     let mut last = None;
