@@ -33,7 +33,7 @@ pub struct Options {
     #[arg(long)]
     pub socket: Option<PathBuf>,
 
-    /// Where the history is kept [default: $XDG_DATA_HOME/chat/ID]
+    /// Where the history is kept; made private to you (mode 700) [default: $XDG_DATA_HOME/chat/ID]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 

@@ -429,8 +429,6 @@ impl Core {
         true
     }
 
-    /// Bytes of answers shell `key` may still be sent before it reads
-    /// some: history is read no further than this.
     /// Runs one slice of the first pending search, then puts it last, so
     /// that shells searching at once take turns; answers it when done.
     fn step_search(&mut self) {
@@ -455,6 +453,8 @@ impl Core {
         }
     }
 
+    /// Bytes of answers shell `key` may still be sent before it reads
+    /// some: history is read no further than this.
     fn answer_room(&self, key: ClientKey) -> usize {
         self.clients.get(&key).map_or(0, |c| {
             crate::ipc::MAX_ANSWER_BYTES

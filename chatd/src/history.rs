@@ -289,8 +289,6 @@ impl History {
     }
 }
 
-/// Rows read newest first, returned oldest first; stops reading as soon as
-/// they pass `max_bytes`.
 /// Records a search slice looks at: about a millisecond of SQLite's time
 /// (a grep over a million messages takes about 0.2 s), so that a search
 /// through a long history never holds the daemon's one thread for long.
@@ -362,18 +360,31 @@ impl Search {
                 self.below as i64,
                 floor as i64
             ],
-            |r| row_to_record(r, me),
+            |r| Ok((r.get::<_, i64>(0)?, row_to_record(r, me)?)),
         )?;
+        let (mut read, mut last) = (0u32, self.below);
         for row in rows {
-            let Some(record) = row? else { continue };
+            let (seq, record) = row?;
+            (read, last) = (read + 1, seq as u64);
+            // Rows of a newer version are skipped, but count as read.
+            let Some(record) = record else { continue };
             self.bytes += crate::ipc::record_bytes(&record);
             if self.bytes > max_bytes {
                 return Err(HistoryError::OverBudget { max_bytes });
             }
             self.found.push(record);
         }
-        self.below = floor;
-        Ok(floor == 0 || self.found.len() >= self.limit as usize)
+        if self.found.len() >= self.limit as usize {
+            return Ok(true);
+        }
+        // Stopped by the LIMIT before the floor (skipped rows took places
+        // in it): go on from the last row read, not from the floor.
+        self.below = if read > 0 && read == want {
+            last
+        } else {
+            floor
+        };
+        Ok(self.below == 0)
     }
 
     /// What matched, oldest first.
@@ -383,6 +394,8 @@ impl Search {
     }
 }
 
+/// Rows read newest first, returned oldest first; stops reading as soon as
+/// they pass `max_bytes`.
 fn within(
     rows: impl Iterator<Item = rusqlite::Result<Option<Record>>>,
     max_bytes: usize,
@@ -594,6 +607,25 @@ mod tests {
             // It went slice by slice, stopping early once it had enough.
             assert!((1..=17).contains(&steps), "{steps}");
         }
+        // Rows this version cannot read take places in a slice's LIMIT;
+        // the search goes on from the last row read, not past the rest.
+        let newest_valid: Vec<u64> = h
+            .search(None, None, 3, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        for t in 100..105 {
+            h.conn
+                .execute(
+                    "INSERT INTO records (time_ms, kind, peer, outgoing, text) VALUES (?1, 'message', 'not an id!', 0, 'x')",
+                    [t],
+                )
+                .unwrap();
+        }
+        let mut s = Search::new(&h, None, None, 3).unwrap();
+        while !s.step(&h, 10, usize::MAX).unwrap() {}
+        assert_eq!(seqs(&s.into_records()), newest_valid);
         // Messages stored after a search began are not in it.
         let mut s = Search::new(&h, None, None, 100).unwrap();
         h.append(99, msg("me", "bob", "late", true)).unwrap();

@@ -177,9 +177,26 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     }
     #[cfg(unix)]
-    chat_proto::local::ensure_private_dir(dir).with_context(
-        || "the data directory must be private: fix it or choose another --data-dir",
-    )?;
+    {
+        use chat_proto::local::PathError;
+        use std::os::unix::fs::PermissionsExt;
+        let mode_before = std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o777);
+        chat_proto::local::ensure_private_dir(dir).map_err(|e| match e {
+            PathError::Unsafe { .. } => anyhow::anyhow!(
+                "{e}: the data directory holds private conversations; choose another --data-dir"
+            ),
+            other => anyhow::anyhow!("cannot create the data directory: {other}"),
+        })?;
+        if let Ok(before) = mode_before
+            && before & 0o077 != 0
+        {
+            // Said, not done silently: the user named this directory.
+            tracing::warn!(
+                "made the data directory {} private to you (mode {before:o} -> 700): it holds your conversations",
+                dir.display()
+            );
+        }
+    }
     #[cfg(not(unix))]
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))?;

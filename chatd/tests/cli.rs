@@ -105,9 +105,14 @@ fn the_data_directory_is_made_private_or_refused() {
     eventually("the history in the data directory", || {
         open.join("history.db").exists()
     });
-    drop(daemon);
+    let mut daemon = daemon.into_inner();
+    chat_testkit::terminate(&mut daemon);
+    let out = chat_testkit::output_bounded(daemon);
     let mode = std::fs::metadata(&open).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
+    // And said so, since the user named that directory.
+    let log = chat_testkit::stderr(&out);
+    assert!(log.contains("mode 755 -> 700"), "{log}");
     // Behind a symlink: refused, saying what to do.
     let link = home.path().join("link");
     std::os::unix::fs::symlink(&open, &link).unwrap();
