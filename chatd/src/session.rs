@@ -1302,17 +1302,20 @@ mod tests {
         }
 
         /// Registered, bridged to `peer`, chatting (as initiator or not).
-        fn chatting(&mut self, initiator: bool) -> LinkId {
+        /// Registered, then bridged: handed `peer`, or waiting (`None`).
+        fn bridged(&mut self, peer: Option<(ClientId, SocketAddr)>) {
             self.register();
             let (_, a) = self.command(Command::Bridge { peer: None });
             let (op, _) = T::server_op(&a);
+            self.input(Input::ServerReply {
+                op,
+                result: Ok(Response::BridgeAck { peer }),
+            });
+        }
+
+        fn chatting(&mut self, initiator: bool) -> LinkId {
             if initiator {
-                self.input(Input::ServerReply {
-                    op,
-                    result: Ok(Response::BridgeAck {
-                        peer: Some((id("bob"), addr(5000))),
-                    }),
-                });
+                self.bridged(Some((id("bob"), addr(5000))));
                 let (_, a) = self.command(Command::Chat);
                 let link = match &a[..] {
                     [.., Action::Connect { link, addr: to, .. }] if *to == addr(5000) => *link,
@@ -1331,10 +1334,7 @@ mod tests {
                 )));
                 link
             } else {
-                self.input(Input::ServerReply {
-                    op,
-                    result: Ok(Response::BridgeAck { peer: None }),
-                });
+                self.bridged(None);
                 assert_eq!(self.s.state(), State::Waiting);
                 let link = self.s.next_link();
                 // The initiator set up as this daemon is.
@@ -1738,13 +1738,7 @@ mod tests {
     #[test]
     fn a_refreshed_registration_after_a_server_restart_rejoins_the_pool() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck { peer: None }),
-        });
+        t.bridged(None);
         t.advance(Duration::from_secs(150));
         let (op, _) = T::server_op(&t.drain());
         // A restarted server issues a new token: it had forgotten us.
@@ -1764,15 +1758,7 @@ mod tests {
     #[test]
     fn chat_as_initiator_tells_the_server_and_sends_with_acks() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
-            }),
-        });
+        t.bridged(Some((id("bob"), addr(5000))));
         let (ticket, a) = t.command(Command::Chat);
         let Some(Action::Connect { link, hello, .. }) = a.last().cloned() else {
             panic!("{a:?}")
@@ -1848,15 +1834,7 @@ mod tests {
     #[test]
     fn the_daemon_at_the_address_must_be_the_peer() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
-            }),
-        });
+        t.bridged(Some((id("bob"), addr(5000))));
         let (ticket, a) = t.command(Command::Chat);
         let Some(Action::Connect { link, .. }) = a.last().cloned() else {
             panic!()
@@ -1878,15 +1856,7 @@ mod tests {
     #[test]
     fn a_failed_connect_goes_back_to_registered() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
-            }),
-        });
+        t.bridged(Some((id("bob"), addr(5000))));
         let (ticket, a) = t.command(Command::Chat);
         let Some(Action::Connect { link, .. }) = a.last().cloned() else {
             panic!()
@@ -2015,15 +1985,7 @@ mod tests {
         // "me" calls bob while bob calls "me"; bob's id is the lower.
         for (peer, mine_wins) in [("bob", false), ("zed", true)] {
             let mut t = T::new(false);
-            t.register();
-            let (_, a) = t.command(Command::Bridge { peer: None });
-            let (op, _) = T::server_op(&a);
-            t.input(Input::ServerReply {
-                op,
-                result: Ok(Response::BridgeAck {
-                    peer: Some((id(peer), addr(5000))),
-                }),
-            });
+            t.bridged(Some((id(peer), addr(5000))));
             let (chat, a) = t.command(Command::Chat);
             let own = match &a[..] {
                 [.., Action::Connect { link, .. }] => *link,
@@ -2063,13 +2025,7 @@ mod tests {
     fn the_responder_follows_the_initiators_turns() {
         for (mine, theirs) in [(false, true), (true, false)] {
             let mut r = T::new(mine);
-            r.register();
-            let (_, a) = r.command(Command::Bridge { peer: None });
-            let (op, _) = T::server_op(&a);
-            r.input(Input::ServerReply {
-                op,
-                result: Ok(Response::BridgeAck { peer: None }),
-            });
+            r.bridged(None);
             let link = r.s.next_link();
             r.input(Input::Incoming {
                 link,
@@ -2241,13 +2197,7 @@ mod tests {
     #[test]
     fn a_bridge_answer_after_a_chat_began_is_moot() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck { peer: None }),
-        });
+        t.bridged(None);
         // Waiting; a second bridge goes out, and a peer connects meanwhile.
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
@@ -2310,13 +2260,7 @@ mod tests {
     #[test]
     fn waiting_is_said_again_at_every_refresh() {
         let mut t = T::new(false);
-        t.register();
-        let (_, a) = t.command(Command::Bridge { peer: None });
-        let (op, _) = T::server_op(&a);
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::BridgeAck { peer: None }),
-        });
+        t.bridged(None);
         t.advance(Duration::from_secs(150));
         let (op, _) = T::server_op(&t.drain());
         let a = t.input(Input::ServerReply {
