@@ -1,12 +1,13 @@
 //! `chat-server`: the rendezvous server, as a library so that its pure
 //! parts can be tested and reused.
 //!
-//! The pure parts are [`registry`], [`limits`] and [`replay`]; [`tcp`],
-//! [`connection`] and [`udp`] drive them over sockets; [`state`] is what
-//! the transports share.
+//! The pure parts are [`registry`], [`limits`], [`replay`] and
+//! [`defer`]; [`tcp`], [`connection`] and [`udp`] drive them over sockets;
+//! [`state`] is what the transports share.
 
 pub mod config;
 pub mod connection;
+pub mod defer;
 pub mod limits;
 pub mod registry;
 pub mod replay;

@@ -12,6 +12,10 @@
 //!   readiness is cleared without another `recv` (tokio's readiness ticks
 //!   make this safe: data arriving meanwhile sets it again).
 //!
+//! A busy worker also has the kernel hold new connections until their
+//! request arrives (`TCP_DEFER_ACCEPT`); an idle one does not, as
+//! [`crate::defer`] explains.
+//!
 //! On platforms without `AsyncFd` (not Unix) this falls back to tokio's
 //! own `TcpStream`.
 
@@ -30,29 +34,112 @@ pub use portable::{Listener, Stream};
 #[cfg(unix)]
 mod unix {
     use super::*;
+    use crate::defer;
     use std::io::Write;
     use tokio::io::unix::AsyncFd;
 
     /// A listening socket.
-    pub struct Listener(AsyncFd<socket2::Socket>);
+    pub struct Listener {
+        fd: AsyncFd<socket2::Socket>,
+        /// `None` where deferring cannot be switched, or is not wanted.
+        defer: Option<Adaptive>,
+    }
+
+    /// What a listener needs to switch deferring as its worker's load
+    /// changes.
+    struct Adaptive {
+        policy: defer::Policy,
+        metrics: tokio::runtime::RuntimeMetrics,
+        /// The runtime's park count at the last accept.
+        parks: u64,
+    }
 
     impl Listener {
+        /// Watches `listener` from the current runtime, which should be a
+        /// worker's single-threaded one: its sleeps are what tells the
+        /// listener whether to defer.
         pub fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
             listener.set_nonblocking(true)?;
-            Ok(Listener(watch(socket2::Socket::from(listener))?))
+            let socket = socket2::Socket::from(listener);
+            let defer = adaptive(&socket);
+            Ok(Listener {
+                fd: watch(socket)?,
+                defer,
+            })
         }
 
         /// The next connection; its socket is non-blocking and not yet
         /// registered with the reactor.
-        pub async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        pub async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
             loop {
-                let mut guard = self.0.readable().await?;
+                let mut guard = self.fd.readable().await?;
                 match guard.try_io(|l| accept(l.get_ref())) {
-                    Ok(result) => return result,
+                    Ok(result) => {
+                        self.adapt();
+                        return result;
+                    }
                     Err(_would_block) => continue,
                 }
             }
         }
+
+        /// Tells the policy whether the worker slept since the last
+        /// connection, and switches deferring if it says so.
+        fn adapt(&mut self) {
+            let Some(a) = &mut self.defer else {
+                return;
+            };
+            let parks = a.metrics.worker_park_count(0);
+            let slept = parks != a.parks;
+            a.parks = parks;
+            if let Some(on) = a.policy.accepted(slept) {
+                let secs = if on { DEFER_SECS } else { 0 };
+                if let Err(e) = set_defer_accept(self.fd.get_ref(), secs) {
+                    tracing::debug!("TCP_DEFER_ACCEPT not switched: {e}; left as it is");
+                    self.defer = None;
+                }
+            }
+        }
+    }
+
+    /// How long the kernel holds a connection that has sent nothing
+    /// before handing it to accept anyway; it then meets the header
+    /// timeout.
+    const DEFER_SECS: u32 = 5;
+
+    /// Starts a listener not deferring (an idle worker), and adapting if
+    /// it can: on Linux, from a single-threaded runtime.
+    #[cfg(all(
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    ))]
+    fn adaptive(socket: &socket2::Socket) -> Option<Adaptive> {
+        let metrics = tokio::runtime::Handle::try_current().ok()?.metrics();
+        if metrics.num_workers() != 1 {
+            // Several workers share one park count per thread, none of
+            // them this listener's: defer always, which is never far off.
+            if let Err(e) = set_defer_accept(socket, DEFER_SECS) {
+                tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
+            }
+            return None;
+        }
+        if let Err(e) = set_defer_accept(socket, 0) {
+            tracing::debug!("TCP_DEFER_ACCEPT not settable: {e}");
+            return None;
+        }
+        Some(Adaptive {
+            policy: defer::Policy::default(),
+            parks: metrics.worker_park_count(0),
+            metrics,
+        })
+    }
+
+    #[cfg(not(all(
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    )))]
+    fn adaptive(_socket: &socket2::Socket) -> Option<Adaptive> {
+        None
     }
 
     fn accept(listener: &socket2::Socket) -> io::Result<(Stream, SocketAddr)> {
@@ -178,11 +265,9 @@ mod unix {
     }
 
     /// Asks the kernel to complete `accept` only once the client has sent
-    /// data (Linux), so the first read finds the request. A connection
-    /// that sends nothing is still accepted after `secs`, and then meets
-    /// the header timeout.
+    /// data, or after `secs` (0: at once, as usual).
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    pub fn defer_accept(listener: &std::net::TcpListener, secs: u32) -> io::Result<()> {
+    fn set_defer_accept(listener: &socket2::Socket, secs: u32) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let value: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
         // SAFETY: the descriptor is a live socket owned by `listener` for
@@ -204,15 +289,85 @@ mod unix {
             Err(io::Error::last_os_error())
         }
     }
-}
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub use unix::defer_accept;
+    #[cfg(all(
+        test,
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    ))]
+    mod tests {
+        use super::Listener;
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd;
+        use std::time::Duration;
 
-/// Without TCP_DEFER_ACCEPT, connections are accepted at once.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub fn defer_accept(_listener: &std::net::TcpListener, _secs: u32) -> io::Result<()> {
-    Ok(())
+        /// The listener's TCP_DEFER_ACCEPT, as the kernel reports it.
+        fn defer_of(l: &Listener) -> libc::c_int {
+            let mut value: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: the descriptor is the listener's live socket for the
+            // whole call; `value` and `len` are valid for writes of the sizes
+            // given, and getsockopt keeps neither pointer.
+            let rc = unsafe {
+                libc::getsockopt(
+                    l.fd.get_ref().as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_DEFER_ACCEPT,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            value
+        }
+
+        #[test]
+        fn a_listener_defers_only_while_its_worker_is_busy() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let std = crate::tcp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                let addr = std.local_addr().unwrap();
+                let mut listener = Listener::new(std).unwrap();
+                assert_eq!(
+                    defer_of(&listener),
+                    0,
+                    "an idle worker starts not deferring"
+                );
+
+                // Clients one at a time, the worker asleep between them.
+                for _ in 0..40 {
+                    let _client = std::net::TcpStream::connect(addr).unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    listener.accept().await.unwrap();
+                }
+                assert_eq!(defer_of(&listener), 0);
+
+                // A crowd: every accept finds the next connection queued.
+                let mut crowd = Vec::new();
+                for _ in 0..64 {
+                    let mut c = std::net::TcpStream::connect(addr).unwrap();
+                    c.write_all(b"PROBE / HTTP/1.1\r\n\r\n").unwrap();
+                    crowd.push(c);
+                }
+                for _ in 0..64 {
+                    listener.accept().await.unwrap();
+                }
+                assert!(defer_of(&listener) > 0, "a busy worker defers");
+
+                // Quiet again.
+                for _ in 0..200 {
+                    let mut c = std::net::TcpStream::connect(addr).unwrap();
+                    c.write_all(b"PROBE / HTTP/1.1\r\n\r\n").unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    listener.accept().await.unwrap();
+                }
+                assert_eq!(defer_of(&listener), 0);
+            });
+        }
+    }
 }
 
 #[cfg(not(unix))]
@@ -228,7 +383,7 @@ mod portable {
             Ok(Listener(tokio::net::TcpListener::from_std(listener)?))
         }
 
-        pub async fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        pub async fn accept(&mut self) -> io::Result<(Stream, SocketAddr)> {
             let (s, a) = self.0.accept().await?;
             s.set_nodelay(true)?;
             Ok((Stream(s), a))

@@ -49,17 +49,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    let listener: std::net::TcpListener = socket.into();
-    // Not fatal where unsupported: connections are then accepted at once.
-    if let Err(e) = crate::stream::defer_accept(&listener, DEFER_ACCEPT_SECS) {
-        tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
-    }
-    Ok(listener)
+    Ok(socket.into())
 }
-
-/// How long the kernel holds a connection that has sent nothing before
-/// handing it to accept anyway.
-const DEFER_ACCEPT_SECS: u32 = 5;
 
 /// Accepts connections until shutdown.
 pub async fn run(
@@ -69,7 +60,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let listener = match Listener::new(listener) {
+    let mut listener = match Listener::new(listener) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("cannot watch the listening socket: {e}");
