@@ -92,7 +92,7 @@ if [ -z "$nginx_up" ]; then
 fi
 
 echo "# chat-server vs nginx-light $("$nginx_bin" -v 2>&1 | sed 's/.*nginx\///'), $(nproc) cores, $(date -u +%F)"
-echo "# $rounds rounds of ${secs}s per cell; req/s are medians, \"vs nginx\" the median of per-round ratios; clients spread over 127.0.0.1-254"
+echo "# $rounds rounds of ${secs}s per cell; req/s are medians, \"vs nginx\" the median of per-round ratios and their quartiles; clients spread over 127.0.0.1-254"
 echo
 "$bench" compare --server "$server_addr" --reference "127.0.0.1:$nginx_port" \
   --rounds "$rounds" --duration "$secs" --sources 254

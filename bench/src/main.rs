@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::load::{Load, Mode, Op};
-use crate::stats::{Summary, median};
+use crate::stats::{Summary, median, quantile};
 
 #[derive(Parser, Debug)]
 #[command(name = "chat-bench", version, about, max_term_width = 100)]
@@ -214,7 +214,7 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     println!(
-        "| connections | clients | {r} GET req/s | PROBE req/s | vs {r} | REGISTER req/s | vs {r} | p50 / p99 ms ({r} · PROBE · REGISTER) |",
+        "| connections | clients | {r} GET req/s | PROBE req/s | vs {r} (quartiles) | REGISTER req/s | vs {r} (quartiles) | p50 / p99 ms ({r} · PROBE · REGISTER) |",
         r = a.reference_name
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---|");
@@ -254,18 +254,25 @@ async fn compare(a: CompareArgs) -> anyhow::Result<()> {
             // one another, and the median of those is shown: a drift of
             // the machine between rounds then moves both sides of a ratio
             // alike instead of landing on one median and not the other.
+            // The quartiles show how far the rounds disagree, which on a
+            // shared machine is often more than the ratio's distance from 1.
             let ratio = |col: usize| {
                 let per_round: Vec<f64> = rates[col]
                     .iter()
                     .zip(&rates[0])
                     .map(|(x, reference)| x / reference)
                     .collect();
-                median(&per_round)
+                format!(
+                    "{:.2}× ({:.2}–{:.2})",
+                    median(&per_round),
+                    quantile(&per_round, 0.25),
+                    quantile(&per_round, 0.75)
+                )
             };
             let l50: Vec<f64> = p50.iter().map(|v| median(v)).collect();
             let l99: Vec<f64> = p99.iter().map(|v| median(v)).collect();
             println!(
-                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.2}× | {:.2}/{:.2} · {:.2}/{:.2} · {:.2}/{:.2} |",
+                "| {} | {c} | {:.0} | {:.0} | {} | {:.0} | {} | {:.2}/{:.2} · {:.2}/{:.2} · {:.2}/{:.2} |",
                 match mode {
                     Mode::Transient => "transient",
                     _ => "keep-alive",
