@@ -34,7 +34,6 @@ pub use portable::{Listener, Stream};
 #[cfg(unix)]
 mod unix {
     use super::*;
-    use crate::defer;
     use std::io::Write;
     use tokio::io::unix::AsyncFd;
 
@@ -45,15 +44,6 @@ mod unix {
         defer: Option<Adaptive>,
     }
 
-    /// What a listener needs to switch deferring as its worker's load
-    /// changes.
-    struct Adaptive {
-        policy: defer::Policy,
-        metrics: tokio::runtime::RuntimeMetrics,
-        /// The runtime's park count at the last accept.
-        parks: u64,
-    }
-
     impl Listener {
         /// Watches `listener` from the current runtime, which should be a
         /// worker's single-threaded one: its sleeps are what tells the
@@ -61,7 +51,7 @@ mod unix {
         pub fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
             listener.set_nonblocking(true)?;
             let socket = socket2::Socket::from(listener);
-            let defer = adaptive(&socket);
+            let defer = Adaptive::new(&socket);
             Ok(Listener {
                 fd: watch(socket)?,
                 defer,
@@ -86,60 +76,93 @@ mod unix {
         /// Tells the policy whether the worker slept since the last
         /// connection, and switches deferring if it says so.
         fn adapt(&mut self) {
-            let Some(a) = &mut self.defer else {
-                return;
-            };
-            let parks = a.metrics.worker_park_count(0);
-            let slept = parks != a.parks;
-            a.parks = parks;
-            if let Some(on) = a.policy.accepted(slept) {
-                let secs = if on { DEFER_SECS } else { 0 };
-                if let Err(e) = set_defer_accept(self.fd.get_ref(), secs) {
-                    tracing::debug!("TCP_DEFER_ACCEPT not switched: {e}; left as it is");
-                    self.defer = None;
-                }
+            if let Some(a) = &mut self.defer
+                && let Err(e) = a.accepted(self.fd.get_ref())
+            {
+                tracing::debug!("TCP_DEFER_ACCEPT not switched: {e}; left as it is");
+                self.defer = None;
             }
         }
     }
 
-    /// How long the kernel holds a connection that has sent nothing
-    /// before handing it to accept anyway; it then meets the header
-    /// timeout.
-    const DEFER_SECS: u32 = 5;
-
-    /// Starts a listener not deferring (an idle worker), and adapting if
-    /// it can: on Linux, from a single-threaded runtime.
+    /// What a listener needs to switch deferring as its worker's load
+    /// changes: Linux's `TCP_DEFER_ACCEPT`, and tokio's park count (which
+    /// needs 64-bit atomics).
     #[cfg(all(
         any(target_os = "linux", target_os = "android"),
         target_has_atomic = "64"
     ))]
-    fn adaptive(socket: &socket2::Socket) -> Option<Adaptive> {
-        let metrics = tokio::runtime::Handle::try_current().ok()?.metrics();
-        if metrics.num_workers() != 1 {
-            // Several workers share one park count per thread, none of
-            // them this listener's: defer always, which is never far off.
-            if let Err(e) = set_defer_accept(socket, DEFER_SECS) {
-                tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
-            }
-            return None;
-        }
-        if let Err(e) = set_defer_accept(socket, 0) {
-            tracing::debug!("TCP_DEFER_ACCEPT not settable: {e}");
-            return None;
-        }
-        Some(Adaptive {
-            policy: defer::Policy::default(),
-            parks: metrics.worker_park_count(0),
-            metrics,
-        })
+    struct Adaptive {
+        policy: crate::defer::Policy,
+        metrics: tokio::runtime::RuntimeMetrics,
+        /// The runtime's park count at the last accept.
+        parks: u64,
     }
+
+    #[cfg(all(
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    ))]
+    impl Adaptive {
+        /// How long the kernel holds a connection that has sent nothing
+        /// before handing it to accept anyway; it then meets the header
+        /// timeout.
+        const DEFER_SECS: u32 = 5;
+
+        /// Starts `socket` not deferring (an idle worker), and adapting
+        /// if the current runtime is single-threaded.
+        fn new(socket: &socket2::Socket) -> Option<Adaptive> {
+            let metrics = tokio::runtime::Handle::try_current().ok()?.metrics();
+            if metrics.num_workers() != 1 {
+                // Whose sleeps would be whose is unknown: defer always,
+                // which is right whenever the server is busy.
+                if let Err(e) = set_defer_accept(socket, Self::DEFER_SECS) {
+                    tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
+                }
+                return None;
+            }
+            if let Err(e) = set_defer_accept(socket, 0) {
+                tracing::debug!("TCP_DEFER_ACCEPT not settable: {e}");
+                return None;
+            }
+            Some(Adaptive {
+                policy: crate::defer::Policy::default(),
+                parks: metrics.worker_park_count(0),
+                metrics,
+            })
+        }
+
+        /// One connection was accepted from `socket`.
+        fn accepted(&mut self, socket: &socket2::Socket) -> io::Result<()> {
+            let parks = self.metrics.worker_park_count(0);
+            let slept = parks != self.parks;
+            self.parks = parks;
+            match self.policy.accepted(slept) {
+                Some(on) => set_defer_accept(socket, if on { Self::DEFER_SECS } else { 0 }),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// Elsewhere connections are accepted as they come.
+    #[cfg(not(all(
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    )))]
+    struct Adaptive;
 
     #[cfg(not(all(
         any(target_os = "linux", target_os = "android"),
         target_has_atomic = "64"
     )))]
-    fn adaptive(_socket: &socket2::Socket) -> Option<Adaptive> {
-        None
+    impl Adaptive {
+        fn new(_socket: &socket2::Socket) -> Option<Adaptive> {
+            None
+        }
+
+        fn accepted(&mut self, _socket: &socket2::Socket) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     fn accept(listener: &socket2::Socket) -> io::Result<(Stream, SocketAddr)> {
@@ -266,7 +289,10 @@ mod unix {
 
     /// Asks the kernel to complete `accept` only once the client has sent
     /// data, or after `secs` (0: at once, as usual).
-    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[cfg(all(
+        any(target_os = "linux", target_os = "android"),
+        target_has_atomic = "64"
+    ))]
     fn set_defer_accept(listener: &socket2::Socket, secs: u32) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let value: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
