@@ -246,10 +246,17 @@ pub async fn connect(
 ) {
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let late = || format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs());
+        // Failures are (the peer's refusal status, if it answered; why).
+        let late = || {
+            (
+                None,
+                format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+            )
+        };
+        let io = |e: std::io::Error| (None, e.to_string());
         let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(io(e)),
             Err(_) => return Err(late()),
         };
         let _ = stream.set_nodelay(true);
@@ -257,17 +264,20 @@ pub async fn connect(
         hello.encode(&addr.to_string(), &mut out);
         match timeout_at(deadline, stream.write_all(&out)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(io(e)),
             Err(_) => return Err(late()),
         }
         let mut buf = Vec::with_capacity(1024);
         loop {
             match timeout_at(deadline, stream.read_buf(&mut buf)).await {
                 Ok(Ok(0)) => {
-                    return Err("the peer closed the connection during the handshake".into());
+                    return Err((
+                        None,
+                        "the peer closed the connection during the handshake".into(),
+                    ));
                 }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Err(e)) => return Err(io(e)),
                 Err(_) => return Err(late()),
             }
             match parse_answer(&buf) {
@@ -275,10 +285,10 @@ pub async fn connect(
                     return Ok((stream, id, buf.split_off(used)));
                 }
                 Ok(Some((Answer::Refused { status, reason }, _))) => {
-                    return Err(format!("refused ({status}): {reason}"));
+                    return Err((Some(status), format!("refused ({status}): {reason}")));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(format!("not a chatd: {e}")),
+                Err(e) => return Err((None, format!("not a chatd: {e}"))),
             }
         }
     };
@@ -289,9 +299,13 @@ pub async fn connect(
                 .send(CoreEvent::Session(Input::LinkUp { link, peer }))
                 .await;
         }
-        Err(reason) => {
+        Err((refused, reason)) => {
             let _ = core
-                .send(CoreEvent::Session(Input::LinkFailed { link, reason }))
+                .send(CoreEvent::Session(Input::LinkFailed {
+                    link,
+                    refused,
+                    reason,
+                }))
                 .await;
         }
     }

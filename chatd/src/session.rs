@@ -87,6 +87,8 @@ pub enum Input {
     /// An outgoing link could not be opened.
     LinkFailed {
         link: LinkId,
+        /// The status the peer refused the call with, if it answered.
+        refused: Option<u16>,
         reason: String,
     },
     /// A peer connected and asked to chat; answer with Accept or Refuse.
@@ -206,11 +208,29 @@ enum Phase {
     Connecting {
         peer: ClientId,
         addr: SocketAddr,
-        link: LinkId,
+        call: Call,
         ticket: Ticket,
     },
     Chatting(Chat),
 }
+
+/// Where the call of a `chat` command stands.
+#[derive(Clone, Debug)]
+enum Call {
+    /// Connecting on this link.
+    Dialing(LinkId),
+    /// Refused with 409 by a peer whose id is lower: most likely it is
+    /// calling at the same time, its refusal overtook its call, and its
+    /// call is the one both ends keep. That call is awaited until `until`;
+    /// past it, `reason` stands.
+    Crossed { until: Instant, reason: String },
+}
+
+/// How long a call refused by a crossing call waits for that call. Both
+/// calls start within moments of each other, so this is plenty; it is
+/// also how late a busy peer's refusal reaches the user when the peer's
+/// id is the lower one.
+const CROSSING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 struct Chat {
@@ -341,8 +361,12 @@ impl Session {
                 });
                 self.end_chat(notice, undelivered, true);
             }
-            Phase::Connecting { link, ticket, .. } => {
-                self.out.push_back(Action::Close { link });
+            Phase::Connecting {
+                ref call, ticket, ..
+            } => {
+                if let Call::Dialing(link) = *call {
+                    self.out.push_back(Action::Close { link });
+                }
                 self.reply(ticket, Err(connecting));
             }
             _ => {}
@@ -364,6 +388,10 @@ impl Session {
                 let ack = c.oldest_unacked().map(|at| at + self.config.peer_timeout);
                 Some(c.next_ping.min(c.deadline).min(ack.unwrap_or(c.deadline)))
             }
+            Phase::Connecting {
+                call: Call::Crossed { until, .. },
+                ..
+            } => Some(*until),
             _ => None,
         };
         [refresh, link, self.retry_register_at]
@@ -375,6 +403,17 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.retry_register_at.is_some_and(|t| now >= t) {
             self.register_automatically();
+        }
+        if let Phase::Connecting {
+            call: Call::Crossed { until, ref reason },
+            ticket,
+            peer,
+            addr,
+        } = self.phase
+            && now >= until
+        {
+            let reason = reason.clone();
+            self.call_failed(ticket, peer, addr, &reason);
         }
         if let Some(reg) = &self.reg
             && !self.refreshing()
@@ -426,23 +465,32 @@ impl Session {
             Input::Command { ticket, command } => self.command(ticket, command, now),
             Input::ServerReply { op, result } => self.server_reply(op, result, now),
             Input::LinkUp { link, peer } => self.link_up(link, peer, now),
-            Input::LinkFailed { link, reason } => {
+            Input::LinkFailed {
+                link,
+                refused,
+                reason,
+            } => {
                 if let Phase::Connecting {
-                    link: l,
+                    call: Call::Dialing(l),
                     ticket,
                     peer,
                     addr,
                 } = self.phase
                     && l == link
                 {
-                    self.set_phase(Phase::None);
-                    self.reply(
+                    if refused == Some(409) && peer.as_str() < self.config.id.as_str() {
+                        self.set_phase(Phase::Connecting {
+                            peer,
+                            addr,
+                            call: Call::Crossed {
+                                until: now + CROSSING_WAIT,
+                                reason,
+                            },
                             ticket,
-                            Err(Failure::new(
-                                FailureKind::Peer,
-                                format!("cannot chat with {peer} at {addr}: {reason}; run `chatctl bridge` for another peer"),
-                            )),
-                        );
+                        });
+                    } else {
+                        self.call_failed(ticket, peer, addr, &reason);
+                    }
                 }
             }
             Input::Incoming { link, hello } => self.incoming(link, hello, now),
@@ -495,7 +543,7 @@ impl Session {
                     self.set_phase(Phase::Connecting {
                         peer,
                         addr,
-                        link,
+                        call: Call::Dialing(link),
                         ticket,
                     });
                     let hello = Hello {
@@ -645,9 +693,21 @@ impl Session {
         });
     }
 
+    /// The call of `chat` command `ticket` to `peer` failed for `reason`.
+    fn call_failed(&mut self, ticket: Ticket, peer: ClientId, addr: SocketAddr, reason: &str) {
+        self.set_phase(Phase::None);
+        self.fail(
+            ticket,
+            FailureKind::Peer,
+            format!(
+                "cannot chat with {peer} at {addr}: {reason}; run `chatctl bridge` for another peer"
+            ),
+        );
+    }
+
     fn link_up(&mut self, link: LinkId, peer: ClientId, now: Instant) {
         let Phase::Connecting {
-            link: l,
+            call: Call::Dialing(l),
             ticket,
             peer: expected,
             addr,
@@ -693,17 +753,17 @@ impl Session {
         match &self.phase {
             // Both ran `chat` at once, each calling the other. One link
             // must win, the same one at both ends: the call of the lower
-            // id. The higher takes it and drops its own; the lower refuses
-            // this one and keeps its own, which the other end takes.
+            // id. The higher takes it and drops its own (or has had its
+            // own refused already); the lower refuses this one and keeps
+            // its own, which the other end takes.
             Phase::Connecting {
-                peer,
-                link: own,
-                ticket,
-                ..
+                peer, call, ticket, ..
             } if *peer == hello.id => {
-                let (own, ticket) = (*own, *ticket);
+                let (own, ticket) = (call.clone(), *ticket);
                 if hello.id.as_str() < me.as_str() {
-                    self.out.push_back(Action::Close { link: own });
+                    if let Call::Dialing(own) = own {
+                        self.out.push_back(Action::Close { link: own });
+                    }
                     self.out.push_back(Action::Accept { link });
                     self.start_chat(hello.id, link, false, hello.turns, now);
                     self.reply(ticket, Ok(Reply::Chatting { peer: hello.id }));
@@ -1267,6 +1327,16 @@ mod tests {
             std::iter::from_fn(|| self.s.poll_action()).collect()
         }
 
+        /// A call from `peer`: its link, and what the session did.
+        fn call_from(&mut self, peer: &str, turns: bool) -> (LinkId, Vec<Action>) {
+            let link = self.s.next_link();
+            let hello = Hello {
+                id: id(peer),
+                turns,
+            };
+            (link, self.input(Input::Incoming { link, hello }))
+        }
+
         fn command(&mut self, c: Command) -> (Ticket, Vec<Action>) {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
@@ -1360,6 +1430,12 @@ mod tests {
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no reply for {ticket} in {actions:?}"))
+    }
+
+    fn replied(actions: &[Action], ticket: Ticket) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply { ticket: t, .. } if *t == ticket))
     }
 
     fn sent_messages(actions: &[Action]) -> Vec<(u64, String)> {
@@ -1853,21 +1929,113 @@ mod tests {
         assert_eq!(t.s.state(), State::Registered);
     }
 
-    #[test]
-    fn a_failed_connect_goes_back_to_registered() {
-        let mut t = T::new(false);
-        t.bridged(Some((id("bob"), addr(5000))));
+    /// Bridged to `peer`, runs `chat`: the ticket and the call's link.
+    fn calling(t: &mut T, peer: &str) -> (Ticket, LinkId) {
+        t.bridged(Some((id(peer), addr(5000))));
         let (ticket, a) = t.command(Command::Chat);
-        let Some(Action::Connect { link, .. }) = a.last().cloned() else {
-            panic!()
-        };
+        match a.last() {
+            Some(Action::Connect { link, .. }) => (ticket, *link),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Bridged to `peer`, runs `chat`, and has its call refused with 409
+    /// for `why`: the ticket, and what the session did.
+    fn refused_409(t: &mut T, peer: &str, why: &str) -> (Ticket, Vec<Action>) {
+        let (ticket, link) = calling(t, peer);
         let a = t.input(Input::LinkFailed {
             link,
-            reason: "refused (409): bob is busy in another chat".into(),
+            refused: Some(409),
+            reason: format!("refused (409): {peer} {why}"),
         });
-        let f = reply_of(&a, ticket).unwrap_err();
+        (ticket, a)
+    }
+
+    #[test]
+    fn a_failed_connect_goes_back_to_registered() {
+        // ("me" is the daemon's own id.) Only a 409 from a lower id can be
+        // a crossing call; every other failure is told at once.
+        for (peer, refused, why) in [
+            (
+                "zed",
+                Some(409),
+                "refused (409): zed is busy in another chat",
+            ),
+            (
+                "bob",
+                Some(403),
+                "refused (403): bob is not waiting for a chat",
+            ),
+            ("bob", None, "Connection refused (os error 111)"),
+        ] {
+            let mut t = T::new(false);
+            let (ticket, link) = calling(&mut t, peer);
+            let a = t.input(Input::LinkFailed {
+                link,
+                refused,
+                reason: why.into(),
+            });
+            let f = reply_of(&a, ticket).unwrap_err();
+            assert!(f.message.contains(why), "{f:?}");
+            assert!(f.message.contains("chatctl bridge"), "{f:?}");
+            assert_eq!(t.s.state(), State::Registered);
+        }
+    }
+
+    #[test]
+    fn a_call_refused_by_a_crossing_call_takes_that_call() {
+        // bob (the lower id) refused our call because it is calling us,
+        // and its refusal came before its call.
+        let mut t = T::new(false);
+        let (ticket, a) = refused_409(&mut t, "bob", "is calling you at the same time");
+        assert!(!replied(&a, ticket), "{a:?}");
+        assert_eq!(t.s.state(), State::Ready);
+        assert_eq!(t.s.status().peer, Some(id("bob")));
+
+        // Anyone else is refused meanwhile ...
+        let (_, a) = t.call_from("carol", false);
+        assert!(
+            matches!(&a[..], [Action::Refuse { status: 409, .. }]),
+            "{a:?}"
+        );
+        // ... and bob's call is taken, on bob's rule for turns.
+        let (theirs, a) = t.call_from("bob", true);
+        assert!(a.contains(&Action::Accept { link: theirs }), "{a:?}");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Close { .. })),
+            "{a:?}"
+        );
+        assert_eq!(
+            reply_of(&a, ticket),
+            Ok(Reply::Chatting { peer: id("bob") })
+        );
+        assert_eq!(t.s.state(), State::Chatting);
+        assert_eq!(t.s.status().turn, Some(Turn::Peers));
+    }
+
+    #[test]
+    fn a_409_from_a_lower_id_stands_if_no_call_follows() {
+        let mut t = T::new(false);
+        let (ticket, _) = refused_409(&mut t, "bob", "is busy in another chat");
+        assert_eq!(t.s.poll_timeout(), Some(t.now + CROSSING_WAIT));
+        t.advance(CROSSING_WAIT - Duration::from_millis(1));
+        assert!(!replied(&t.drain(), ticket));
+        t.advance(Duration::from_millis(1));
+        let f = reply_of(&t.drain(), ticket).unwrap_err();
         assert!(f.message.contains("bob is busy"), "{f:?}");
         assert_eq!(t.s.state(), State::Registered);
+    }
+
+    #[test]
+    fn quitting_while_awaiting_a_crossing_call_answers_the_chat() {
+        let mut t = T::new(false);
+        let (ticket, _) = refused_409(&mut t, "bob", "is calling you at the same time");
+        let (_, a) = t.command(Command::Quit);
+        assert!(reply_of(&a, ticket).is_err(), "{a:?}");
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Close { .. })),
+            "{a:?}"
+        );
     }
 
     #[test]
@@ -1888,14 +2056,7 @@ mod tests {
         );
         let link = t.chatting(false);
         assert_eq!(t.s.status().peer, Some(id("bob")));
-        let other = t.s.next_link();
-        let a = t.input(Input::Incoming {
-            link: other,
-            hello: Hello {
-                id: id("eve"),
-                turns: false,
-            },
-        });
+        let (_, a) = t.call_from("eve", false);
         assert!(
             matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("busy")),
             "{a:?}"
@@ -2004,7 +2165,9 @@ mod tests {
                     matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("at the same time")),
                     "{a:?}"
                 );
-                assert!(matches!(t.s.phase, Phase::Connecting { link, .. } if link == own));
+                assert!(
+                    matches!(t.s.phase, Phase::Connecting { call: Call::Dialing(link), .. } if link == own)
+                );
             } else {
                 assert!(a.contains(&Action::Close { link: own }), "{a:?}");
                 assert!(a.contains(&Action::Accept { link: theirs }), "{a:?}");
