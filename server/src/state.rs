@@ -4,9 +4,8 @@
 //! response here, so the two transports cannot drift apart. Locks are never
 //! held across an await. A request holds them for the few hundred
 //! nanoseconds a registry call takes. The periodic sweep takes the
-//! registry's lock a slice of `SWEEP_SLICE` records at a time, so no
-//! worker waits long for it; the rate limiter's sweep still walks its
-//! whole table (about 1 ms per 100,000 tracked sources).
+//! registry's lock a slice of `SWEEP_SLICE` records at a time, and the
+//! rate limiter's a shard at a time, so no worker waits long for either.
 
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -122,7 +121,10 @@ impl State {
     pub fn sweep(&self) -> usize {
         let now = self.now();
         if let Some(l) = &self.limiter {
-            lock(l).sweep(now);
+            let shards = lock(l).shards();
+            for i in 0..shards {
+                lock(l).sweep_shard(i, now);
+            }
         }
         let mut lapsed = 0;
         loop {
