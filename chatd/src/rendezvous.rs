@@ -76,6 +76,14 @@ impl Client {
         let addrs = tokio::net::lookup_host(&self.server)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", self.server))?;
+        self.first_answering(addrs).await
+    }
+
+    /// The first of `addrs` that answers a PROBE, or what each said.
+    async fn first_answering(
+        &self,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<(SocketAddr, Transport), String> {
         let mut failures = Vec::new();
         for addr in addrs {
             match self.probe(addr).await {
@@ -238,4 +246,41 @@ fn request_id() -> String {
             )
         });
     t[..16.min(t.len())].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_testkit::Server;
+
+    /// A loopback address where nothing listens, over TCP or UDP.
+    fn dead_addr() -> SocketAddr {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        drop(tcp);
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_first_address_that_answers_is_kept() {
+        let server = Server::start(&[]);
+        let client = Client::new(format!("localhost:{}", server.addr.port()));
+        let (dead, live) = (dead_addr(), server.addr);
+        assert_eq!(
+            client.first_answering([dead, live]).await,
+            Ok((live, Transport::Tcp))
+        );
+
+        let err = client
+            .first_answering([dead, dead_addr()])
+            .await
+            .unwrap_err();
+        // Each address is named with what it said.
+        assert!(err.contains(&format!("at {dead}: over TCP: ")), "{err}");
+        assert_eq!(err.matches("at 127.0.0.1:").count(), 2, "{err}");
+        assert_eq!(
+            client.first_answering([]).await.unwrap_err(),
+            format!("localhost:{} resolves to no address", server.addr.port())
+        );
+    }
 }
