@@ -11,8 +11,9 @@
 //! 2-core machine of `docs/BENCHMARKS.md`: deferring gains about 15% of
 //! transient connections/s at 64 clients and loses about 6% at one.
 //!
-//! So each worker decides from what it sees: whether its runtime slept
-//! between one accepted connection and the next. A worker that sleeps
+//! So each worker decides from what it sees: whether its runtime ran out
+//! of work (parked, in tokio's terms: waited on epoll, however briefly)
+//! between one accepted connection and the next. A worker that idles
 //! before nearly every connection is waiting for clients, and does not
 //! defer; one that mostly finds the next connection queued is busy, and
 //! defers. A moving average with a gap between the two thresholds keeps
@@ -22,8 +23,8 @@
 /// What the policy decides from one accepted connection.
 #[derive(Debug)]
 pub struct Policy {
-    /// Moving average of "slept before this connection", in 1/`ONE`.
-    slept: u32,
+    /// Moving average of "idled before this connection", in 1/`ONE`.
+    idled: u32,
     deferring: bool,
 }
 
@@ -31,11 +32,12 @@ pub struct Policy {
 const ONE: u32 = 1024;
 /// Each connection moves the average by 1/`WEIGHT` of the difference.
 const WEIGHT: u32 = 16;
-/// Start deferring below this share of connections that woke the worker:
-/// with deferring on, a worker whose clients come one at a time still
-/// sleeps before every connection, so it measures the same and switches
-/// back. The measured shares (with deferring on) were 100% at one client,
-/// 68% at 4, 40% at 16 and 28% at 64; deferring is a loss only at one.
+/// Start deferring below this share of connections the worker idled
+/// before. The shares measured (transient connections, 2 workers) were,
+/// not deferring: 100% at one client, 73% at 4, 49% at 16, 41% at 64;
+/// deferring: 100%, 68%, 40%, 28%. Deferring is a loss only at one
+/// client, where the share is the same either way, so the worker
+/// switches back.
 const START_BELOW: u32 = ONE * 80 / 100;
 /// Stop deferring above this share.
 const STOP_ABOVE: u32 = ONE * 94 / 100;
@@ -44,7 +46,7 @@ impl Default for Policy {
     /// An idle worker: not deferring.
     fn default() -> Policy {
         Policy {
-            slept: ONE,
+            idled: ONE,
             deferring: false,
         }
     }
@@ -56,16 +58,16 @@ impl Policy {
         self.deferring
     }
 
-    /// Takes one accepted connection, and whether the worker slept since
+    /// Takes one accepted connection, and whether the worker idled since
     /// the one before. Returns the new setting when it changes.
-    pub fn accepted(&mut self, slept: bool) -> Option<bool> {
-        let sample = if slept { ONE } else { 0 };
+    pub fn accepted(&mut self, idled: bool) -> Option<bool> {
+        let sample = if idled { ONE } else { 0 };
         // The average stays within 0..=ONE, so neither side overflows.
-        self.slept = self.slept - self.slept / WEIGHT + sample / WEIGHT;
+        self.idled = self.idled - self.idled / WEIGHT + sample / WEIGHT;
         let want = if self.deferring {
-            self.slept <= STOP_ABOVE
+            self.idled <= STOP_ABOVE
         } else {
-            self.slept < START_BELOW
+            self.idled < START_BELOW
         };
         (want != self.deferring).then(|| {
             self.deferring = want;
@@ -79,8 +81,8 @@ mod tests {
     use super::*;
 
     /// Feeds `n` connections; returns every change of setting.
-    fn feed(p: &mut Policy, n: usize, mut slept: impl FnMut(usize) -> bool) -> Vec<bool> {
-        (0..n).filter_map(|i| p.accepted(slept(i))).collect()
+    fn feed(p: &mut Policy, n: usize, mut idled: impl FnMut(usize) -> bool) -> Vec<bool> {
+        (0..n).filter_map(|i| p.accepted(idled(i))).collect()
     }
 
     #[test]
@@ -104,7 +106,7 @@ mod tests {
         let mut p = Policy::default();
         feed(&mut p, 200, |_| false);
         assert!(p.deferring());
-        // One connection after a sleep is not enough ...
+        // One connection after an idle spell is not enough ...
         assert_eq!(p.accepted(true), None);
         // ... a run of them is.
         assert_eq!(feed(&mut p, 200, |_| true), vec![false]);
@@ -133,7 +135,7 @@ mod tests {
         let mut p = Policy::default();
         for i in 0..100_000u32 {
             p.accepted(i.wrapping_mul(2_654_435_761) % 3 == 0);
-            assert!(p.slept <= ONE);
+            assert!(p.idled <= ONE);
         }
     }
 }

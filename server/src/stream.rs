@@ -5,9 +5,10 @@
 //! until `EAGAIN`. For this server's traffic (a request of a hundred bytes,
 //! a response as small, often a close) those calls are a third of the
 //! work. So, as nginx does:
-//! - a new socket is read at once, without registering it: with
-//!   `TCP_DEFER_ACCEPT` the request is already there, and a transient
-//!   connection is answered and closed without epoll ever knowing it;
+//! - a new socket is read at once, without registering it: on a busy
+//!   worker (`TCP_DEFER_ACCEPT`, below) the request is already there, and
+//!   a transient connection is answered and closed without epoll ever
+//!   knowing it;
 //! - a read that fills less than the buffer drained the socket, so the
 //!   readiness is cleared without another `recv` (tokio's readiness ticks
 //!   make this safe: data arriving meanwhile sets it again).
@@ -46,7 +47,7 @@ mod unix {
 
     impl Listener {
         /// Watches `listener` from the current runtime, which should be a
-        /// worker's single-threaded one: its sleeps are what tells the
+        /// worker's single-threaded one: its idle spells are what tell the
         /// listener whether to defer.
         pub fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
             listener.set_nonblocking(true)?;
@@ -65,7 +66,11 @@ mod unix {
                 let mut guard = self.fd.readable().await?;
                 match guard.try_io(|l| accept(l.get_ref())) {
                     Ok(result) => {
-                        self.adapt();
+                        // Only connections count: a failed accept (out of
+                        // descriptors) says nothing about the load.
+                        if result.is_ok() {
+                            self.adapt();
+                        }
                         return result;
                     }
                     Err(_would_block) => continue,
@@ -73,8 +78,8 @@ mod unix {
             }
         }
 
-        /// Tells the policy whether the worker slept since the last
-        /// connection, and switches deferring if it says so.
+        /// Tells the policy whether the worker ran out of work since the
+        /// last connection, and switches deferring if it says so.
         fn adapt(&mut self) {
             if let Some(a) = &mut self.defer
                 && let Err(e) = a.accepted(self.fd.get_ref())
@@ -104,23 +109,17 @@ mod unix {
         target_has_atomic = "64"
     ))]
     impl Adaptive {
-        /// How long the kernel holds a connection that has sent nothing
-        /// before handing it to accept anyway; it then meets the header
-        /// timeout.
-        const DEFER_SECS: u32 = 5;
-
         /// Starts `socket` not deferring (an idle worker), and adapting
         /// if the current runtime is single-threaded.
         fn new(socket: &socket2::Socket) -> Option<Adaptive> {
-            let metrics = tokio::runtime::Handle::try_current().ok()?.metrics();
-            if metrics.num_workers() != 1 {
-                // Whose sleeps would be whose is unknown: defer always,
-                // which is right whenever the server is busy.
-                if let Err(e) = set_defer_accept(socket, Self::DEFER_SECS) {
-                    tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
-                }
+            use tokio::runtime::{Handle, RuntimeFlavor};
+            let handle = Handle::try_current().ok()?;
+            if handle.runtime_flavor() != RuntimeFlavor::CurrentThread {
+                // Which worker's parks are this listener's is unknown.
+                defer_always(socket);
                 return None;
             }
+            let metrics = handle.metrics();
             if let Err(e) = set_defer_accept(socket, 0) {
                 tracing::debug!("TCP_DEFER_ACCEPT not settable: {e}");
                 return None;
@@ -134,17 +133,35 @@ mod unix {
 
         /// One connection was accepted from `socket`.
         fn accepted(&mut self, socket: &socket2::Socket) -> io::Result<()> {
+            // The count goes up whenever the runtime runs out of tasks and
+            // waits on epoll, however briefly.
             let parks = self.metrics.worker_park_count(0);
-            let slept = parks != self.parks;
+            let idled = parks != self.parks;
             self.parks = parks;
-            match self.policy.accepted(slept) {
-                Some(on) => set_defer_accept(socket, if on { Self::DEFER_SECS } else { 0 }),
+            match self.policy.accepted(idled) {
+                Some(on) => set_defer_accept(socket, if on { DEFER_SECS } else { 0 }),
                 None => Ok(()),
             }
         }
     }
 
-    /// Elsewhere connections are accepted as they come.
+    /// How long the kernel holds a connection that has sent nothing
+    /// before handing it to accept anyway; it then meets the header
+    /// timeout.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    const DEFER_SECS: u32 = 5;
+
+    /// Where the load cannot be read: deferring is right whenever the
+    /// server is busy, and costs an idle one only latency.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn defer_always(socket: &socket2::Socket) {
+        if let Err(e) = set_defer_accept(socket, DEFER_SECS) {
+            tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
+        }
+    }
+
+    /// Without tokio's park count (no 64-bit atomics) the listener defers
+    /// always on Linux; elsewhere there is no `TCP_DEFER_ACCEPT`.
     #[cfg(not(all(
         any(target_os = "linux", target_os = "android"),
         target_has_atomic = "64"
@@ -157,6 +174,8 @@ mod unix {
     )))]
     impl Adaptive {
         fn new(_socket: &socket2::Socket) -> Option<Adaptive> {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            defer_always(_socket);
             None
         }
 
@@ -289,10 +308,7 @@ mod unix {
 
     /// Asks the kernel to complete `accept` only once the client has sent
     /// data, or after `secs` (0: at once, as usual).
-    #[cfg(all(
-        any(target_os = "linux", target_os = "android"),
-        target_has_atomic = "64"
-    ))]
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn set_defer_accept(listener: &socket2::Socket, secs: u32) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         let value: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
@@ -363,7 +379,7 @@ mod unix {
                     "an idle worker starts not deferring"
                 );
 
-                // Clients one at a time, the worker asleep between them.
+                // Clients one at a time, the worker idle between them.
                 for _ in 0..40 {
                     let _client = std::net::TcpStream::connect(addr).unwrap();
                     tokio::time::sleep(Duration::from_millis(1)).await;

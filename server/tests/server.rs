@@ -479,8 +479,9 @@ fn connection_caps_answer_503_and_429() {
         .write_all(build("PROBE", &[], false).as_bytes())
         .unwrap();
     assert_eq!(read_reply(&mut first).status, 200);
-    // It sends a request, or the kernel would hold it back from accept
-    // for the 5 s of TCP_DEFER_ACCEPT.
+    // It sends a request, or, had the worker been busy enough to defer
+    // accepts, the kernel would hold it back for the 5 s of
+    // TCP_DEFER_ACCEPT.
     let mut second = connect(p.addr);
     second
         .write_all(build("PROBE", &[], true).as_bytes())
