@@ -61,6 +61,11 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let at = (v.len() - 1) as f64 * q.clamp(0.0, 1.0);
     let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    if lo == hi {
+        // Exactly one value; interpolating would turn an infinite one
+        // (a reference run that served nothing) into NaN.
+        return v[lo];
+    }
     v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
 }
 
@@ -90,5 +95,7 @@ mod tests {
         assert_eq!(quantile(&xs, 0.75), 4.0);
         assert_eq!(quantile(&[1.0, 2.0], 0.25), 1.25);
         assert_eq!(quantile(&xs, 1.0), 5.0);
+        assert_eq!(median(&[1.0, f64::INFINITY, 2.0]), 2.0);
+        assert_eq!(median(&[1.0, f64::INFINITY, f64::INFINITY]), f64::INFINITY);
     }
 }
