@@ -412,7 +412,8 @@ impl Session {
         } = self.phase
             && now >= until
         {
-            let reason = reason.clone();
+            let secs = CROSSING_WAIT.as_secs();
+            let reason = format!("{reason} (and no call from {peer} came within {secs} s)");
             self.call_failed(ticket, peer, addr, &reason);
         }
         if let Some(reg) = &self.reg
@@ -2023,6 +2024,10 @@ mod tests {
         t.advance(Duration::from_millis(1));
         let f = reply_of(&t.drain(), ticket).unwrap_err();
         assert!(f.message.contains("bob is busy"), "{f:?}");
+        assert!(
+            f.message.contains("no call from bob came within 2 s"),
+            "{f:?}"
+        );
         assert_eq!(t.s.state(), State::Registered);
     }
 
