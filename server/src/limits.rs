@@ -98,9 +98,6 @@ struct Shard {
 
 struct Tracked {
     source: Source,
-    /// The source's keyed hash, so that growing the table does not hash
-    /// every source again.
-    hash: u64,
     bucket: Bucket,
 }
 
@@ -149,11 +146,8 @@ impl RateLimiter {
     pub fn check(&mut self, source: Source, now: Duration) -> Result<(), Refusal> {
         let (rate, burst) = (self.rate, self.burst);
         let hash = self.hasher.hash_one(source);
-        // Bits 32 and up pick the shard: hashbrown takes a bucket from the
-        // lowest bits and a tag from the top seven, so within a shard
-        // neither is constant.
-        let i = ((hash >> 32) % self.shards.len() as u64) as usize;
-        let shard = &mut self.shards[i];
+        let hasher = &self.hasher;
+        let shard = &mut self.shards[shard_of(hash, self.shards.len())];
         let b = match shard.buckets.find_mut(hash, |t| t.source == source) {
             Some(t) => &mut t.bucket,
             None => {
@@ -167,7 +161,6 @@ impl RateLimiter {
                 }
                 let tracked = Tracked {
                     source,
-                    hash,
                     bucket: Bucket {
                         tokens: burst,
                         last: now,
@@ -175,7 +168,7 @@ impl RateLimiter {
                 };
                 &mut shard
                     .buckets
-                    .insert_unique(hash, tracked, |t| t.hash)
+                    .insert_unique(hash, tracked, |t| hasher.hash_one(t.source))
                     .into_mut()
                     .bucket
             }
@@ -208,6 +201,13 @@ impl RateLimiter {
     fn tracked(&self) -> usize {
         self.shards.iter().map(|s| s.buckets.len()).sum()
     }
+}
+
+/// The shard of a source whose keyed hash is `hash`. Bits 32 and up pick
+/// it: hashbrown finds a bucket from the low bits, so those still vary
+/// within a shard.
+fn shard_of(hash: u64, shards: usize) -> usize {
+    ((hash >> 32) % shards as u64) as usize
 }
 
 impl Shard {
@@ -382,14 +382,20 @@ mod tests {
 
     #[test]
     fn the_cap_is_shared_out_over_the_shards() {
-        // 4 shards of 2: nine new sources cannot all fit.
+        // 4 shards of 2 each: every shard fills to 2, and no further.
         let mut l = RateLimiter::with_capacity(1, 2, 8, 4).unwrap();
-        let refused = (0..9)
-            .filter(|&i| l.check(nth(i), ms(0)) == Err(Refusal::TooManySources))
-            .count();
-        assert!(refused >= 1);
-        assert_eq!(l.tracked(), 9 - refused);
-        assert!(l.tracked() <= 8);
+        let mut landed = [0usize; 4];
+        let mut refused = 0;
+        for i in 0..200 {
+            landed[shard_of(l.hasher.hash_one(nth(i)), 4)] += 1;
+            if l.check(nth(i), ms(0)) == Err(Refusal::TooManySources) {
+                refused += 1;
+            }
+        }
+        let kept: Vec<usize> = l.shards.iter().map(|s| s.buckets.len()).collect();
+        let want: Vec<usize> = landed.iter().map(|&n| n.min(2)).collect();
+        assert_eq!(kept, want);
+        assert_eq!(refused, 200 - want.iter().sum::<usize>());
     }
 
     #[test]
