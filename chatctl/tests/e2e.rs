@@ -3,6 +3,7 @@
 
 mod common;
 
+#[cfg(unix)]
 use chat_proto::ipc::Hello;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::Stdio;
@@ -306,6 +307,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
 }
 
 #[test]
+#[cfg(unix)] // speaks to the control socket as a Unix socket
 fn garbage_on_the_control_socket_ends_only_that_connection() {
     use std::os::unix::net::UnixStream;
     let server = Server::start(&[]);
@@ -597,6 +599,7 @@ fn completions_and_man_pages_come_from_the_definitions() {
 }
 
 #[test]
+#[cfg(unix)] // speaks to the control socket as a Unix socket
 fn a_daemon_of_another_protocol_version_is_named() {
     use std::os::unix::net::UnixListener;
     let dir = tempfile::tempdir().unwrap();
@@ -624,6 +627,7 @@ fn a_daemon_of_another_protocol_version_is_named() {
 }
 
 /// `hello` as one control-socket frame.
+#[cfg(unix)]
 fn hello_frame(hello: Hello) -> Vec<u8> {
     let mut v = Vec::new();
     chat_proto::frame::encode(&hello, chat_proto::ipc::MAX_FRAME, &mut v).unwrap();
@@ -631,6 +635,7 @@ fn hello_frame(hello: Hello) -> Vec<u8> {
 }
 
 #[test]
+#[cfg(unix)] // speaks to the control socket as a Unix socket
 fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     use chat_proto::frame::{Decoder, encode};
     use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};

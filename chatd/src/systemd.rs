@@ -4,17 +4,21 @@
 
 use chat_proto::ipc::Status;
 
+#[cfg(unix)]
+use sd_notify::NotifyState;
+
 /// Tells systemd the daemon is ready, with a first status line.
 pub fn notify_ready(status: &str) {
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(status),
-    ]);
+    #[cfg(unix)]
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    #[cfg(not(unix))]
+    let _ = status;
 }
 
 /// Tells systemd the daemon is stopping.
 pub fn notify_stopping() {
-    notify(&[sd_notify::NotifyState::Stopping]);
+    #[cfg(unix)]
+    notify(&[NotifyState::Stopping]);
 }
 
 /// A STATUS= line for `systemctl status`, sent whenever the state changes.
@@ -23,10 +27,14 @@ pub fn report_status(status: &Status) {
         Some(peer) => format!("{}: {} with {peer}", status.id, status.state),
         None => format!("{}: {}", status.id, status.state),
     };
-    notify(&[sd_notify::NotifyState::Status(&line)]);
+    #[cfg(unix)]
+    notify(&[NotifyState::Status(&line)]);
+    #[cfg(not(unix))]
+    let _ = line;
 }
 
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
+#[cfg(unix)]
+fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!("cannot notify systemd: {e}");
     }

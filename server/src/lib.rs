@@ -119,10 +119,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     // Every socket is bound and every worker started: ready (Type=notify).
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("serving on {addr}")),
-    ]);
+    notify_ready(addr);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,7 +147,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
     })?;
     tracing::info!("{signal}: shutting down");
-    notify(&[sd_notify::NotifyState::Stopping]);
+    notify_stopping();
     let _ = shutdown_tx.send(true);
     for t in threads {
         let _ = t.join();
@@ -243,7 +240,23 @@ fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<S
     )
 }
 
-/// Tells systemd (when it started us with Type=notify) how we are.
+/// Tells systemd (when it started us with Type=notify) that we serve.
+fn notify_ready(addr: SocketAddr) {
+    #[cfg(unix)]
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {addr}")),
+    ]);
+    #[cfg(not(unix))]
+    let _ = addr;
+}
+
+fn notify_stopping() {
+    #[cfg(unix)]
+    notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+#[cfg(unix)]
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!("cannot notify systemd: {e}");

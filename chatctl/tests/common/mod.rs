@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-pub use chat_testkit::http::{read_to_close, request};
+#[cfg(unix)]
+pub use chat_testkit::http::read_to_close;
+pub use chat_testkit::http::request;
 pub use chat_testkit::{
     Guard, Server, WAIT, bin, eventually, fails_with, isolate, output_bounded, run_bounded, stderr,
     stdout, terminate,
