@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# How a history search affects the peer link: alice holds a history of one
-# million messages and chats with bob; bob's `chatctl send` (stored and
-# acknowledged by alice) is timed with alice idle, then while shells on
-# alice run `history --grep` one after another. Release builds, a
-# temporary directory, loopback only. Needs python3 (to write the history
-# and time the sends). Usage: bench/search.sh
+# How reading a long history affects the peer link: alice holds a history
+# of one million messages and chats with bob; bob's `chatctl send` (stored
+# and acknowledged by alice) is timed with alice idle, then while shells on
+# alice run `history --grep` one after another, then `tail -n 100000`.
+# Release builds, a temporary directory, loopback only. Needs python3 (to
+# write the history and time the sends). Usage: bench/search.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p chat-server -p chatd -p chatctl
@@ -69,6 +69,13 @@ echo "| alice is | p50 | p90 | max |"
 echo "|---|---:|---:|---:|"
 timed "idle"
 ( while :; do a history --grep zzz-not-there >/dev/null 2>&1; done ) &
-pids+=($!)
+grep_loop=$!
+pids+=($grep_loop)
 sleep 0.3
 timed "running history --grep, one after another"
+kill "$grep_loop" 2>/dev/null || true
+wait "$grep_loop" 2>/dev/null || true
+( while :; do a tail -n 100000 >/dev/null 2>&1; done ) &
+pids+=($!)
+sleep 0.3
+timed "running tail -n 100000, one after another"

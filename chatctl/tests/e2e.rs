@@ -6,7 +6,7 @@ mod common;
 #[cfg(unix)]
 use chat_proto::ipc::Hello;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::*;
@@ -374,6 +374,62 @@ fn send_without_a_chat_fails_clearly() {
             && err.contains("the chat is over: stopped at line 1"),
         "{err}"
     );
+}
+
+#[test]
+fn a_follow_of_a_long_history_sees_every_record_once_in_order() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    // Several slices of history (chatd reads 5,000 records per slice, in
+    // turns with everything else it does) ...
+    let old: String = (0..20_000).map(|i| format!("old {i}\n")).collect();
+    let out = bob.ctl_stdin(&["send", "-"], &old);
+    assert!(out.status.success(), "{out:?}");
+    // ... while messages keep coming, one `chatctl send` at a time, so
+    // that some are stored while the snapshot is being read.
+    let ticks: Vec<Command> = (0..150)
+        .map(|i| bob.ctl_cmd(&["send", &format!("tick {i}")]))
+        .collect();
+    let sender = std::thread::spawn(move || {
+        ticks
+            .into_iter()
+            .all(|cmd| run_bounded(cmd, None).status.success())
+    });
+    eventually("the ticks to flow", || {
+        alice.ok(&["tail", "-n", "1"]).contains("tick ")
+    });
+
+    let (_follower, records) = follow(&alice, "50000");
+    let mut got: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(v) = records.recv_timeout(left) else {
+            break;
+        };
+        let last = v["text"] == "tick 149";
+        got.push(v);
+        if last {
+            break;
+        }
+    }
+    assert!(sender.join().unwrap(), "a chatctl send failed");
+    let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "records missing, repeated or out of order around {:?}",
+        seqs.windows(2).find(|w| w[1] != w[0] + 1)
+    );
+    let texts: Vec<&str> = got.iter().filter_map(|v| v["text"].as_str()).collect();
+    for want in ["old 0", "old 19999", "tick 0", "tick 149"] {
+        assert!(
+            texts.contains(&want),
+            "{want} not among {} records",
+            got.len()
+        );
+    }
 }
 
 #[test]

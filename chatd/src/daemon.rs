@@ -70,15 +70,21 @@ struct Client {
     handle: ClientHandle,
     /// `tail --follow` requests being served.
     follows: Vec<u64>,
+    /// `tail --follow` requests whose snapshot of the history is still
+    /// being read, with the records stored meanwhile: those go out after
+    /// the snapshot, so that every record is sent once and in order.
+    held: Vec<(u64, Vec<Record>)>,
     /// `wait` requests not yet satisfied, with their permits.
     waits: Vec<(u64, State, OwnedSemaphorePermit)>,
 }
 
-/// A shell's `history` request, part way through.
+/// A shell's `history` or `tail` request, part way through.
 struct PendingSearch {
     key: ClientKey,
     id: u64,
     search: Search,
+    /// `tail --follow`: follow once the snapshot is out.
+    follow: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -275,6 +281,7 @@ impl Core {
                     Client {
                         handle,
                         follows: Vec::new(),
+                        held: Vec::new(),
                         waits: Vec::new(),
                     },
                 );
@@ -325,41 +332,26 @@ impl Core {
                 );
                 return self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
             }
+            // Both run between events, a slice at a time (see
+            // `step_search`): reading a long history must not keep this
+            // thread from the peer link. The flush first announces what is
+            // stored but not yet announced, so that the snapshot and the
+            // live records after it meet exactly.
             ipc::Request::Tail { last, follow } => {
-                // Announce what is stored but not yet announced, so that the
-                // snapshot below and the live records that follow it meet
-                // exactly: every record once, in order.
                 self.flush();
-                let records = self.history.last(last, self.answer_room(key));
-                if !self.serve_records(key, id, records) {
-                    return;
+                let search = Search::last(&self.history, last);
+                if follow
+                    && search.is_ok()
+                    && let Some(c) = self.clients.get_mut(&key)
+                {
+                    c.held.push((id, Vec::new()));
                 }
-                if follow {
-                    if let Some(c) = self.clients.get_mut(&key) {
-                        c.follows.push(id);
-                    }
-                    drop(permit);
-                    return;
-                }
-                return self.answer(key, id, Ok(Reply::Done));
+                return self.start_search(key, id, search, follow, permit);
             }
             ipc::Request::History { peer, grep, limit } => {
-                // Run between events, a slice at a time (see
-                // `step_search`): a grep through a long history must not
-                // keep this thread from the peer link.
                 self.flush();
-                match Search::new(&self.history, peer, grep.as_deref(), limit) {
-                    Ok(search) => self.searches.push_back(PendingSearch {
-                        key,
-                        id,
-                        search,
-                        _permit: permit,
-                    }),
-                    Err(e) => {
-                        self.serve_records(key, id, Err(e));
-                    }
-                }
-                return;
+                let search = Search::new(&self.history, peer, grep.as_deref(), limit);
+                return self.start_search(key, id, search, false, permit);
             }
             ipc::Request::Wait { state } => {
                 if self.session.state() == state {
@@ -429,8 +421,32 @@ impl Core {
         true
     }
 
+    fn start_search(
+        &mut self,
+        key: ClientKey,
+        id: u64,
+        search: Result<Search, HistoryError>,
+        follow: bool,
+        permit: OwnedSemaphorePermit,
+    ) {
+        match search {
+            Ok(search) => self.searches.push_back(PendingSearch {
+                key,
+                id,
+                search,
+                follow,
+                _permit: permit,
+            }),
+            Err(e) => {
+                self.serve_records(key, id, Err(e));
+            }
+        }
+    }
+
     /// Runs one slice of the first pending search, then puts it last, so
-    /// that shells searching at once take turns; answers it when done.
+    /// that shells searching at once take turns; answers it when done
+    /// (for `tail --follow`, by sending what was stored meanwhile and
+    /// following from there).
     fn step_search(&mut self) {
         let Some(mut pending) = self.searches.pop_front() else {
             return;
@@ -440,16 +456,28 @@ impl Core {
             return; // the shell left: drop its search
         }
         let room = self.answer_room(key);
-        match pending.search.step(&self.history, SEARCH_SLICE, room) {
-            Ok(false) => self.searches.push_back(pending),
-            Ok(true) => {
-                if self.serve_records(key, id, Ok(pending.search.into_records())) {
-                    self.answer(key, id, Ok(Reply::Done));
-                }
+        let done = match pending.search.step(&self.history, SEARCH_SLICE, room) {
+            Ok(false) => return self.searches.push_back(pending),
+            Ok(true) => self.serve_records(key, id, Ok(pending.search.into_records())),
+            Err(e) => self.serve_records(key, id, Err(e)),
+        };
+        let held = self.clients.get_mut(&key).and_then(|c| {
+            let i = c.held.iter().position(|(h, _)| *h == id)?;
+            Some(c.held.swap_remove(i).1)
+        });
+        if !done {
+            return; // failed, and the shell was told why
+        }
+        if !pending.follow {
+            return self.answer(key, id, Ok(Reply::Done));
+        }
+        for record in held.unwrap_or_default() {
+            if !self.push_live(key, DaemonFrame::Record { id, record }) {
+                return;
             }
-            Err(e) => {
-                self.serve_records(key, id, Err(e));
-            }
+        }
+        if let Some(c) = self.clients.get_mut(&key) {
+            c.follows.push(id);
         }
     }
 
@@ -480,6 +508,28 @@ impl Core {
             }
             None => false,
         }
+    }
+
+    /// Keeps `fresh` for shell `key`'s follows whose snapshot is still
+    /// being read; true if the shell was dropped for holding more than a
+    /// follower may fall behind by.
+    fn hold(&mut self, key: ClientKey, fresh: &[Record]) -> bool {
+        let Some(c) = self.clients.get_mut(&key) else {
+            return false;
+        };
+        for (_, held) in &mut c.held {
+            held.extend_from_slice(fresh);
+        }
+        if c.held
+            .iter()
+            .all(|(_, held)| held.len() <= crate::ipc::QUEUE)
+        {
+            return false;
+        }
+        tracing::info!(key, "dropping a shell that fell behind");
+        c.handle.lagged.store(true, Ordering::Release);
+        self.clients.remove(&key);
+        true
     }
 
     /// Queues a live record for a follower; one that has let too many pile
@@ -710,6 +760,9 @@ impl Core {
         if !fresh.is_empty() {
             let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
             for key in keys {
+                if self.hold(key, &fresh) {
+                    continue;
+                }
                 let follows = match self.clients.get(&key) {
                     Some(c) if !c.follows.is_empty() => c.follows.clone(),
                     _ => continue,

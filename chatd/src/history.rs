@@ -231,13 +231,13 @@ impl History {
     }
 
     /// The last `n` records, oldest first, if they fit in `max_bytes` (as
-    /// [`crate::ipc::record_bytes`] counts them).
+    /// [`crate::ipc::record_bytes`] counts them). In one go, for tests: the
+    /// daemon runs [`Search::last`] a slice at a time instead.
+    #[cfg(test)]
     pub fn last(&self, n: u32, max_bytes: usize) -> Result<Vec<Record>, HistoryError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records ORDER BY seq DESC LIMIT ?1")?;
-        let me = self.me;
-        within(stmt.query_map([n], |r| row_to_record(r, me))?, max_bytes)
+        let mut search = Search::last(self, n)?;
+        while !search.step(self, SEARCH_SLICE, max_bytes)? {}
+        Ok(search.into_records())
     }
 
     /// Messages matching the filters, oldest first; at most `limit` (the
@@ -294,10 +294,12 @@ impl History {
 /// through a long history never holds the daemon's one thread for long.
 pub const SEARCH_SLICE: u64 = 5_000;
 
-/// A search of the messages, run a slice of records at a time from the
+/// A search of the history, run a slice of records at a time from the
 /// newest back, so that the daemon serves its peers between slices. It
 /// looks at the history as it was when it began.
 pub struct Search {
+    /// Messages only (`history`), or every record (`tail`).
+    messages_only: bool,
     peer: Option<String>,
     pattern: Option<String>,
     limit: u32,
@@ -324,9 +326,24 @@ impl Search {
             )
         });
         Ok(Search {
+            messages_only: true,
             peer: peer.map(|p| p.to_string()),
             pattern,
             limit,
+            below: history.end()?,
+            found: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// The last `n` records of every kind (`tail -n`): what there was up
+    /// to now, however many are stored while it runs.
+    pub fn last(history: &History, n: u32) -> Result<Search, HistoryError> {
+        Ok(Search {
+            messages_only: false,
+            peer: None,
+            pattern: None,
+            limit: n,
             below: history.end()?,
             found: Vec::new(),
             bytes: 0,
@@ -346,7 +363,7 @@ impl Search {
         let mut stmt = history.conn.prepare_cached(
             "SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records
              WHERE seq < ?4 AND seq >= ?5
-               AND kind = 'message'
+               AND (?6 = 0 OR kind = 'message')
                AND (?1 IS NULL OR peer = ?1)
                AND (?2 IS NULL OR text LIKE ?2 ESCAPE '\\')
              ORDER BY seq DESC LIMIT ?3",
@@ -358,7 +375,8 @@ impl Search {
                 self.pattern,
                 want,
                 self.below as i64,
-                floor as i64
+                floor as i64,
+                self.messages_only
             ],
             |r| Ok((r.get::<_, i64>(0)?, row_to_record(r, me)?)),
         )?;
@@ -392,26 +410,6 @@ impl Search {
         self.found.reverse();
         self.found
     }
-}
-
-/// Rows read newest first, returned oldest first; stops reading as soon as
-/// they pass `max_bytes`.
-fn within(
-    rows: impl Iterator<Item = rusqlite::Result<Option<Record>>>,
-    max_bytes: usize,
-) -> Result<Vec<Record>, HistoryError> {
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    for row in rows {
-        let Some(record) = row? else { continue };
-        bytes += crate::ipc::record_bytes(&record);
-        if bytes > max_bytes {
-            return Err(HistoryError::OverBudget { max_bytes });
-        }
-        out.push(record);
-    }
-    out.reverse();
-    Ok(out)
 }
 
 /// A row as a record; `None` for rows this version does not understand
