@@ -70,10 +70,6 @@ struct Client {
     handle: ClientHandle,
     /// `tail --follow` requests being served.
     follows: Vec<u64>,
-    /// `tail --follow` requests whose snapshot of the history is still
-    /// being read, with the records stored meanwhile: those go out after
-    /// the snapshot, so that every record is sent once and in order.
-    held: Vec<(u64, Vec<Record>)>,
     /// `wait` requests not yet satisfied, with their permits.
     waits: Vec<(u64, State, OwnedSemaphorePermit)>,
 }
@@ -109,7 +105,8 @@ pub struct Core {
     draining: Vec<LinkHandle>,
     deciders: HashMap<LinkId, oneshot::Sender<Decision>>,
     clients: HashMap<ClientKey, Client>,
-    /// `history` requests being answered a slice at a time, in turn.
+    /// `history` and `tail` requests being answered a slice at a time, in
+    /// turn.
     searches: VecDeque<PendingSearch>,
     tickets: HashMap<Ticket, (ClientKey, u64, OwnedSemaphorePermit)>,
     next_ticket: Ticket,
@@ -202,7 +199,7 @@ impl Core {
                     self.session.handle_timeout(std::time::Instant::now());
                     self.execute();
                 }
-                // Nothing else to do: a slice of a history search, then
+                // Nothing else to do: a slice of a history read, then
                 // the other tasks' turn (the link readers and the shells
                 // run on this thread too, and a branch that is always
                 // ready would otherwise never let them).
@@ -281,7 +278,6 @@ impl Core {
                     Client {
                         handle,
                         follows: Vec::new(),
-                        held: Vec::new(),
                         waits: Vec::new(),
                     },
                 );
@@ -340,12 +336,6 @@ impl Core {
             ipc::Request::Tail { last, follow } => {
                 self.flush();
                 let search = Search::last(&self.history, last);
-                if follow
-                    && search.is_ok()
-                    && let Some(c) = self.clients.get_mut(&key)
-                {
-                    c.held.push((id, Vec::new()));
-                }
                 return self.start_search(key, id, search, follow, permit);
             }
             ipc::Request::History { peer, grep, limit } => {
@@ -455,23 +445,51 @@ impl Core {
         if !self.clients.contains_key(&key) {
             return; // the shell left: drop its search
         }
-        let room = self.answer_room(key);
+        // The shell's other searches in progress count against its room
+        // too, or each could gather a whole budget's worth.
+        let others: usize = (self.searches.iter())
+            .filter(|p| p.key == key)
+            .map(|p| p.search.bytes())
+            .sum();
+        let room = self.answer_room(key).saturating_sub(others);
+        let end = pending.search.end();
         let done = match pending.search.step(&self.history, SEARCH_SLICE, room) {
             Ok(false) => return self.searches.push_back(pending),
             Ok(true) => self.serve_records(key, id, Ok(pending.search.into_records())),
             Err(e) => self.serve_records(key, id, Err(e)),
         };
-        let held = self.clients.get_mut(&key).and_then(|c| {
-            let i = c.held.iter().position(|(h, _)| *h == id)?;
-            Some(c.held.swap_remove(i).1)
-        });
         if !done {
             return; // failed, and the shell was told why
         }
         if !pending.follow {
             return self.answer(key, id, Ok(Reply::Done));
         }
-        for record in held.unwrap_or_default() {
+        self.catch_up_and_follow(key, id, end);
+    }
+
+    /// Sends a `tail --follow` whose snapshot ended before seq `end` what
+    /// was stored from there on, then follows live: every record once, in
+    /// order. What came meanwhile is read back from the history rather
+    /// than held in memory, and only as much as a follower may be behind.
+    fn catch_up_and_follow(&mut self, key: ClientKey, id: u64, end: u64) {
+        // Store and announce anything of this turn first, so that nothing
+        // is both read here and announced later.
+        self.flush();
+        let queue = crate::ipc::QUEUE;
+        let since = match self.history.since(end, queue as u32 + 1) {
+            Ok(records) if records.len() > queue => {
+                let message = format!(
+                    "more than {queue} records were stored while the history was read: ask for fewer (-n), or follow without history (-n 0)"
+                );
+                return self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
+            }
+            Ok(records) => records,
+            Err(e) => {
+                let failure = Failure::new(FailureKind::Storage, e.to_string());
+                return self.answer(key, id, Err(failure));
+            }
+        };
+        for record in since {
             if !self.push_live(key, DaemonFrame::Record { id, record }) {
                 return;
             }
@@ -508,28 +526,6 @@ impl Core {
             }
             None => false,
         }
-    }
-
-    /// Keeps `fresh` for shell `key`'s follows whose snapshot is still
-    /// being read; true if the shell was dropped for holding more than a
-    /// follower may fall behind by.
-    fn hold(&mut self, key: ClientKey, fresh: &[Record]) -> bool {
-        let Some(c) = self.clients.get_mut(&key) else {
-            return false;
-        };
-        for (_, held) in &mut c.held {
-            held.extend_from_slice(fresh);
-        }
-        if c.held
-            .iter()
-            .all(|(_, held)| held.len() <= crate::ipc::QUEUE)
-        {
-            return false;
-        }
-        tracing::info!(key, "dropping a shell that fell behind");
-        c.handle.lagged.store(true, Ordering::Release);
-        self.clients.remove(&key);
-        true
     }
 
     /// Queues a live record for a follower; one that has let too many pile
@@ -760,9 +756,6 @@ impl Core {
         if !fresh.is_empty() {
             let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
             for key in keys {
-                if self.hold(key, &fresh) {
-                    continue;
-                }
                 let follows = match self.clients.get(&key) {
                     Some(c) if !c.follows.is_empty() => c.follows.clone(),
                     _ => continue,

@@ -256,6 +256,24 @@ impl History {
         Ok(search.into_records())
     }
 
+    /// Records from seq `from` on, oldest first, at most `limit`.
+    pub fn since(&self, from: u64, limit: u32) -> Result<Vec<Record>, HistoryError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time_ms, kind, peer, outgoing, state, text, delivered FROM records
+             WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let me = self.me;
+        let rows = stmt.query_map(params![from as i64, limit], |r| row_to_record(r, me))?;
+        let mut out = Vec::new();
+        for row in rows {
+            // Rows of a newer version are skipped, as everywhere.
+            if let Some(record) = row? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
     /// One past the newest record's seq.
     fn end(&self) -> Result<u64, HistoryError> {
         let max: i64 =
@@ -303,6 +321,9 @@ pub struct Search {
     peer: Option<String>,
     pattern: Option<String>,
     limit: u32,
+    /// One past the newest record it looks at: the history's end when it
+    /// began.
+    end: u64,
     /// Records below this seq are still to be looked at.
     below: u64,
     /// What matched so far, newest first.
@@ -325,12 +346,14 @@ impl Search {
                     .replace('_', "\\_")
             )
         });
+        let end = history.end()?;
         Ok(Search {
             messages_only: true,
             peer: peer.map(|p| p.to_string()),
             pattern,
             limit,
-            below: history.end()?,
+            end,
+            below: end,
             found: Vec::new(),
             bytes: 0,
         })
@@ -339,12 +362,14 @@ impl Search {
     /// The last `n` records of every kind (`tail -n`): what there was up
     /// to now, however many are stored while it runs.
     pub fn last(history: &History, n: u32) -> Result<Search, HistoryError> {
+        let end = history.end()?;
         Ok(Search {
             messages_only: false,
             peer: None,
             pattern: None,
             limit: n,
-            below: history.end()?,
+            end,
+            below: end,
             found: Vec::new(),
             bytes: 0,
         })
@@ -403,6 +428,17 @@ impl Search {
             floor
         };
         Ok(self.below == 0)
+    }
+
+    /// One past the newest record it looks at.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Bytes of what matched so far (as [`crate::ipc::record_bytes`]
+    /// counts them).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// What matched, oldest first.
@@ -483,6 +519,45 @@ mod tests {
             outgoing,
             delivered: None,
         }
+    }
+
+    #[test]
+    fn a_tail_read_in_slices_is_the_last_records_and_since_the_rest() {
+        let mut h = History::in_memory(id("me"));
+        h.begin().unwrap();
+        let mut all = Vec::new();
+        for i in 0..2_000 {
+            let kind = match i % 3 {
+                0 => msg("me", "bob", &format!("m{i}"), true),
+                1 => RecordKind::Notice {
+                    text: format!("n{i}"),
+                },
+                _ => RecordKind::State {
+                    state: State::Chatting,
+                    peer: Some(id("bob")),
+                },
+            };
+            all.push(h.append(i, kind).unwrap());
+        }
+        h.commit().unwrap();
+        for (n, slice) in [
+            (0, 7),
+            (1, 7),
+            (999, 7),
+            (1_000, 1),
+            (2_000, 333),
+            (5_000, 64),
+        ] {
+            let mut search = Search::last(&h, n).unwrap();
+            while !search.step(&h, slice, usize::MAX).unwrap() {}
+            let end = search.end();
+            let want = &all[all.len().saturating_sub(n as usize)..];
+            assert_eq!(search.into_records(), want, "n={n} slice={slice}");
+            assert_eq!(end, all[all.len() - 1].seq + 1);
+        }
+        assert_eq!(h.since(all[1_990].seq, 100).unwrap(), &all[1_990..]);
+        assert_eq!(h.since(all[10].seq, 3).unwrap(), &all[10..13]);
+        assert!(h.since(all[1_999].seq + 1, 100).unwrap().is_empty());
     }
 
     #[test]

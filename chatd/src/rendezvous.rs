@@ -253,7 +253,8 @@ mod tests {
     use super::*;
     use chat_testkit::Server;
 
-    /// A loopback address where nothing listens, over TCP or UDP.
+    /// A loopback address where nothing listens over TCP; a UDP probe
+    /// sent there goes unanswered.
     fn dead_addr() -> SocketAddr {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = tcp.local_addr().unwrap();
