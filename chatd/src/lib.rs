@@ -40,6 +40,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(path) = &settings.config {
         tracing::info!(config = %path.display(), "configuration read");
     }
+    // Signals are caught from here on, before the control socket says the
+    // daemon is up: a SIGTERM right after that must still stop it cleanly
+    // (socket file removed, peer told), not kill it.
+    let stop_signal = catch_signals();
     // Under socket activation the socket is systemd's: take it, and leave
     // its file alone on the way out.
     let activated = systemd::activated_listener()?;
@@ -117,7 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // The control socket and the peer port are open: ready to serve.
     systemd::notify_ready(&format!("{id}: idle, peers on port {port}"));
     core.run(rx, async {
-        let signal = wait_for_signal().await;
+        let signal = stop_signal.await;
         tracing::info!("{signal}: stopping");
         systemd::notify_stopping();
     })
@@ -209,27 +213,44 @@ fn default_data_dir(id: &chat_proto::ClientId) -> anyhow::Result<PathBuf> {
     Ok(dirs.data_dir().join(id.as_str()))
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Starts catching SIGTERM and SIGINT now (a signal that comes before the
+/// future is awaited is kept for it); the future gives the first one's
+/// name.
+fn catch_signals() -> impl Future<Output = &'static str> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            },
-            _ => {
-                tracing::warn!("cannot handle signals; stop with SIGKILL");
-                std::future::pending().await
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                },
+                _ => {
+                    tracing::warn!("cannot handle signals; stop with SIGKILL");
+                    std::future::pending().await
+                }
             }
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+        let handler = tokio::signal::windows::ctrl_c();
+        async move {
+            match handler {
+                Ok(mut ctrl_c) => {
+                    ctrl_c.recv().await;
+                    "Ctrl-C"
+                }
+                Err(e) => {
+                    tracing::warn!("cannot handle Ctrl-C: {e}");
+                    std::future::pending().await
+                }
+            }
+        }
     }
 }

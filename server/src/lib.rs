@@ -49,6 +49,17 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     if let Ok(n) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::debug!("file descriptor limit: {n}");
     }
+    // Signals are caught from here on, before anything says the server is
+    // up: a SIGTERM that follows the "listening" line or READY=1 at once
+    // must still shut it down cleanly, not kill it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut signals = {
+        let _context = runtime.enter();
+        Signals::new()?
+    };
     let transport = settings.transport;
     let transports = Transports {
         tcp: transport != Transport::Udp,
@@ -120,10 +131,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Every socket is bound and every worker started: ready (Type=notify).
     notify_ready(addr);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let signal = runtime.block_on(async {
         let sweeper = async {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -142,7 +149,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            s = wait_for_signal() => s,
+            s = signals.recv() => s,
             () = sweeper => unreachable!("the sweeper never ends"),
         }
     })?;
@@ -272,23 +279,46 @@ fn announce(addr: SocketAddr, transport: &str) {
     let _ = out.flush();
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
+/// The signals that stop the server, caught from the moment this is made
+/// (inside a runtime): one that arrives before [`Signals::recv`] is
+/// waited on is kept for it.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot handle Ctrl-C")?;
-        Ok("Ctrl-C")
+
+    /// The name of the first signal to come.
+    async fn recv(&mut self) -> anyhow::Result<&'static str> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Ok("SIGTERM"),
+                _ = self.int.recv() => Ok("SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c()
+                .await
+                .context("cannot handle Ctrl-C")?;
+            Ok("Ctrl-C")
+        }
     }
 }
 
