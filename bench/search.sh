@@ -8,20 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p chat-server -p chatd -p chatctl
-bin=$PWD/target/release
-w=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$w"
-}
-trap cleanup EXIT
-export XDG_RUNTIME_DIR=$w/run XDG_DATA_HOME=$w/data XDG_CONFIG_HOME=$w/config
-mkdir -p "$XDG_RUNTIME_DIR" "$w/alice" && chmod 700 "$XDG_RUNTIME_DIR" "$w/alice"
+source bench/lib.sh
+mkdir -p "$work/alice" && chmod 700 "$work/alice"
 
 # The schema chatd creates (chatd/src/history.rs), filled before it starts.
-python3 - "$w/alice/history.db" <<'PY'
+python3 - "$work/alice/history.db" <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
 c.executescript("""PRAGMA journal_mode=WAL;
@@ -33,21 +24,11 @@ c.executemany("INSERT INTO records (time_ms, kind, peer, outgoing, text, deliver
 c.commit()
 PY
 
-"$bin/chat-server" --bind 127.0.0.1 --port 0 >"$w/server.out" 2>"$w/server.err" &
-pids+=($!)
-for _ in $(seq 100); do grep -q listening "$w/server.out" 2>/dev/null && break; sleep 0.05; done
-server=$(awk '{print $3; exit}' "$w/server.out")
-[ -n "$server" ] || { echo "chat-server did not start:" >&2; cat "$w/server.err" >&2; exit 1; }
-RUST_LOG=warn "$bin/chatd" --id alice --port 0 --server "$server" --data-dir "$w/alice" 2>"$w/alice.err" &
-pids+=($!)
-RUST_LOG=warn "$bin/chatd" --id bob --port 0 --server "$server" --data-dir "$w/bob" 2>"$w/bob.err" &
-pids+=($!)
-a() { "$bin/chatctl" --socket "$XDG_RUNTIME_DIR/chatd/alice.sock" "$@"; }
-b() { "$bin/chatctl" --socket "$XDG_RUNTIME_DIR/chatd/bob.sock" "$@"; }
-for _ in $(seq 200); do a status >/dev/null 2>&1 && b status >/dev/null 2>&1 && break; sleep 0.05; done
-a register >/dev/null; b register >/dev/null
-b bridge >/dev/null; a bridge >/dev/null; a chat >/dev/null
-b wait chatting --timeout 10 >/dev/null
+start_server
+start_chatd alice --data-dir "$work/alice"
+start_chatd bob --data-dir "$work/bob"
+a() { ctl alice "$@"; }
+pair_alice_and_bob
 
 timed() { # label: 40 sends from bob, p50/p90/max
   python3 - "$1" "$bin/chatctl" "$XDG_RUNTIME_DIR/chatd/bob.sock" <<'PY'

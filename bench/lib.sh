@@ -1,0 +1,55 @@
+# Shared by the benchmark scripts that run chat-server and chatd (sourced,
+# not run): a work folder removed on exit with every process started, the
+# XDG directories inside it, and starting and pairing daemons.
+# After sourcing: $bin (release builds), $work, $pids, and the functions
+# below. The caller builds what it needs first.
+
+bin=$PWD/target/release
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export XDG_RUNTIME_DIR="$work/run" XDG_DATA_HOME="$work/data" XDG_CONFIG_HOME="$work/config"
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+
+# Says why a process did not start, with its log, and stops.
+failed() { # what log
+  echo "$1 did not start; its log:" >&2
+  cat "$2" >&2 || true
+  exit 1
+}
+
+# Starts chat-server on a free loopback port; sets $server.
+start_server() {
+  "$bin/chat-server" --bind 127.0.0.1 --port 0 >"$work/server.out" 2>"$work/server.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
+  server=$(awk '{print $3; exit}' "$work/server.out")
+  [ -n "$server" ] || failed chat-server "$work/server.err"
+}
+
+# chatctl on daemon ID.
+ctl() { # id args...
+  local id=$1; shift
+  "$bin/chatctl" --socket "$XDG_RUNTIME_DIR/chatd/$id.sock" "$@"
+}
+
+# Starts chatd ID against $server and waits until it answers.
+start_chatd() { # id [chatd args...]
+  local id=$1; shift
+  RUST_LOG=warn "$bin/chatd" --id "$id" --port 0 --server "$server" "$@" 2>"$work/$id.err" &
+  pids+=($!)
+  for _ in $(seq 200); do ctl "$id" status >/dev/null 2>&1 && return; sleep 0.05; done
+  failed "chatd $id" "$work/$id.err"
+}
+
+# Registers alice and bob, bridges them and has alice call bob.
+pair_alice_and_bob() {
+  ctl alice register >/dev/null; ctl bob register >/dev/null
+  ctl bob bridge >/dev/null; ctl alice bridge >/dev/null; ctl alice chat >/dev/null
+  ctl bob wait chatting --timeout 10 >/dev/null
+}
