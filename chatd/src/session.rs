@@ -1407,16 +1407,9 @@ mod tests {
             } else {
                 self.bridged(None);
                 assert_eq!(self.s.state(), State::Waiting);
-                let link = self.s.next_link();
                 // The initiator set up as this daemon is.
                 let turns = self.s.config.turns;
-                let a = self.input(Input::Incoming {
-                    link,
-                    hello: Hello {
-                        id: id("bob"),
-                        turns,
-                    },
-                });
+                let (link, a) = self.call_from("bob", turns);
                 assert!(a.contains(&Action::Accept { link }), "{a:?}");
                 link
             }
@@ -2047,14 +2040,7 @@ mod tests {
     fn incoming_chats_are_accepted_only_when_waiting() {
         let mut t = T::new(false);
         t.register();
-        let link = t.s.next_link();
-        let a = t.input(Input::Incoming {
-            link,
-            hello: Hello {
-                id: id("eve"),
-                turns: false,
-            },
-        });
+        let (_, a) = t.call_from("eve", false);
         assert!(
             matches!(&a[..], [Action::Refuse { status: 403, .. }]),
             "{a:?}"
@@ -2157,14 +2143,7 @@ mod tests {
                 [.., Action::Connect { link, .. }] => *link,
                 other => panic!("{other:?}"),
             };
-            let theirs = t.s.next_link();
-            let a = t.input(Input::Incoming {
-                link: theirs,
-                hello: Hello {
-                    id: id(peer),
-                    turns: false,
-                },
-            });
+            let (theirs, a) = t.call_from(peer, false);
             if mine_wins {
                 assert!(
                     matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("at the same time")),
@@ -2194,14 +2173,7 @@ mod tests {
         for (mine, theirs) in [(false, true), (true, false)] {
             let mut r = T::new(mine);
             r.bridged(None);
-            let link = r.s.next_link();
-            r.input(Input::Incoming {
-                link,
-                hello: Hello {
-                    id: id("bob"),
-                    turns: theirs,
-                },
-            });
+            r.call_from("bob", theirs);
             let (t, a) = r.command(Command::Send {
                 text: "first?".into(),
             });
@@ -2369,14 +2341,7 @@ mod tests {
         // Waiting; a second bridge goes out, and a peer connects meanwhile.
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
-        let link = t.s.next_link();
-        t.input(Input::Incoming {
-            link,
-            hello: Hello {
-                id: id("bob"),
-                turns: false,
-            },
-        });
+        t.call_from("bob", false);
         assert_eq!(t.s.state(), State::Chatting);
         let a = t.input(Input::ServerReply {
             op,
@@ -2532,14 +2497,8 @@ mod tests {
             op,
             result: Ok(Response::BridgeAck { peer: None }),
         }));
-        let link = t.s.next_link();
-        all.extend(t.input(Input::Incoming {
-            link,
-            hello: Hello {
-                id: id("bob"),
-                turns: false,
-            },
-        }));
+        let (link, accepted) = t.call_from("bob", false);
+        all.extend(accepted);
         all.extend(t.input(Input::Frame {
             link,
             frame: PeerFrame::Bye,
