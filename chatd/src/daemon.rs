@@ -330,9 +330,9 @@ impl Core {
             }
             // Both run between events, a slice at a time (see
             // `step_search`): reading a long history must not keep this
-            // thread from the peer link. The flush first announces what is
-            // stored but not yet announced, so that the snapshot and the
-            // live records after it meet exactly.
+            // thread from the peer link. The flush first commits this
+            // turn, so that a shell is never shown a record a failed
+            // commit then takes back.
             ipc::Request::Tail { last, follow } => {
                 self.flush();
                 let search = Search::last(&self.history, last);
@@ -471,10 +471,11 @@ impl Core {
     /// was stored from there on, then follows live: every record once, in
     /// order. What came meanwhile is read back from the history rather
     /// than held in memory, and only as much as a follower may be behind.
+    ///
+    /// It runs between turns (from `step_search`), after the turn's flush:
+    /// everything from `end` on is committed and announced already, so
+    /// what it reads here is not announced again.
     fn catch_up_and_follow(&mut self, key: ClientKey, id: u64, end: u64) {
-        // Store and announce anything of this turn first, so that nothing
-        // is both read here and announced later.
-        self.flush();
         let queue = crate::ipc::QUEUE;
         let since = match self.history.since(end, queue as u32 + 1) {
             Ok(records) if records.len() > queue => {
@@ -485,8 +486,8 @@ impl Core {
             }
             Ok(records) => records,
             Err(e) => {
-                let failure = Failure::new(FailureKind::Storage, e.to_string());
-                return self.answer(key, id, Err(failure));
+                self.serve_records(key, id, Err(e));
+                return;
             }
         };
         for record in since {

@@ -346,28 +346,28 @@ impl Search {
                     .replace('_', "\\_")
             )
         });
-        let end = history.end()?;
-        Ok(Search {
-            messages_only: true,
-            peer: peer.map(|p| p.to_string()),
-            pattern,
-            limit,
-            end,
-            below: end,
-            found: Vec::new(),
-            bytes: 0,
-        })
+        Search::start(history, true, peer.map(|p| p.to_string()), pattern, limit)
     }
 
     /// The last `n` records of every kind (`tail -n`): what there was up
     /// to now, however many are stored while it runs.
     pub fn last(history: &History, n: u32) -> Result<Search, HistoryError> {
+        Search::start(history, false, None, None, n)
+    }
+
+    fn start(
+        history: &History,
+        messages_only: bool,
+        peer: Option<String>,
+        pattern: Option<String>,
+        limit: u32,
+    ) -> Result<Search, HistoryError> {
         let end = history.end()?;
         Ok(Search {
-            messages_only: false,
-            peer: None,
-            pattern: None,
-            limit: n,
+            messages_only,
+            peer,
+            pattern,
+            limit,
             end,
             below: end,
             found: Vec::new(),
