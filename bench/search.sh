@@ -54,10 +54,10 @@ grep_loop=$!
 pids+=($grep_loop)
 sleep 0.3
 timed "running history --grep, one after another"
-# The loop and the grep it may be running, or that grep would be timed
+# The loop, then the grep it may be running, or that grep would be timed
 # with the tails.
-pkill -P "$grep_loop" 2>/dev/null || true
 kill "$grep_loop" 2>/dev/null || true
+pkill -f "history --grep zzz-not-there" 2>/dev/null || true
 wait "$grep_loop" 2>/dev/null || true
 ( while :; do a tail -n 100000 >/dev/null 2>&1; done ) &
 pids+=($!)
