@@ -8,29 +8,25 @@ use chat_proto::ipc::Status;
 use sd_notify::NotifyState;
 
 /// Tells systemd the daemon is ready, with a first status line.
+#[cfg(unix)]
 pub fn notify_ready(status: &str) {
-    #[cfg(unix)]
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
-    #[cfg(not(unix))]
-    let _ = status;
 }
 
 /// Tells systemd the daemon is stopping.
+#[cfg(unix)]
 pub fn notify_stopping() {
-    #[cfg(unix)]
     notify(&[NotifyState::Stopping]);
 }
 
 /// A STATUS= line for `systemctl status`, sent whenever the state changes.
+#[cfg(unix)]
 pub fn report_status(status: &Status) {
     let line = match status.peer {
         Some(peer) => format!("{}: {} with {peer}", status.id, status.state),
         None => format!("{}: {}", status.id, status.state),
     };
-    #[cfg(unix)]
     notify(&[NotifyState::Status(&line)]);
-    #[cfg(not(unix))]
-    let _ = line;
 }
 
 #[cfg(unix)]
@@ -39,6 +35,14 @@ fn notify(states: &[NotifyState<'_>]) {
         tracing::debug!("cannot notify systemd: {e}");
     }
 }
+
+// Without systemd (not Unix) there is no one to tell.
+#[cfg(not(unix))]
+pub fn notify_ready(_status: &str) {}
+#[cfg(not(unix))]
+pub fn notify_stopping() {}
+#[cfg(not(unix))]
+pub fn report_status(_status: &Status) {}
 
 /// The control socket systemd passed us, if it started us through
 /// `chatd@.socket` (or `systemd-socket-activate`).

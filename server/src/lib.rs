@@ -248,18 +248,16 @@ fn exclusive_probe(addr: SocketAddr, transports: Transports) -> anyhow::Result<S
 }
 
 /// Tells systemd (when it started us with Type=notify) that we serve.
+#[cfg(unix)]
 fn notify_ready(addr: SocketAddr) {
-    #[cfg(unix)]
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("serving on {addr}")),
     ]);
-    #[cfg(not(unix))]
-    let _ = addr;
 }
 
+#[cfg(unix)]
 fn notify_stopping() {
-    #[cfg(unix)]
     notify(&[sd_notify::NotifyState::Stopping]);
 }
 
@@ -269,6 +267,12 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
         tracing::debug!("cannot notify systemd: {e}");
     }
 }
+
+// Without systemd (not Unix) there is no one to tell.
+#[cfg(not(unix))]
+fn notify_ready(_addr: SocketAddr) {}
+#[cfg(not(unix))]
+fn notify_stopping() {}
 
 fn announce(addr: SocketAddr, transport: &str) {
     // The line on stdout says it already (and reaches the journal too).
