@@ -479,7 +479,7 @@ impl Session {
                 } = self.phase
                     && l == link
                 {
-                    if refused == Some(409) && peer.as_str() < self.config.id.as_str() {
+                    if refused == Some(409) && self.their_call_wins(&peer) {
                         self.set_phase(Phase::Connecting {
                             peer,
                             addr,
@@ -694,6 +694,12 @@ impl Session {
         });
     }
 
+    /// When this daemon and `peer` call each other at once, which call
+    /// both keep: the lower id's. Both ends must decide alike.
+    fn their_call_wins(&self, peer: &ClientId) -> bool {
+        peer.as_str() < self.config.id.as_str()
+    }
+
     /// The call of `chat` command `ticket` to `peer` failed for `reason`.
     fn call_failed(&mut self, ticket: Ticket, peer: ClientId, addr: SocketAddr, reason: &str) {
         self.set_phase(Phase::None);
@@ -761,7 +767,7 @@ impl Session {
                 peer, call, ticket, ..
             } if *peer == hello.id => {
                 let (own, ticket) = (call.clone(), *ticket);
-                if hello.id.as_str() < me.as_str() {
+                if self.their_call_wins(&hello.id) {
                     if let Call::Dialing(own) = own {
                         self.out.push_back(Action::Close { link: own });
                     }
@@ -1904,11 +1910,7 @@ mod tests {
     #[test]
     fn the_daemon_at_the_address_must_be_the_peer() {
         let mut t = T::new(false);
-        t.bridged(Some((id("bob"), addr(5000))));
-        let (ticket, a) = t.command(Command::Chat);
-        let Some(Action::Connect { link, .. }) = a.last().cloned() else {
-            panic!()
-        };
+        let (ticket, link) = calling(&mut t, "bob");
         let a = t.input(Input::LinkUp {
             link,
             peer: id("mallory"),
@@ -2137,12 +2139,7 @@ mod tests {
         // "me" calls bob while bob calls "me"; bob's id is the lower.
         for (peer, mine_wins) in [("bob", false), ("zed", true)] {
             let mut t = T::new(false);
-            t.bridged(Some((id(peer), addr(5000))));
-            let (chat, a) = t.command(Command::Chat);
-            let own = match &a[..] {
-                [.., Action::Connect { link, .. }] => *link,
-                other => panic!("{other:?}"),
-            };
+            let (chat, own) = calling(&mut t, peer);
             let (theirs, a) = t.call_from(peer, false);
             if mine_wins {
                 assert!(
