@@ -39,9 +39,9 @@ fn follow(d: &Daemon, n: &str) -> (Guard, std::sync::mpsc::Receiver<serde_json::
     (child, records)
 }
 
-/// The message records `records` brings, until `enough` says so or `WAIT`
-/// runs out (the caller's assertions then say what was missing).
-fn messages_until(
+/// The records `records` brings, until `enough` says so or `WAIT` runs
+/// out (the caller's assertions then say what was missing).
+fn records_until(
     records: &std::sync::mpsc::Receiver<serde_json::Value>,
     mut enough: impl FnMut(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
@@ -52,11 +52,25 @@ fn messages_until(
         let Ok(v) = records.recv_timeout(left) else {
             break;
         };
-        if v["type"] == "message" {
-            got.push(v);
-        }
+        got.push(v);
     }
     got
+}
+
+/// The message records `records` brings, until `enough` says so or `WAIT`
+/// runs out.
+fn messages_until(
+    records: &std::sync::mpsc::Receiver<serde_json::Value>,
+    mut enough: impl FnMut(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut messages = Vec::new();
+    records_until(records, |got| {
+        if let Some(v) = got.last().filter(|v| v["type"] == "message") {
+            messages.push(v.clone());
+        }
+        enough(&messages)
+    });
+    messages
 }
 
 fn texts(d: &Daemon) -> Vec<String> {
@@ -402,19 +416,9 @@ fn a_follow_of_a_long_history_sees_every_record_once_in_order() {
     });
 
     let (_follower, records) = follow(&alice, "50000");
-    let mut got: Vec<serde_json::Value> = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(v) = records.recv_timeout(left) else {
-            break;
-        };
-        let last = v["text"] == "tick 149";
-        got.push(v);
-        if last {
-            break;
-        }
-    }
+    let got = records_until(&records, |got| {
+        got.last().is_some_and(|v| v["text"] == "tick 149")
+    });
     assert!(sender.join().unwrap(), "a chatctl send failed");
     let seqs: Vec<u64> = got.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
     assert!(
