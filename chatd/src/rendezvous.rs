@@ -36,6 +36,8 @@ pub struct Client {
     /// failure, so that a server that moved or restarted with another
     /// transport is found again.
     found: Mutex<Option<(SocketAddr, Transport)>>,
+    /// How long a PROBE over UDP is tried after TCP failed.
+    udp_probe_give_up: Duration,
 }
 
 impl Client {
@@ -44,6 +46,7 @@ impl Client {
         Client {
             server,
             found: Mutex::new(None),
+            udp_probe_give_up: UDP_PROBE_GIVE_UP,
         }
     }
 
@@ -113,7 +116,7 @@ impl Client {
         };
         // A short try: a server that refused TCP is more likely down than
         // serving UDP only, and the user is waiting.
-        match udp_exchange(addr, &self.server, &Request::Probe, UDP_PROBE_GIVE_UP).await {
+        match udp_exchange(addr, &self.server, &Request::Probe, self.udp_probe_give_up).await {
             Ok(Response::ProbeAck { transports, .. }) if transports.udp => Ok(Transport::Udp),
             Ok(other) => Err(format!("unexpected answer to PROBE: {other:?}")),
             Err(udp_err) => Err(format!("over TCP: {tcp_err}; over UDP: {udp_err}")),
@@ -265,7 +268,11 @@ mod tests {
     #[tokio::test]
     async fn the_first_address_that_answers_is_kept() {
         let server = Server::start(&[]);
-        let client = Client::new(format!("localhost:{}", server.addr.port()));
+        let client = Client {
+            // A dead address costs this much; the test need not wait 2 s.
+            udp_probe_give_up: Duration::from_millis(200),
+            ..Client::new(format!("localhost:{}", server.addr.port()))
+        };
         let (dead, live) = (dead_addr(), server.addr);
         assert_eq!(
             client.first_answering([dead, live]).await,
