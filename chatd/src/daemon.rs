@@ -174,8 +174,8 @@ impl Core {
             let wake = self.session.poll_timeout().map(Instant::from_std);
             // Events before the timer: after a stall (a long history
             // read), the pings that came meanwhile must be taken in before
-            // the timer decides the peer went silent. The timer still runs
-            // after each batch, so a flood of events cannot starve it; and
+            // the timer decides the peer went silent. The timer is checked
+            // after every turn, so a flood of events cannot starve it; and
             // a stop comes first of all.
             tokio::select! {
                 biased;
@@ -189,16 +189,9 @@ impl Core {
                             Err(_) => break,
                         }
                     }
-                    let now = std::time::Instant::now();
-                    if self.session.poll_timeout().is_some_and(|t| t <= now) {
-                        self.session.handle_timeout(now);
-                        self.execute();
-                    }
                 }
-                () = sleep_until(wake) => {
-                    self.session.handle_timeout(std::time::Instant::now());
-                    self.execute();
-                }
+                // Handled below, with the timer that falls due in a batch.
+                () = sleep_until(wake) => {}
                 // Nothing else to do: a slice of a history read, then
                 // the other tasks' turn (the link readers and the shells
                 // run on this thread too, and a branch that is always
@@ -207,6 +200,11 @@ impl Core {
                     self.step_search();
                     tokio::task::yield_now().await;
                 }
+            }
+            let now = std::time::Instant::now();
+            if self.session.poll_timeout().is_some_and(|t| t <= now) {
+                self.session.handle_timeout(now);
+                self.execute();
             }
             if self.send_early() {
                 // Let the link writers put those frames on the wire while
