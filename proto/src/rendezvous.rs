@@ -453,11 +453,10 @@ impl Response {
     }
 }
 
-/// Appends HTTP lines to a buffer. Headers are written byte by byte
-/// rather than through `fmt`, which was a visible share of the server's
-/// time per request.
 /// Writes an HTTP/1.1 head: the one writer of every head in the system
-/// (requests and responses to the server, a daemon's handshake).
+/// (requests and responses to the server, a daemon's handshake). Headers
+/// are written byte by byte rather than through `fmt`, which was a visible
+/// share of the server's time per request.
 pub(crate) struct Writer<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl Writer<'_> {
