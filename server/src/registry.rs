@@ -285,13 +285,20 @@ impl Registry {
                 "server cannot make a token right now; try again",
             )
         })?;
+        // A reused record keeps its place in the queue, and is queued again
+        // (with the new deadline) when it reaches the front; a new one
+        // goes to the back.
+        let queued_until = match found {
+            Some(i) => self.queue[i].queued_until,
+            None => self.queued_until(expires_at),
+        };
         let record = Record {
             id,
             token,
             ip,
             port,
             expires_at,
-            queued_until: expires_at,
+            queued_until,
             hash,
             seq: IDLE,
         };
@@ -299,10 +306,6 @@ impl Registry {
         match found {
             Some(i) => {
                 let old = std::mem::replace(&mut self.queue[i], record);
-                // The old record's place in the queue is kept: it is
-                // queued again (with the new deadline) when it reaches the
-                // front.
-                self.queue[i].queued_until = old.queued_until;
                 if old.seq == GONE {
                     self.held += 1;
                 } else if in_queue(old.seq) {
@@ -311,10 +314,6 @@ impl Registry {
             }
             None => {
                 self.purge_if_full();
-                let record = Record {
-                    queued_until: self.queued_until(expires_at),
-                    ..record
-                };
                 self.push_back(record);
                 self.held += 1;
             }
