@@ -192,10 +192,7 @@ fn turn_mode_refuses_out_of_turn_sends() {
 
 #[test]
 fn two_followers_see_every_message_in_order_and_a_late_tail_sees_history() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     // Followers print the history first (`-n 1000` covers all of it), then
     // live records: whenever they attached, each message shows up once.
     let followers = vec![follow(&alice, "1000"), follow(&alice, "1000")];
@@ -229,10 +226,7 @@ fn two_followers_see_every_message_in_order_and_a_late_tail_sees_history() {
 
 #[test]
 fn history_survives_a_daemon_restart_and_grep_finds_it() {
-    let server = Server::start(&[]);
-    let mut alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, mut alice, bob) = chatting_pair();
     bob.ok(&["send", "remember this"]);
     alice.ok(&["send", "and this, 100%"]);
     let status = alice.stop().expect("alice exited");
@@ -268,10 +262,7 @@ fn a_daemon_restarted_after_a_crash_reclaims_its_id() {
 
 #[test]
 fn a_killed_peer_is_noticed() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let mut bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, mut bob) = chatting_pair();
     bob.kill9();
     // The kernel resets bob's connection at once; without that, the
     // heartbeat would end the chat within 10 s.
@@ -324,10 +315,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
 #[cfg(unix)] // speaks to the control socket as a Unix socket
 fn garbage_on_the_control_socket_ends_only_that_connection() {
     use std::os::unix::net::UnixStream;
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     let (follower, records) = follow(&alice, "1000");
     let cases: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
@@ -392,10 +380,7 @@ fn send_without_a_chat_fails_clearly() {
 
 #[test]
 fn a_follow_of_a_long_history_sees_every_record_once_in_order() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     // Several slices of history (chatd reads 5,000 records per slice, in
     // turns with everything else it does) ...
     let old: String = (0..20_000).map(|i| format!("old {i}\n")).collect();
@@ -438,10 +423,7 @@ fn a_follow_of_a_long_history_sees_every_record_once_in_order() {
 
 #[test]
 fn a_stream_into_send_stops_when_the_chat_ends() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     // As `tail -f app.log | chatctl send -`: the input never ends.
     let mut cmd = alice.ctl_cmd(&["send", "-"]);
     cmd.stdin(Stdio::piped())
@@ -555,10 +537,7 @@ fn wait_times_out_with_exit_1() {
 
 #[test]
 fn a_frozen_peer_is_noticed_by_its_silence() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     // SIGSTOP: bob's socket stays open but nothing comes from it, as when a
     // cable is pulled. Only the heartbeat can tell.
     let frozen = Frozen::new(bob.pid());
@@ -701,10 +680,7 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};
     use std::os::unix::net::UnixStream;
 
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     // A follower that will stop reading. It asks for the last record too,
     // and reads that one: then the daemon surely follows it.
     let mut stuck = UnixStream::connect(&alice.socket).unwrap();
@@ -856,10 +832,7 @@ fn register_at_start_up_needs_no_shell() {
 
 #[test]
 fn text_from_a_peer_cannot_drive_the_terminal() {
-    let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    let bob = Daemon::start("bob", server.addr, &[]);
-    connect_pair(&alice, &bob);
+    let (_server, alice, bob) = chatting_pair();
     bob.ok(&["send", "clear\u{1b}[2Jscreen"]);
     let shown = alice.ok(&["tail", "-n", "1"]);
     assert!(!shown.contains('\u{1b}'), "{shown:?}");

@@ -189,6 +189,17 @@ impl Daemon {
     }
 }
 
+/// A server, and alice and bob chatting through it (alice waited, bob
+/// called). Keep the server bound (`_server`, not `_`): dropping it stops
+/// it.
+pub fn chatting_pair() -> (Server, Daemon, Daemon) {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    connect_pair(&alice, &bob);
+    (server, alice, bob)
+}
+
 /// Registers both, has `waiter` wait and `caller` bridge to it and chat.
 pub fn connect_pair(waiter: &Daemon, caller: &Daemon) {
     waiter.ok(&["register"]);
