@@ -187,9 +187,10 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         let mode_before = std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o777);
         chat_proto::local::ensure_private_dir(dir).map_err(|e| match e {
             PathError::Unsafe { .. } => anyhow::anyhow!(
-                "{e}: the data directory holds private conversations; choose another --data-dir"
+                "{e}: the data directory holds private conversations; choose another --data-dir (or data-dir in the configuration file)"
             ),
-            other => anyhow::anyhow!("cannot create the data directory: {other}"),
+            // Already says what it could not create, and why.
+            other => anyhow::anyhow!("data directory: {other}"),
         })?;
         if let Ok(before) = mode_before
             && before & 0o077 != 0
