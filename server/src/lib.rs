@@ -8,6 +8,7 @@
 pub mod config;
 pub mod connection;
 pub mod defer;
+pub mod index;
 pub mod limits;
 pub mod registry;
 pub mod replay;
