@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use chat_proto::id::MAX_ID_LEN;
 use chat_proto::rendezvous::{
     MAX_DATAGRAM, MAX_HEADERS, Method, Parsed, Request, RequestFraming, Response,
     headers_body_length, parse_response,
@@ -116,21 +117,74 @@ fn fresh_id(prefix: u8, nonce: u32, index: usize, counter: u64) -> Option<Client
         buf[n] = b'-';
         n += 1;
         let mut digits = [0u8; 20];
-        let mut d = digits.len();
-        let mut v = value;
-        loop {
-            d -= 1;
-            digits[d] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        let len = digits.len() - d;
-        buf[n..n + len].copy_from_slice(&digits[d..]);
-        n += len;
+        let digits = decimal(value, &mut digits);
+        buf[n..n + digits.len()].copy_from_slice(digits);
+        n += digits.len();
     }
     ClientId::from_bytes(&buf[..n]).ok()
+}
+
+/// `v` in decimal, written at the end of `buf`.
+fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut d = buf.len();
+    loop {
+        d -= 1;
+        buf[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[d..];
+        }
+    }
+}
+
+/// Client `index`'s fresh REGISTER over TCP as bytes, with only the id's
+/// counter to fill in: exactly what `Request::encode` writes (a test
+/// checks), without building it each time, as the GET to the reference
+/// server is not built each time either.
+struct RegisterTemplate {
+    /// Up to the counter, which ends the id.
+    head: Vec<u8>,
+    /// After it.
+    tail: Vec<u8>,
+    /// Most digits the counter may have before the id is too long.
+    room: usize,
+}
+
+impl RegisterTemplate {
+    fn new(nonce: u32, index: usize, framing: &RequestFraming<'_>) -> Option<RegisterTemplate> {
+        let id = fresh_id(b'b', nonce, index, 0)?;
+        let mut out = Vec::new();
+        Request::Register {
+            id,
+            port: 9,
+            token: None,
+        }
+        .encode(&mut out, framing);
+        let line = format!("Client-Id: {id}\r\n");
+        let at = out.windows(line.len()).position(|w| w == line.as_bytes())?;
+        // The id ends in "-0": the counter is its last character.
+        let counter = at + line.len() - 3;
+        Some(RegisterTemplate {
+            head: out[..counter].to_vec(),
+            tail: out[counter + 1..].to_vec(),
+            room: MAX_ID_LEN - (id.as_str().len() - 1),
+        })
+    }
+
+    /// Writes the REGISTER of counter `n` to `out`; false if its id would
+    /// be too long.
+    fn write(&self, n: u64, out: &mut Vec<u8>) -> bool {
+        let mut digits = [0u8; 20];
+        let digits = decimal(n, &mut digits);
+        if digits.len() > self.room {
+            return false;
+        }
+        out.clear();
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(digits);
+        out.extend_from_slice(&self.tail);
+        true
+    }
 }
 
 /// The source address of client `i`.
@@ -158,6 +212,8 @@ struct Client {
     host: String,
     /// The GET of `--op get`, the same for every request.
     get: Vec<u8>,
+    /// `--op register` over TCP.
+    register: Option<RegisterTemplate>,
     /// Requests sent: each UDP request's `Request-Id`, so that no two of a
     /// cycle share one (the server would answer the later ones from its
     /// replay cache).
@@ -175,6 +231,18 @@ impl Client {
             ""
         };
         let get = format!("GET {} HTTP/1.1\r\nHost: {host}\r\n{conn}\r\n", load.path).into_bytes();
+        let register = match (load.op, load.mode) {
+            (Op::Register, Mode::Transient | Mode::Keepalive) => RegisterTemplate::new(
+                nonce,
+                index,
+                &RequestFraming {
+                    host: Some(&host),
+                    request_id: None,
+                    close: load.mode == Mode::Transient,
+                },
+            ),
+            _ => None,
+        };
         Client {
             index,
             source: source_ip(index, load.sources),
@@ -187,6 +255,7 @@ impl Client {
             counter: 0,
             host,
             get,
+            register,
             sent: 0,
             rid: String::new(),
             summary: Summary::default(),
@@ -198,6 +267,7 @@ impl Client {
             self.counter += 1;
             let id = match self.load.op {
                 Op::Probe | Op::Get => None,
+                Op::Register if self.register.is_some() => None,
                 Op::Register | Op::Cycle => fresh_id(b'b', self.nonce, self.index, self.counter),
             };
             let steps: &[Method] = match self.load.op {
@@ -223,9 +293,16 @@ impl Client {
                     _ => None,
                 };
                 let started = Instant::now();
-                let outcome = match request {
-                    Some(r) => self.exchange(&r).await,
-                    None => Err(anyhow::anyhow!("no token from the REGISTER before")),
+                let outcome = match (request, &self.register) {
+                    (Some(r), _) => self.exchange(&r).await,
+                    (None, Some(t)) if method == Method::Register => {
+                        if t.write(self.counter, &mut self.out) {
+                            self.send(Method::Register).await
+                        } else {
+                            Err(anyhow::anyhow!("the id has grown too long"))
+                        }
+                    }
+                    (None, _) => Err(anyhow::anyhow!("no token from the REGISTER before")),
                 };
                 let finished = Instant::now();
                 let ok = match outcome {
@@ -275,13 +352,19 @@ impl Client {
             };
             request.encode(&mut self.out, &framing);
         }
+        self.send(request.method()).await
+    }
+
+    /// Sends the request in `out` and reads its response.
+    async fn send(&mut self, method: Method) -> anyhow::Result<Option<Response>> {
+        let close = self.load.mode == Mode::Transient;
         match self.load.mode {
-            Mode::Udp => timeout(UDP_TIMEOUT, self.udp_exchange(request.method()))
+            Mode::Udp => timeout(UDP_TIMEOUT, self.udp_exchange(method))
                 .await
                 .context("udp request timed out")?
                 .map(Some),
             Mode::Transient | Mode::Keepalive => {
-                let r = timeout(REQUEST_TIMEOUT, self.tcp_exchange(request.method(), close))
+                let r = timeout(REQUEST_TIMEOUT, self.tcp_exchange(method, close))
                     .await
                     .context("request timed out");
                 if !matches!(r, Ok(Ok(_))) || close {
@@ -444,7 +527,7 @@ pub async fn fill(
 
 #[cfg(test)]
 mod tests {
-    use super::fresh_id;
+    use super::*;
 
     #[test]
     fn fresh_ids_are_what_format_would_write() {
@@ -457,5 +540,40 @@ mod tests {
             Some("f000000-0-0".into())
         );
         assert!(fresh_id(b'b', 0, usize::MAX, u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_templated_register_is_what_encode_writes() {
+        for close in [false, true] {
+            let framing = RequestFraming {
+                host: Some("127.0.0.1:5555"),
+                request_id: None,
+                close,
+            };
+            for (index, counter) in [
+                (0, 1),
+                (7, 10),
+                (63, 123_456_789),
+                (999, u64::MAX),
+                (1000, u64::MAX),
+            ] {
+                let t = RegisterTemplate::new(0xab12cd, index, &framing).expect("a template");
+                let mut templated = Vec::new();
+                let id = fresh_id(b'b', 0xab12cd, index, counter);
+                assert_eq!(t.write(counter, &mut templated), id.is_some());
+                let Some(id) = id else { continue };
+                let mut encoded = Vec::new();
+                Request::Register {
+                    id,
+                    port: 9,
+                    token: None,
+                }
+                .encode(&mut encoded, &framing);
+                assert_eq!(
+                    String::from_utf8_lossy(&templated),
+                    String::from_utf8_lossy(&encoded)
+                );
+            }
+        }
     }
 }
