@@ -679,6 +679,32 @@ fn sigterm_stops_cleanly() {
 }
 
 #[test]
+fn a_request_in_progress_at_sigterm_is_answered() {
+    let mut s = Server::start(&[]);
+    let mut busy = connect(s.addr);
+    // Half a request: the connection has been read and has waited since.
+    busy.write_all(b"PROBE / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    assert_alive(s.addr);
+    let pid = s.pid().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Shutdown has begun once the listeners are closed.
+    chat_testkit::eventually("the listeners to close", || {
+        std::net::TcpStream::connect(s.addr).is_err()
+    });
+    busy.write_all(b"\r\n").unwrap();
+    let r = read_reply(&mut busy);
+    assert_eq!((r.status, r.phrase.as_str()), (200, "PROBEACK"));
+    // Then the server closes it and exits.
+    assert_eq!(read_to_close(&mut busy), "");
+    let status = s.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
 fn port_in_use_is_a_clear_error() {
     let s = Server::start(&[]);
     let mut again = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
