@@ -97,7 +97,20 @@ impl Index {
     /// Asks the CPU to start loading `hash`'s first line, so that a search
     /// soon after does not wait for memory.
     pub fn prefetch(&self, hash: u32) {
-        prefetch(&self.lines[self.home(hash) / LINE]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let line: *const Line = &self.lines[self.home(hash) / LINE];
+            // SAFETY: a prefetch is only a hint: it reads nothing the
+            // program sees and cannot fault, and `line` points into
+            // `self.lines` anyway. The SSE it needs is part of x86_64.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    line.cast::<i8>(),
+                );
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = hash;
     }
 
     /// The slots holding `hash` (stored form), in probe order: the run of
@@ -229,20 +242,6 @@ impl Index {
             .flat_map(|l| l.0)
             .filter(|s| s.hash != EMPTY)
     }
-}
-
-/// Asks the CPU to start loading the cache line at `p` (a hint; on other
-/// architectures than x86_64, nothing).
-pub fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is only a hint: it reads nothing the program
-    // sees and cannot fault, whatever the address, so `p` need not even
-    // point to memory. The SSE it needs is part of x86_64.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// Lines (a power of two) for `entries` at half load.

@@ -31,7 +31,7 @@ use std::time::Duration;
 use chat_proto::rendezvous::{ErrorStatus, Failure, Request, Response};
 use chat_proto::{ClientId, Token};
 
-use crate::index::{self, Index};
+use crate::index::Index;
 
 /// What the registry is told at start-up.
 #[derive(Clone, Debug)]
@@ -513,13 +513,6 @@ impl Registry {
         let hash = record.hash;
         self.queue.push_back(record);
         self.index.insert(hash, pos);
-        // The next record goes right after this one (unless the ring
-        // wraps): ask for its memory now, while the response is written
-        // and the next request read, rather than wait for it then.
-        let (a, b) = self.queue.as_slices();
-        let end = if b.is_empty() { a } else { b }.as_ptr_range().end;
-        index::prefetch(end);
-        index::prefetch(end.cast::<u8>().wrapping_add(64));
     }
 
     /// Drops the slots that point before the front.
@@ -584,13 +577,6 @@ impl Registry {
                 self.held -= 1;
                 done.lapsed += 1;
             }
-        }
-        // The next request looks at the record after the front: ask for
-        // it now, as for the back (see `push_back`).
-        if let Some(next) = self.queue.get(1) {
-            let next: *const Record = next;
-            index::prefetch(next);
-            index::prefetch(next.cast::<u8>().wrapping_add(64));
         }
         done
     }
