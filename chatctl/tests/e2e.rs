@@ -147,8 +147,8 @@ fn the_rendezvous_works_over_udp() {
     assert_eq!(texts(&alice), ["over udp rendezvous"]);
 }
 
-#[test]
-fn bridge_to_a_named_peer() {
+/// A server and alice, bob and carol, registered.
+fn three_registered() -> (Server, Daemon, Daemon, Daemon) {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);
     let bob = Daemon::start("bob", server.addr, &[]);
@@ -156,6 +156,12 @@ fn bridge_to_a_named_peer() {
     for d in [&alice, &bob, &carol] {
         d.ok(&["register"]);
     }
+    (server, alice, bob, carol)
+}
+
+#[test]
+fn bridge_to_a_named_peer() {
+    let (_server, alice, bob, carol) = three_registered();
     // carol is registered but not waiting: refused with the reason.
     let out = bob.ctl(&["bridge", "carol"]);
     fails_with(&out, 1, "carol is not waiting");
@@ -170,6 +176,26 @@ fn bridge_to_a_named_peer() {
     // Chatting takes alice out of the pool: carol cannot be handed her.
     let out = carol.ctl(&["bridge", "alice"]);
     fails_with(&out, 1, "alice is not waiting");
+}
+
+#[test]
+fn a_call_to_a_busy_peer_is_refused_at_once() {
+    let (_server, alice, bob, carol) = three_registered();
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    // Both are handed alice; bob calls first.
+    for d in [&carol, &bob] {
+        assert!(d.ok(&["bridge", "alice"]).contains("alice"));
+    }
+    bob.ok(&["chat"]);
+    alice.wait_for("chatting");
+    // alice's id is the lower, so a 409 from her could be her calling
+    // carol at the same time; she says busy with a 503 instead, and
+    // carol does not wait for a call that will not come.
+    let out = carol.ctl(&["chat"]);
+    fails_with(&out, 1, "alice is busy in another chat");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("no call from alice"), "{err}");
+    assert_eq!(alice.state(), "chatting");
 }
 
 #[test]

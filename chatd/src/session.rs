@@ -219,17 +219,18 @@ enum Phase {
 enum Call {
     /// Connecting on this link.
     Dialing(LinkId),
-    /// Refused with 409 by a peer whose id is lower: most likely it is
-    /// calling at the same time, its refusal overtook its call, and its
-    /// call is the one both ends keep. That call is awaited until `until`;
-    /// past it, `reason` stands.
+    /// Refused with 409 by a peer whose id is lower: it is calling at the
+    /// same time, its refusal overtook its call, and its call is the one
+    /// both ends keep. That call is awaited until `until`; past it,
+    /// `reason` stands. (Daemons before busy refusals became 503 also
+    /// refused with 409 when busy; the wait covers those too.)
     Crossed { until: Instant, reason: String },
 }
 
 /// How long a call refused by a crossing call waits for that call. Both
 /// calls start within moments of each other, so this is plenty; it is
-/// also how late a busy peer's refusal reaches the user when the peer's
-/// id is the lower one.
+/// also how late a busy peer's refusal reaches the user when the peer is
+/// an older daemon (which refused with 409 when busy) with the lower id.
 const CROSSING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
@@ -781,9 +782,11 @@ impl Session {
                     ));
                 }
             }
+            // 503, not 409: a 409 says "I am calling you", so that the
+            // caller waits for that call (see `Call::Crossed`) only then.
             Phase::Chatting(_) | Phase::Connecting { .. } => {
                 self.out
-                    .push_back(refuse(409, format!("{me} is busy in another chat")));
+                    .push_back(refuse(503, format!("{me} is busy in another chat")));
             }
             Phase::Waiting => {
                 self.out.push_back(Action::Accept { link });
@@ -1950,12 +1953,18 @@ mod tests {
     #[test]
     fn a_failed_connect_goes_back_to_registered() {
         // ("me" is the daemon's own id.) Only a 409 from a lower id can be
-        // a crossing call; every other failure is told at once.
+        // a crossing call; every other failure is told at once, a busy
+        // peer's 503 whatever its id.
         for (peer, refused, why) in [
             (
                 "zed",
                 Some(409),
                 "refused (409): zed is busy in another chat",
+            ),
+            (
+                "bob",
+                Some(503),
+                "refused (503): bob is busy in another chat",
             ),
             (
                 "bob",
@@ -1988,10 +1997,10 @@ mod tests {
         assert_eq!(t.s.state(), State::Ready);
         assert_eq!(t.s.status().peer, Some(id("bob")));
 
-        // Anyone else is refused meanwhile ...
+        // Anyone else is refused meanwhile, as busy ...
         let (_, a) = t.call_from("carol", false);
         assert!(
-            matches!(&a[..], [Action::Refuse { status: 409, .. }]),
+            matches!(&a[..], [Action::Refuse { status: 503, .. }]),
             "{a:?}"
         );
         // ... and bob's call is taken, on bob's rule for turns.
@@ -2011,6 +2020,7 @@ mod tests {
 
     #[test]
     fn a_409_from_a_lower_id_stands_if_no_call_follows() {
+        // An older bob, which refused with 409 when busy.
         let mut t = T::new(false);
         let (ticket, _) = refused_409(&mut t, "bob", "is busy in another chat");
         assert_eq!(t.s.poll_timeout(), Some(t.now + CROSSING_WAIT));
@@ -2051,7 +2061,7 @@ mod tests {
         assert_eq!(t.s.status().peer, Some(id("bob")));
         let (_, a) = t.call_from("eve", false);
         assert!(
-            matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("busy")),
+            matches!(&a[..], [Action::Refuse { status: 503, reason, .. }] if reason.contains("busy")),
             "{a:?}"
         );
         // The chat is undisturbed.
