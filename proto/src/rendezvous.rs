@@ -396,36 +396,34 @@ impl Response {
                     body = Some(&f.reason);
                 }
             }
-            ok => {
-                let ack = ok.method().map_or("OK", Method::ack);
-                w.status(200, ack);
-                match ok {
-                    Response::ProbeAck { transports, server } => {
-                        w.header("Transport", transports);
-                        if !framing.minimal {
-                            w.header("Server", server);
-                        }
-                    }
-                    Response::RegAck {
-                        id,
-                        addr,
-                        token,
-                        expires,
-                    } => {
-                        w.header("Client-Id", id);
-                        w.header("Client-Addr", addr);
-                        w.header("Client-Token", token);
-                        w.header("Expires", expires);
-                    }
-                    Response::BridgeAck {
-                        peer: Some((id, addr)),
-                    } => {
-                        w.header("Peer-Id", id);
-                        w.header("Peer-Addr", addr);
-                    }
-                    _ => {}
+            Response::ProbeAck { transports, server } => {
+                w.status(200, Method::Probe.ack());
+                w.header("Transport", transports);
+                if !framing.minimal {
+                    w.header("Server", server);
                 }
             }
+            Response::RegAck {
+                id,
+                addr,
+                token,
+                expires,
+            } => {
+                w.status(200, Method::Register.ack());
+                w.header("Client-Id", id);
+                w.header("Client-Addr", addr);
+                w.header("Client-Token", token);
+                w.header("Expires", expires);
+            }
+            Response::BridgeAck { peer } => {
+                w.status(200, Method::Bridge.ack());
+                if let Some((id, addr)) = peer {
+                    w.header("Peer-Id", id);
+                    w.header("Peer-Addr", addr);
+                }
+            }
+            Response::ChatAck => w.status(200, Method::Chat.ack()),
+            Response::QuitAck => w.status(200, Method::Quit.ack()),
         }
         if let Some(rid) = framing.request_id {
             w.header("Request-Id", rid);
