@@ -27,22 +27,22 @@ const LINE: usize = 8;
 const EMPTY: u32 = 0;
 
 /// One entry: a record's position and its id's hash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Zeroable)]
 pub struct Slot {
     pub hash: u32,
     pub pos: u32,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Zeroable)]
 #[repr(C, align(64))]
 struct Line([Slot; LINE]);
 
-const EMPTY_LINE: Line = Line(
-    [Slot {
-        hash: EMPTY,
-        pos: 0,
-    }; LINE],
-);
+/// A table of empty lines. Zeroed memory straight from the allocator (an
+/// empty slot is all zeros), so that only the pages the index touches
+/// become resident: `vec![line; n]` would write every one of them.
+fn empty_lines(n: usize) -> Vec<Line> {
+    bytemuck::zeroed_vec(n)
+}
 
 /// Hash → positions, at most half full.
 pub struct Index {
@@ -59,7 +59,7 @@ impl Index {
     /// An index that holds `entries` before it grows.
     pub fn with_capacity(entries: usize) -> Index {
         Index {
-            lines: vec![EMPTY_LINE; lines_for(entries)],
+            lines: empty_lines(lines_for(entries)),
             len: 0,
         }
     }
@@ -186,7 +186,10 @@ impl Index {
             if s.hash == EMPTY {
                 continue;
             }
-            *self.slot_mut(i) = EMPTY_LINE.0[0];
+            *self.slot_mut(i) = Slot {
+                hash: EMPTY,
+                pos: 0,
+            };
             if keep(s) {
                 self.put(s);
             } else {
@@ -196,12 +199,12 @@ impl Index {
     }
 
     pub fn clear(&mut self) {
-        self.lines.fill(EMPTY_LINE);
+        self.lines = empty_lines(self.lines.len());
         self.len = 0;
     }
 
-    /// Gives back memory down to what `entries` need, if the index holds
-    /// no more than that; entries `keep` rejects are dropped on the way.
+    /// Gives back memory down to what the larger of `entries` and the
+    /// entries kept need; entries `keep` rejects are dropped on the way.
     pub fn shrink_to(&mut self, entries: usize, mut keep: impl FnMut(Slot) -> bool) {
         let lines = lines_for(entries);
         if lines >= self.lines.len() {
@@ -224,7 +227,7 @@ impl Index {
     /// table is read in order, and entries land near the same fraction of
     /// the new one, so both are walked more or less sequentially.
     fn rebuild(&mut self, lines: usize, mut keep: impl FnMut(Slot) -> bool) {
-        let old = std::mem::replace(&mut self.lines, vec![EMPTY_LINE; lines]);
+        let old = std::mem::replace(&mut self.lines, empty_lines(lines));
         self.len = 0;
         for s in old.iter().flat_map(|l| l.0) {
             if s.hash != EMPTY && keep(s) {
@@ -252,6 +255,16 @@ fn lines_for(entries: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_table_is_zeroed_memory() {
+        // What `empty_lines` rests on: an empty slot is all zeros.
+        let zero: Slot = bytemuck::Zeroable::zeroed();
+        assert_eq!(zero.hash, EMPTY);
+        let ix = Index::with_capacity(1000);
+        assert!(ix.slots().next().is_none());
+        assert_eq!(ix.find(0, |_| true), None);
+    }
 
     #[test]
     fn a_line_is_a_cache_line() {
@@ -379,9 +392,11 @@ mod tests {
             let found = ix.find(pos.wrapping_mul(0x9e37_79b9), |p| p == pos);
             assert_eq!(found.is_some(), pos < 100 && pos % 2 == 0, "{pos}");
         }
-        // A shrink below what is held is not done.
+        // A shrink below what is held stops at what the held need.
         ix.shrink_to(1, |_| true);
         assert_eq!(ix.len(), 50);
+        assert_eq!(ix.capacity(), Index::with_capacity(50).capacity());
+        assert!(ix.capacity() >= 50);
         ix.clear();
         assert!(ix.is_empty());
         assert_eq!(ix.find(0, |_| true), None);
