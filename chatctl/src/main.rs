@@ -268,15 +268,34 @@ struct Lines {
     in_flight: std::collections::HashMap<u64, usize>,
     failed: Vec<(usize, String)>,
     total: usize,
+    /// The daemon left the chat: once nothing is in flight, stop.
+    over: bool,
+    /// Standard input has ended: the sending side finishes by itself.
+    input_done: bool,
 }
 
 /// `send -`: every line of standard input, pipelined. Failures are reported
-/// as they happen; when one says the chat is over, nothing more can be
-/// delivered, so chatctl stops at once (with `tail -f log | chatctl send -`
-/// it would otherwise wait for the next log line to find out).
+/// as they happen. When the chat is over, nothing more can be delivered,
+/// so chatctl stops at once, whether a failed send says so or the daemon
+/// leaves the chat while no line is in flight (with `tail -f log |
+/// chatctl send -` it would otherwise wait for the next log line to find
+/// out).
 fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
     use std::sync::{Arc, Condvar, Mutex};
     let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+    // Chatting now: ask to be told when the daemon is in any other state,
+    // which is when the chat is over. (Not chatting: the first line fails
+    // and says why.)
+    let chatting = matches!(
+        conn.call(Request::Status, |_| {})?,
+        Reply::Status(s) if s.state == State::Chatting
+    );
+    let mut leaving = Vec::new();
+    if chatting {
+        for state in State::ALL.into_iter().filter(|&s| s != State::Chatting) {
+            leaving.push(conn.send(Request::Wait { state })?);
+        }
+    }
     let mut sender = conn.sender()?;
     {
         let shared = Arc::clone(&shared);
@@ -295,6 +314,11 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 };
                 let (lock, changed) = &*shared;
                 let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if leaving.contains(&id) {
+                    lines.over = true;
+                    stop_if_over(&lines);
+                    continue;
+                }
                 let Some(line) = lines.in_flight.remove(&id) else {
                     continue;
                 };
@@ -310,6 +334,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                         }
                     }
                 }
+                stop_if_over(&lines);
                 changed.notify_all();
             }
         });
@@ -352,6 +377,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
         })?;
     }
     let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
+    lines.input_done = true;
     while !lines.in_flight.is_empty() {
         lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
     }
@@ -361,6 +387,25 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
         (Some(why), None) | (None, Some(why)) => Err(Error::Failed(why)),
         (Some(u), Some(f)) => Err(Error::Failed(format!("{u}; {f}"))),
     }
+}
+
+/// Once the daemon has left the chat and every line sent has its answer,
+/// ends chatctl: the rest of the input cannot be delivered.
+fn stop_if_over(lines: &Lines) {
+    if !lines.over || lines.input_done || !lines.in_flight.is_empty() {
+        return;
+    }
+    let sent = match (lines.failed.is_empty(), lines.total) {
+        (_, 0) => "no line was sent".to_owned(),
+        (true, 1) => "the one line sent was delivered".to_owned(),
+        (true, n) => format!("all {n} lines sent were delivered"),
+        (false, _) => summary(lines, None),
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "chatctl: the chat is over: {sent}; the rest of the input was not sent"
+    );
+    std::process::exit(1);
 }
 
 /// Failures after which no further message can be delivered.
