@@ -93,7 +93,9 @@ pub fn reply_text(reply: &Reply) -> String {
                 *round_trip_us as f64 / 1000.0
             )
         }
-        Reply::Quit => "left the chat and the server".into(),
+        // True whatever the daemon was doing: quitting an idle daemon is
+        // not an error, but it left nothing.
+        Reply::Quit => "quit: not chatting and not registered".into(),
         Reply::Reached { state } => state.to_string(),
         Reply::Done => String::new(),
     }

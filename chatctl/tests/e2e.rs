@@ -115,7 +115,10 @@ fn seed_flow_with_the_first_daemon_waiting() {
 
     // QUIT: bob leaves the chat and the server; alice is told and can
     // bridge again.
-    assert!(bob.ok(&["quit"]).contains("left"));
+    assert!(
+        bob.ok(&["quit"])
+            .contains("not chatting and not registered")
+    );
     assert_eq!(bob.state(), "idle");
     alice.wait_for("registered");
     let tail = alice.ok(&["tail", "-n", "5"]);
@@ -162,9 +165,14 @@ fn three_registered() -> (Server, Daemon, Daemon, Daemon) {
 #[test]
 fn bridge_to_a_named_peer() {
     let (_server, alice, bob, carol) = three_registered();
-    // carol is registered but not waiting: refused with the reason.
+    // carol is registered but not waiting: refused with the reason, in
+    // chatctl's words.
     let out = bob.ctl(&["bridge", "carol"]);
-    fails_with(&out, 1, "carol is not waiting");
+    fails_with(
+        &out,
+        1,
+        "carol is not waiting for a peer: ask carol to run `chatctl bridge`",
+    );
     let out = bob.ctl(&["bridge", "nobody"]);
     fails_with(&out, 1, "nobody");
     assert!(alice.ok(&["bridge"]).contains("waiting"));
@@ -283,7 +291,7 @@ fn a_daemon_restarted_after_a_crash_reclaims_its_id() {
     // Another daemon with the same id (no token) is refused.
     let impostor = Daemon::start("alice", server.addr, &[]);
     let out = impostor.ctl(&["register"]);
-    fails_with(&out, 1, "registered by another client");
+    fails_with(&out, 1, "another client holds this id");
 }
 
 #[test]
@@ -615,7 +623,7 @@ fn the_demo_runs_and_cleans_up() {
         "peer alice at 127.0.0.1:",
         "bob: Hi Alice! This went straight from my daemon to yours.",
         "alice: Bye for now!",
-        "left the chat and the server",
+        "quit: not chatting and not registered",
     ] {
         assert!(
             printed.contains(expected),

@@ -1071,6 +1071,19 @@ impl Session {
                         }),
                     });
                 }
+                // The server's reason speaks HTTP; a chatctl user bridges.
+                Response::Error(f) if f.status == ErrorStatus::Conflict && peer.is_some() => {
+                    let p = peer.map(|p| p.to_string()).unwrap_or_default();
+                    self.fail(
+                        ticket,
+                        FailureKind::Server,
+                        format!(
+                            "{p} is not waiting for a peer: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
+                            f.status.code(),
+                            f.status.phrase()
+                        ),
+                    );
+                }
                 Response::Error(f) => self.fail(ticket, FailureKind::Server, server_refused(&f)),
                 other => self.fail(ticket, FailureKind::Server, unexpected(&other)),
             },
@@ -1279,9 +1292,16 @@ fn forgot_us(f: &chat_proto::rendezvous::Failure) -> bool {
 }
 
 fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
+    // The server's own reason for this one ("send its Client-Token")
+    // speaks to HTTP clients; a daemon's user cannot send a token.
+    let reason = match f.status {
+        ErrorStatus::RegNack => {
+            "another client holds this id (another chatd, or an earlier one whose token was lost): stop it, wait until its registration lapses (300 s unless the server sets --expires), or start chatd with another --id"
+        }
+        _ => f.reason.as_ref(),
+    };
     format!(
-        "the server refused: {} ({} {})",
-        f.reason,
+        "the server refused: {reason} ({} {})",
         f.status.code(),
         f.status.phrase()
     )
@@ -1537,7 +1557,7 @@ mod tests {
             ))),
         });
         assert!(a.iter().any(
-            |x| matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("taken"))
+            |x| matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("another client holds this id"))
         ));
         assert_eq!(t.s.poll_timeout(), None);
     }
@@ -1577,7 +1597,11 @@ mod tests {
         });
         let f = reply_of(&a, ticket).unwrap_err();
         assert_eq!(f.kind, FailureKind::Server);
-        assert!(f.message.contains("registered by another client"), "{f:?}");
+        // Told as a daemon's user can act on it, not as the server's HTTP
+        // reason ("send its Client-Token").
+        assert!(f.message.contains("another client holds this id"), "{f:?}");
+        assert!(f.message.contains("another --id"), "{f:?}");
+        assert!(!f.message.contains("Client-Token"), "{f:?}");
         assert_eq!(t.s.state(), State::Idle);
         let (ticket, a) = t.command(Command::Register);
         let (op, _) = T::server_op(&a);
