@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_proto::ClientId;
 use chat_proto::frame::{Decoder, encode};
 use chat_proto::ipc::{
     ClientFrame, DaemonFrame, Failure, Hello, MAX_FRAME, Record, Reply, Request, VERSION,
@@ -56,11 +57,34 @@ impl From<Failure> for Error {
 
 /// Finds the socket: `--socket`, then `CHATD_SOCKET`, then the only
 /// daemon's socket in the runtime directory.
-pub fn resolve_socket(given: Option<PathBuf>) -> Result<PathBuf, Error> {
+pub fn resolve_socket(given: Option<PathBuf>, id: Option<ClientId>) -> Result<PathBuf, Error> {
     if let Some(p) = given {
         return Ok(p);
     }
     let found = local::list_sockets();
+    let choices = || {
+        let list: Vec<String> = found
+            .iter()
+            .map(|(id, p)| format!("  {id}: chatctl --id {id}  (--socket {})", p.display()))
+            .collect();
+        list.join("\n")
+    };
+    if let Some(id) = id {
+        let id = id.to_string();
+        return match found.iter().find(|(running, _)| *running == id) {
+            Some((_, p)) => Ok(p.clone()),
+            None if found.is_empty() => Err(Error::Unreachable(format!(
+                "no chatd is running: no socket in {}\n{}",
+                local::socket_dir_name().display(),
+                start_hint(&id)
+            ))),
+            None => Err(Error::Unreachable(format!(
+                "no chatd with id {id} is running; these are:\n{}\n{}",
+                choices(),
+                start_hint(&id)
+            ))),
+        };
+    }
     match found.len() {
         1 => Ok(found.into_iter().next().map(|(_, p)| p).unwrap_or_default()),
         0 => {
@@ -70,16 +94,10 @@ pub fn resolve_socket(given: Option<PathBuf>) -> Result<PathBuf, Error> {
                 start_hint("ID")
             )))
         }
-        _ => {
-            let list: Vec<String> = found
-                .iter()
-                .map(|(id, p)| format!("  {id}: chatctl --socket {}", p.display()))
-                .collect();
-            Err(Error::Usage(format!(
-                "several daemons are running; choose one with --socket (or CHATD_SOCKET):\n{}",
-                list.join("\n")
-            )))
-        }
+        _ => Err(Error::Usage(format!(
+            "several daemons are running; choose one with --id (or --socket, or CHATD_SOCKET):\n{}",
+            choices()
+        ))),
     }
 }
 

@@ -31,6 +31,10 @@ struct Cli {
     #[arg(long, global = true, env = "CHATD_SOCKET")]
     socket: Option<PathBuf>,
 
+    /// The running daemon with this id, when several run
+    #[arg(long, global = true, value_name = "ID", conflicts_with = "socket")]
+    id: Option<ClientId>,
+
     /// Machine-readable output: JSON objects, one per line
     #[arg(long, global = true)]
     json: bool,
@@ -153,7 +157,7 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
         Cmd::Man { dir } => return man_pages(dir),
         _ => {}
     }
-    let socket = resolve_socket(cli.socket)?;
+    let socket = resolve_socket(cli.socket, cli.id)?;
     let mut conn = Conn::open(&socket)?;
     let no_records = |_| {};
     match cli.command {

@@ -530,6 +530,44 @@ fn no_daemon_is_exit_3_with_a_hint() {
 }
 
 #[test]
+fn with_several_daemons_one_is_chosen_by_id() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    // bob's socket beside alice's, as two daemons of one user have.
+    let beside = alice.socket.with_file_name("bob.sock");
+    let bob_socket = beside.to_str().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin("chatd"));
+    isolate(&mut cmd, home.path())
+        .args(["--id", "bob", "--port", "0", "--socket", bob_socket])
+        .args(["--server", &server.addr.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _bob = Guard::new(cmd.spawn().unwrap());
+    let mut status = None;
+    eventually("bob to answer by its id", || {
+        let out = alice.ctl(&["--json", "--id", "bob", "status"]);
+        status = out.status.success().then_some(out.stdout);
+        status.is_some()
+    });
+    let v: serde_json::Value = serde_json::from_slice(&status.unwrap()).unwrap();
+    assert_eq!(v["id"], "bob");
+    assert!(alice.ok(&["--id", "alice", "id"]).contains("alice"));
+    // Without a choice: a usage error that lists how to make one.
+    let out = alice.ctl(&["status"]);
+    fails_with(&out, 2, "choose one with --id");
+    fails_with(&out, 2, "bob: chatctl --id bob");
+    // An id not running: unreachable, naming those that are.
+    let out = alice.ctl(&["--id", "carol", "status"]);
+    fails_with(&out, 3, "no chatd with id carol is running");
+    fails_with(&out, 3, "alice: chatctl --id alice");
+    fails_with(&out, 3, "chatd --id carol");
+    // --id and --socket together are a usage error.
+    let out = alice.ctl(&["--id", "bob", "--socket", bob_socket, "status"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn the_shell_speaks_the_seed_commands() {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);
