@@ -140,7 +140,10 @@ fn demo_in(demo: &mut Demo) -> Result<(), Error> {
         let socket = run_dir.join("chatd").join(format!("{id}.sock"));
         let mut d = Command::new(&chatd_bin);
         env(&mut d);
-        d.args(["--id", id, "--port", "0", "--server", &addr])
+        // On loopback only, as the server: the demo opens nothing to the
+        // network.
+        d.args(["--id", id, "--bind", "127.0.0.1", "--port", "0"])
+            .args(["--server", &addr])
             .stdout(Stdio::null())
             .stderr(log(&home, id)?);
         let child = d

@@ -530,6 +530,20 @@ fn no_daemon_is_exit_3_with_a_hint() {
 }
 
 #[test]
+fn a_bound_daemon_listens_on_its_address_only() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &["--bind", "127.0.0.1"]);
+    let port = alice.status()["port"].as_u64().unwrap() as u16;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // Another loopback address reaches every-address listeners, not this.
+    assert!(std::net::TcpStream::connect(("127.0.0.2", port)).is_err());
+    // The server records the bound address, the one peers are handed.
+    let out = alice.ok(&["--json", "register"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["addr"], format!("127.0.0.1:{port}"));
+}
+
+#[test]
 fn with_several_daemons_one_is_chosen_by_id() {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);

@@ -5,6 +5,7 @@
 //! user's configuration directory, or the one `--config` names; every key
 //! is documented in `docs/chatd.example.toml`.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use chat_proto::ClientId;
@@ -24,6 +25,11 @@ pub struct Options {
     /// TCP port peers connect to (0: any free one, shown by `chatctl status`)
     #[arg(long)]
     pub port: Option<u16>,
+
+    /// Listen for peers on this address only, and reach the server from it
+    /// (so the server hands peers this address) [default: every address]
+    #[arg(long, value_name = "IP")]
+    pub bind: Option<IpAddr>,
 
     /// The rendezvous server, HOST:PORT
     #[arg(long)]
@@ -59,6 +65,7 @@ pub struct Options {
 pub struct FileConfig {
     pub id: Option<ClientId>,
     pub port: Option<u16>,
+    pub bind: Option<IpAddr>,
     pub server: Option<String>,
     pub socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
@@ -71,6 +78,7 @@ pub struct FileConfig {
 pub struct Settings {
     pub id: ClientId,
     pub port: u16,
+    pub bind: Option<IpAddr>,
     pub server: String,
     pub socket: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
@@ -127,6 +135,7 @@ impl Options {
         Ok(Settings {
             id,
             port,
+            bind: self.bind.or(file.bind),
             server,
             socket: self.socket.or(file.socket),
             data_dir: self.data_dir.or(file.data_dir),
@@ -187,6 +196,30 @@ mod tests {
         assert!(
             Options::try_parse_from(["chatd", "--id=bad id", "--port=1", "--server=x:1"]).is_err()
         );
+    }
+
+    #[test]
+    fn bind_comes_from_the_flag_or_the_file() {
+        let flags = |extra: &[&str]| {
+            let mut args = vec!["chatd", "--id", "a", "--port", "1", "--server", "s:1"];
+            args.extend_from_slice(extra);
+            Options::parse_from(args)
+        };
+        let file = FileConfig {
+            bind: Some("127.0.0.1".parse().unwrap()),
+            ..FileConfig::default()
+        };
+        let s = flags(&[]).merge(FileConfig::default(), None).unwrap();
+        assert_eq!(s.bind, None);
+        let s = flags(&[]).merge(file, None).unwrap();
+        assert_eq!(s.bind, Some("127.0.0.1".parse().unwrap()));
+        let file = FileConfig {
+            bind: Some("127.0.0.1".parse().unwrap()),
+            ..FileConfig::default()
+        };
+        let s = flags(&["--bind", "::1"]).merge(file, None).unwrap();
+        assert_eq!(s.bind, Some("::1".parse().unwrap()));
+        assert!(Options::try_parse_from(["chatd", "--bind", "localhost"]).is_err());
     }
 
     #[test]

@@ -57,14 +57,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if activated.is_none() {
         refuse_if_running(&socket)?;
     }
-    let peers = peer::bind(settings.port).map_err(|e| {
+    let peers = peer::bind(settings.bind, settings.port).map_err(|e| {
+        let on = match settings.bind {
+            Some(ip) => format!("{}", std::net::SocketAddr::new(ip, settings.port)),
+            None => format!("port {}", settings.port),
+        };
         if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("peer {on} is already in use: choose another with --port")
+        } else if settings.bind.is_some() {
             anyhow::anyhow!(
-                "peer port {} is already in use: choose another with --port",
-                settings.port
+                "cannot listen for peers on {on}: {e}; --bind must be an address of this host"
             )
         } else {
-            anyhow::anyhow!("cannot listen for peers on port {}: {e}", settings.port)
+            anyhow::anyhow!("cannot listen for peers on {on}: {e}")
         }
     })?;
     // With --port 0 the system picks the port; the server must be told
@@ -108,7 +113,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         id,
         session,
         history,
-        settings.server.clone(),
+        rendezvous::Client::new(settings.server.clone()).from_source(settings.bind),
         events.clone(),
         Some(Box::new(systemd::report_status)),
     );

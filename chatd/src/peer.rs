@@ -90,10 +90,25 @@ pub fn queue() -> (LinkHandle, LinkQueue) {
 
 /// Binds the peer port, so that a port in use is an error at start-up.
 ///
-/// IPv6 and IPv4 both (`[::]` without V6ONLY): the server records the
-/// address it saw us come from, which may be either, and a peer must be
-/// able to reach us at it. On a host without IPv6, IPv4 alone.
-pub fn bind(port: u16) -> std::io::Result<std::net::TcpListener> {
+/// On `ip` alone when given (`--bind`). Otherwise IPv6 and IPv4 both
+/// (`[::]` without V6ONLY): the server records the address it saw us come
+/// from, which may be either, and a peer must be able to reach us at it.
+/// On a host without IPv6, IPv4 alone.
+pub fn bind(ip: Option<std::net::IpAddr>, port: u16) -> std::io::Result<std::net::TcpListener> {
+    if let Some(ip) = ip {
+        let addr = std::net::SocketAddr::new(ip, port);
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(128)?;
+        let l = std::net::TcpListener::from(s);
+        l.set_nonblocking(true)?;
+        return Ok(l);
+    }
     let dual = (|| {
         let s = socket2::Socket::new(
             socket2::Domain::IPV6,

@@ -3,7 +3,7 @@
 //! closed by the server, as the seeds did) or UDP (one datagram each way,
 //! retransmitted after 0.5 s, doubling, for about 8 s, as SIP does).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use chat_proto::rendezvous::{
     MAX_DATAGRAM, Parsed, Request, RequestFraming, Response, parse_response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout_at};
 
 /// How long a TCP connect, or a whole TCP exchange, may take.
@@ -38,6 +38,9 @@ pub struct Client {
     found: Mutex<Option<(SocketAddr, Transport)>>,
     /// How long a PROBE over UDP is tried after TCP failed.
     udp_probe_give_up: Duration,
+    /// The address requests leave from (`--bind`), so that the server
+    /// records the address peers are to reach this daemon at.
+    source: Option<IpAddr>,
 }
 
 impl Client {
@@ -47,7 +50,19 @@ impl Client {
             server,
             found: Mutex::new(None),
             udp_probe_give_up: UDP_PROBE_GIVE_UP,
+            source: None,
         }
+    }
+
+    /// The server as given, `host:port`.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Sends every request from `source` (None: whichever the system
+    /// picks).
+    pub fn from_source(self, source: Option<IpAddr>) -> Client {
+        Client { source, ..self }
     }
 
     /// Sends `request`; `Err` is a reason a person can read, for when the
@@ -63,8 +78,10 @@ impl Client {
             }
         };
         let result = match transport {
-            Transport::Tcp => tcp_exchange(addr, &self.server, request).await,
-            Transport::Udp => udp_exchange(addr, &self.server, request, UDP_GIVE_UP).await,
+            Transport::Tcp => tcp_exchange(self.source, addr, &self.server, request).await,
+            Transport::Udp => {
+                udp_exchange(self.source, addr, &self.server, request, UDP_GIVE_UP).await
+            }
         };
         if result.is_err() {
             *self.found.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -107,7 +124,7 @@ impl Client {
 
     /// TCP first (the default server transport); UDP if TCP is refused.
     async fn probe(&self, addr: SocketAddr) -> Result<Transport, String> {
-        let tcp_err = match tcp_exchange(addr, &self.server, &Request::Probe).await {
+        let tcp_err = match tcp_exchange(self.source, addr, &self.server, &Request::Probe).await {
             Ok(Response::ProbeAck { transports, .. }) if transports.tcp => {
                 return Ok(Transport::Tcp);
             }
@@ -116,7 +133,14 @@ impl Client {
         };
         // A short try: a server that refused TCP is more likely down than
         // serving UDP only, and the user is waiting.
-        match udp_exchange(addr, &self.server, &Request::Probe, self.udp_probe_give_up).await {
+        let udp = udp_exchange(
+            self.source,
+            addr,
+            &self.server,
+            &Request::Probe,
+            self.udp_probe_give_up,
+        );
+        match udp.await {
             Ok(Response::ProbeAck { transports, .. }) if transports.udp => Ok(Transport::Udp),
             Ok(other) => Err(format!("unexpected answer to PROBE: {other:?}")),
             Err(udp_err) => Err(format!("over TCP: {tcp_err}; over UDP: {udp_err}")),
@@ -124,9 +148,40 @@ impl Client {
     }
 }
 
-async fn tcp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result<Response, String> {
+/// The local address to send to `addr` from: `source` if given, else any.
+fn local_for(source: Option<IpAddr>, addr: SocketAddr) -> Result<SocketAddr, String> {
+    match source {
+        Some(ip) if ip.is_ipv4() != addr.is_ipv4() => Err(format!(
+            "cannot reach {addr} from {ip} (--bind): not the same IP version"
+        )),
+        Some(ip) => Ok(SocketAddr::new(ip, 0)),
+        None if addr.is_ipv4() => Ok(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))),
+        None => Ok(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))),
+    }
+}
+
+async fn connect(source: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
+async fn tcp_exchange(
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    host: &str,
+    request: &Request,
+) -> Result<Response, String> {
     let deadline = Instant::now() + TCP_TIMEOUT;
-    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    local_for(source, addr)?;
+    let mut stream = match timeout_at(deadline, connect(source, addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => {
@@ -173,17 +228,13 @@ async fn tcp_exchange(addr: SocketAddr, host: &str, request: &Request) -> Result
 }
 
 async fn udp_exchange(
+    source: Option<IpAddr>,
     addr: SocketAddr,
     host: &str,
     request: &Request,
     give_up_after: Duration,
 ) -> Result<Response, String> {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().map_err(|_| "bad bind address")?
-    } else {
-        "[::]:0".parse().map_err(|_| "bad bind address")?
-    };
-    let socket = UdpSocket::bind(bind)
+    let socket = UdpSocket::bind(local_for(source, addr)?)
         .await
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     socket.connect(addr).await.map_err(|e| e.to_string())?;
@@ -290,5 +341,35 @@ mod tests {
             client.first_answering([]).await.unwrap_err(),
             format!("localhost:{} resolves to no address", server.addr.port())
         );
+    }
+
+    #[tokio::test]
+    async fn requests_leave_from_the_bound_address() {
+        // Over TCP and over UDP, the server records the address the
+        // request came from: --bind's (127.0.0.2 is loopback too).
+        let server = Server::start(&["--transport", "both"]);
+        let source: IpAddr = "127.0.0.2".parse().unwrap();
+        for (transport, name) in [(Transport::Tcp, "tcp"), (Transport::Udp, "udp")] {
+            let client = Client::new(server.addr.to_string()).from_source(Some(source));
+            *client.found.lock().unwrap() = Some((server.addr, transport));
+            let id: chat_proto::ClientId = format!("bound-{name}").parse().unwrap();
+            let reply = client
+                .request(&Request::Register {
+                    id,
+                    port: 4000,
+                    token: None,
+                })
+                .await;
+            match reply {
+                Ok(Response::RegAck { addr, .. }) => {
+                    assert_eq!(addr, SocketAddr::new(source, 4000), "{name}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        // An address of the other IP version cannot reach the server.
+        let v6 = Client::new(server.addr.to_string()).from_source(Some("::1".parse().unwrap()));
+        let err = v6.request(&Request::Probe).await.unwrap_err();
+        assert!(err.contains("not the same IP version"), "{err}");
     }
 }
