@@ -9,9 +9,11 @@ fn main() -> std::process::ExitCode {
     chat_proto::logging::init();
     let settings = match options.settings() {
         Ok(s) => s,
+        // Exit status 2, as for a bad flag: the configuration is wrong, and
+        // the unit does not restart on it (RestartPreventExitStatus=2).
         Err(e) => {
             eprintln!("chat-server: {e}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(2);
         }
     };
     match chat_server::run(settings) {

@@ -705,6 +705,19 @@ fn a_request_in_progress_at_sigterm_is_answered() {
 }
 
 #[test]
+fn a_bad_configuration_file_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "port = \"five\"\n").unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
+    cmd.args(["--bind", "127.0.0.1", "--config", file.to_str().unwrap()]);
+    let out = chat_testkit::run_bounded(cmd, None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.toml"), "{err}");
+}
+
+#[test]
 fn port_in_use_is_a_clear_error() {
     let s = Server::start(&[]);
     let mut again = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"));
