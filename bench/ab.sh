@@ -22,18 +22,20 @@ cargo build --release -q -p chat-bench
 source bench/lib.sh
 
 # The server settings of bench/compare.sh: limits off, registrations
-# lapsing after 10 s.
+# lapsing after 10 s. Sets $addr; not run in a subshell, so that its pid
+# reaches the cleanup.
 start() { # bin name
   "$1" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
     --max-registrations 0 --expires 10 >"$work/$2.out" 2>"$work/$2.err" &
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$work/$2.out" 2>/dev/null && break; sleep 0.05; done
-  awk '{print $3; exit}' "$work/$2.out"
+  addr=$(awk '{print $3; exit}' "$work/$2.out")
+  [ -n "$addr" ] || failed "server $2" "$work/$2.err"
 }
-a=$(start "$a_bin" a)
-b=$(start "$b_bin" b)
-[ -n "$a" ] || failed "server A" "$work/a.err"
-[ -n "$b" ] || failed "server B" "$work/b.err"
+start "$a_bin" A
+a=$addr
+start "$b_bin" B
+b=$addr
 
 rate() { # addr op
   "$bin/chat-bench" run --target "$1" --op "$2" --mode "$mode" -c "$clients" \
@@ -45,14 +47,19 @@ for s in "$a" "$b"; do rate "$s" register >/dev/null; rate "$s" register >/dev/n
 echo "# chat-server A/B, REGISTER/PROBE within each server, $mode c=$clients, $rounds rounds of ${secs}s, $(date -u +%F)"
 echo "# A: $a_bin"
 echo "# B: $b_bin"
-runs=("$a probe" "$a register" "$b probe" "$b register")
+# Each server's PROBE and REGISTER run back to back; which server goes
+# first, and which of its two, change round by round.
+orders=("$a probe,$a register,$b probe,$b register"
+  "$b register,$b probe,$a register,$a probe"
+  "$b probe,$b register,$a probe,$a register"
+  "$a register,$a probe,$b register,$b probe")
 : >"$work/rounds"
 for r in $(seq "$rounds"); do
   declare -A got=()
-  for k in 0 1 2 3; do
-    run=${runs[$(((k + r) % 4))]}
-    read -r addr op <<<"$run"
-    got[$run]=$(rate "$addr" "$op")
+  IFS=, read -r -a runs <<<"${orders[$((r % 4))]}"
+  for run in "${runs[@]}"; do
+    read -r target op <<<"$run"
+    got[$run]=$(rate "$target" "$op")
   done
   echo "${got[$a probe]} ${got[$a register]} ${got[$b probe]} ${got[$b register]}" | tee -a "$work/rounds"
   unset got
@@ -60,6 +67,8 @@ done
 python3 - "$work/rounds" <<'PY'
 import statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
+if not rows:
+    sys.exit("no rounds were run")
 ra = [r[1] / r[0] for r in rows]
 rb = [r[3] / r[2] for r in rows]
 ab = [y / x for x, y in zip(ra, rb)]

@@ -57,9 +57,18 @@ impl From<Failure> for Error {
 
 /// Finds the socket: `--socket`, then `CHATD_SOCKET`, then the only
 /// daemon's socket in the runtime directory.
+/// The control socket to use: `--socket`, else the daemon `--id` names,
+/// else `CHATD_SOCKET`, else the only daemon running. (`CHATD_SOCKET` is
+/// read here rather than by clap, so that `--id` can override it without
+/// the two counting as conflicting flags.)
 pub fn resolve_socket(given: Option<PathBuf>, id: Option<ClientId>) -> Result<PathBuf, Error> {
     if let Some(p) = given {
         return Ok(p);
+    }
+    if id.is_none()
+        && let Some(p) = std::env::var_os("CHATD_SOCKET").filter(|p| !p.is_empty())
+    {
+        return Ok(PathBuf::from(p));
     }
     let found = local::list_sockets();
     let choices = || {

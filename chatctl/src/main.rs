@@ -27,11 +27,13 @@ use crate::output::Printer;
 #[derive(Parser, Debug)]
 #[command(name = "chatctl", version, max_term_width = 100)]
 struct Cli {
-    /// The daemon's control socket [default: the only one running]
-    #[arg(long, global = true, env = "CHATD_SOCKET")]
+    /// The daemon's control socket [default: $CHATD_SOCKET, else the only
+    /// one running]
+    #[arg(long, global = true)]
     socket: Option<PathBuf>,
 
-    /// The running daemon with this id, when several run
+    /// The running daemon with this id, when several run (wins over
+    /// $CHATD_SOCKET)
     #[arg(long, global = true, value_name = "ID", conflicts_with = "socket")]
     id: Option<ClientId>,
 
@@ -272,6 +274,8 @@ struct Lines {
     in_flight: std::collections::HashMap<u64, usize>,
     failed: Vec<(usize, String)>,
     total: usize,
+    /// Lines written to the daemon (`total` counts those read).
+    sent: usize,
     /// The daemon left the chat: once nothing is in flight, stop.
     over: bool,
     /// Standard input has ended: the sending side finishes by itself.
@@ -378,6 +382,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
         sender.send(Request::Send { text: line }, |id| {
             let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
             lines.in_flight.insert(id, n + 1);
+            lines.sent += 1;
         })?;
     }
     let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -399,7 +404,7 @@ fn stop_if_over(lines: &Lines) {
     if !lines.over || lines.input_done || !lines.in_flight.is_empty() {
         return;
     }
-    let sent = match (lines.failed.is_empty(), lines.total) {
+    let sent = match (lines.failed.is_empty(), lines.sent) {
         (_, 0) => "no line was sent".to_owned(),
         (true, 1) => "the one line sent was delivered".to_owned(),
         (true, n) => format!("all {n} lines sent were delivered"),
@@ -407,7 +412,7 @@ fn stop_if_over(lines: &Lines) {
     };
     let _ = writeln!(
         std::io::stderr(),
-        "chatctl: the chat is over: {sent}; the rest of the input was not sent"
+        "chatctl: the chat is over: {sent}; any further input is not sent"
     );
     std::process::exit(1);
 }

@@ -487,7 +487,7 @@ fn a_stream_into_send_stops_when_the_chat_ends() {
         .unwrap();
     assert!(
         err.contains(
-            "the chat is over: the one line sent was delivered; the rest of the input was not sent"
+            "the chat is over: the one line sent was delivered; any further input is not sent"
         ),
         "{err}"
     );
@@ -576,9 +576,16 @@ fn with_several_daemons_one_is_chosen_by_id() {
     fails_with(&out, 3, "no chatd with id carol is running");
     fails_with(&out, 3, "alice: chatctl --id alice");
     fails_with(&out, 3, "chatd --id carol");
-    // --id and --socket together are a usage error.
+    // --id and --socket together are a usage error ...
     let out = alice.ctl(&["--id", "bob", "--socket", bob_socket, "status"]);
     assert_eq!(out.status.code(), Some(2));
+    // ... but --id wins over CHATD_SOCKET, and without it that is used.
+    let mut cmd = alice.ctl_cmd(&["--id", "alice", "id"]);
+    cmd.env("CHATD_SOCKET", bob_socket);
+    assert!(stdout(&run_bounded(cmd, None)).contains("alice"));
+    let mut cmd = alice.ctl_cmd(&["id"]);
+    cmd.env("CHATD_SOCKET", bob_socket);
+    assert!(stdout(&run_bounded(cmd, None)).contains("bob"));
 }
 
 #[test]

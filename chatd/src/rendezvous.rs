@@ -62,6 +62,9 @@ impl Client {
     /// Sends every request from `source` (None: whichever the system
     /// picks).
     pub fn from_source(self, source: Option<IpAddr>) -> Client {
+        // `--bind ::` or `0.0.0.0` listens everywhere; requests then leave
+        // from wherever the system routes them.
+        let source = source.filter(|ip| !ip.is_unspecified());
         Client { source, ..self }
     }
 
