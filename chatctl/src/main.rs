@@ -10,7 +10,7 @@ mod demo;
 mod output;
 mod shell;
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -132,15 +132,28 @@ fn main() -> ExitCode {
     match run(cli, &printer) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if printer.is_json() {
-                let error = serde_json::json!({ "error": e.message(), "exit": e.exit_code() });
-                eprintln!("{error}");
-            } else {
-                eprintln!("chatctl: {}", e.message());
-            }
+            report(&e, printer.is_json());
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Tells standard error what failed: a line of text, or with `--json` an
+/// object `{"error", "exit"}`.
+fn report(e: &Error, json: bool) {
+    if json {
+        let error = serde_json::json!({ "error": e.message(), "exit": e.exit_code() });
+        eprintln!("{error}");
+    } else {
+        eprintln!("chatctl: {}", e.message());
+    }
+}
+
+/// Ends chatctl from a thread other than main's, with `e` reported as
+/// main would.
+fn exit_with(e: &Error, json: bool) -> ! {
+    report(e, json);
+    std::process::exit(i32::from(e.exit_code()))
 }
 
 fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
@@ -312,10 +325,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
             loop {
                 let frame = match conn.next_frame() {
                     Ok(f) => f,
-                    Err(e) => {
-                        let _ = writeln!(std::io::stderr(), "chatctl: {}", e.message());
-                        std::process::exit(i32::from(e.exit_code()));
-                    }
+                    Err(e) => exit_with(&e, json),
                 };
                 let DaemonFrame::Reply { id, result } = frame else {
                     continue;
@@ -324,7 +334,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                 let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
                 if leaving.contains(&id) {
                     lines.over = true;
-                    stop_if_over(&lines);
+                    stop_if_over(&lines, json);
                     continue;
                 }
                 let Some(line) = lines.in_flight.remove(&id) else {
@@ -336,13 +346,11 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                         printer.undelivered(line, &f.message);
                         lines.failed.push((line, f.message.clone()));
                         if chat_is_over(f.kind) {
-                            let summary = summary(&lines, Some(line));
-                            let _ = writeln!(std::io::stderr(), "chatctl: {summary}");
-                            std::process::exit(1);
+                            exit_with(&Error::Failed(summary(&lines, Some(line))), json);
                         }
                     }
                 }
-                stop_if_over(&lines);
+                stop_if_over(&lines, json);
                 changed.notify_all();
             }
         });
@@ -400,7 +408,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
 
 /// Once the daemon has left the chat and every line sent has its answer,
 /// ends chatctl: the rest of the input cannot be delivered.
-fn stop_if_over(lines: &Lines) {
+fn stop_if_over(lines: &Lines, json: bool) {
     if !lines.over || lines.input_done || !lines.in_flight.is_empty() {
         return;
     }
@@ -410,11 +418,8 @@ fn stop_if_over(lines: &Lines) {
         (true, n) => format!("all {n} lines sent were delivered"),
         (false, _) => summary(lines, None),
     };
-    let _ = writeln!(
-        std::io::stderr(),
-        "chatctl: the chat is over: {sent}; any further input is not sent"
-    );
-    std::process::exit(1);
+    let over = format!("the chat is over: {sent}; any further input is not sent");
+    exit_with(&Error::Failed(over), json);
 }
 
 /// Failures after which no further message can be delivered.

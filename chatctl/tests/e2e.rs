@@ -410,6 +410,19 @@ fn send_without_a_chat_fails_clearly() {
             && err.contains("the chat is over: stopped at line 1"),
         "{err}"
     );
+    // With --json, that last word is JSON too, as every error is.
+    let out = alice.ctl_stdin(&["--json", "send", "-"], "a\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let last: serde_json::Value =
+        serde_json::from_str(err.lines().last().unwrap_or_default()).expect("a JSON error");
+    assert_eq!(last["exit"], 1);
+    assert!(
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the chat is over")),
+        "{err}"
+    );
 }
 
 #[test]
