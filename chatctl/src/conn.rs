@@ -55,8 +55,6 @@ impl From<Failure> for Error {
     }
 }
 
-/// Finds the socket: `--socket`, then `CHATD_SOCKET`, then the only
-/// daemon's socket in the runtime directory.
 /// The control socket to use: `--socket`, else the daemon `--id` names,
 /// else `CHATD_SOCKET`, else the only daemon running. (`CHATD_SOCKET` is
 /// read here rather than by clap, so that `--id` can override it without
@@ -78,15 +76,18 @@ pub fn resolve_socket(given: Option<PathBuf>, id: Option<ClientId>) -> Result<Pa
             .collect();
         list.join("\n")
     };
+    let none_running = |id: &str| {
+        Error::Unreachable(format!(
+            "no chatd is running: no socket in {}\n{}",
+            local::socket_dir_name().display(),
+            start_hint(id)
+        ))
+    };
     if let Some(id) = id {
         let id = id.to_string();
         return match found.iter().find(|(running, _)| *running == id) {
             Some((_, p)) => Ok(p.clone()),
-            None if found.is_empty() => Err(Error::Unreachable(format!(
-                "no chatd is running: no socket in {}\n{}",
-                local::socket_dir_name().display(),
-                start_hint(&id)
-            ))),
+            None if found.is_empty() => Err(none_running(&id)),
             None => Err(Error::Unreachable(format!(
                 "no chatd with id {id} is running; these are:\n{}\n{}",
                 choices(),
@@ -96,13 +97,7 @@ pub fn resolve_socket(given: Option<PathBuf>, id: Option<ClientId>) -> Result<Pa
     }
     match found.len() {
         1 => Ok(found.into_iter().next().map(|(_, p)| p).unwrap_or_default()),
-        0 => {
-            let dir = local::socket_dir_name().display().to_string();
-            Err(Error::Unreachable(format!(
-                "no chatd is running: no socket in {dir}\n{}",
-                start_hint("ID")
-            )))
-        }
+        0 => Err(none_running("ID")),
         _ => Err(Error::Usage(format!(
             "several daemons are running; choose one with --id (or --socket, or CHATD_SOCKET):\n{}",
             choices()

@@ -413,10 +413,10 @@ fn stop_if_over(lines: &Lines, json: bool) {
         return;
     }
     let sent = match (lines.failed.is_empty(), lines.sent) {
-        (_, 0) => "no line was sent".to_owned(),
+        (false, _) => summary(lines, None),
+        (true, 0) => "no line was sent".to_owned(),
         (true, 1) => "the one line sent was delivered".to_owned(),
         (true, n) => format!("all {n} lines sent were delivered"),
-        (false, _) => summary(lines, None),
     };
     let over = format!("the chat is over: {sent}; any further input is not sent");
     exit_with(&Error::Failed(over), json);

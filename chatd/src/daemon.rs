@@ -89,7 +89,6 @@ pub struct Core {
     me: ClientId,
     session: Session,
     history: History,
-    server: String,
     rendezvous: Arc<rendezvous::Client>,
     events: mpsc::Sender<CoreEvent>,
     links: HashMap<LinkId, LinkHandle>,
@@ -132,7 +131,6 @@ impl Core {
             me,
             session,
             history,
-            server: rendezvous.server().to_owned(),
             rendezvous: Arc::new(rendezvous),
             events,
             links: HashMap::new(),
@@ -657,7 +655,7 @@ impl Core {
                     },
                 },
                 Action::SaveToken(token) => {
-                    if let Err(e) = self.history.save_token(&self.server, token) {
+                    if let Err(e) = self.history.save_token(self.rendezvous.server(), token) {
                         // Not a message: nothing to withhold. The daemon
                         // registers anew (with a new token) next start.
                         tracing::error!(

@@ -43,7 +43,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Signals are caught from here on, before the control socket says the
     // daemon is up: a SIGTERM right after that must still stop it cleanly
     // (socket file removed, peer told), not kill it.
-    let stop_signal = catch_signals();
+    let caught = chat_proto::signals::catch()
+        .inspect_err(|e| tracing::warn!("cannot catch SIGTERM and SIGINT: {e}; stop with SIGKILL"))
+        .ok();
     // Under socket activation the socket is systemd's: take it, and leave
     // its file alone on the way out.
     let activated = systemd::activated_listener()?;
@@ -126,7 +128,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // The control socket and the peer port are open: ready to serve.
     systemd::notify_ready(&format!("{id}: idle, peers on port {port}"));
     core.run(rx, async {
-        let signal = stop_signal.await;
+        let signal = match caught {
+            Some(signal) => signal.await,
+            None => std::future::pending().await,
+        };
         tracing::info!("{signal}: stopping");
         systemd::notify_stopping();
     })
@@ -217,46 +222,4 @@ fn default_data_dir(id: &chat_proto::ClientId) -> anyhow::Result<PathBuf> {
     let dirs = directories::ProjectDirs::from("", "", "chat")
         .context("cannot find a home directory for the history: pass --data-dir")?;
     Ok(dirs.data_dir().join(id.as_str()))
-}
-
-/// Starts catching SIGTERM and SIGINT now (a signal that comes before the
-/// future is awaited is kept for it); the future gives the first one's
-/// name.
-fn catch_signals() -> impl Future<Output = &'static str> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let handlers = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match handlers {
-                (Ok(mut term), Ok(mut int)) => tokio::select! {
-                    _ = term.recv() => "SIGTERM",
-                    _ = int.recv() => "SIGINT",
-                },
-                _ => {
-                    tracing::warn!("cannot handle signals; stop with SIGKILL");
-                    std::future::pending().await
-                }
-            }
-        }
-    }
-    #[cfg(windows)]
-    {
-        let handler = tokio::signal::windows::ctrl_c();
-        async move {
-            match handler {
-                Ok(mut ctrl_c) => {
-                    ctrl_c.recv().await;
-                    "Ctrl-C"
-                }
-                Err(e) => {
-                    tracing::warn!("cannot handle Ctrl-C: {e}");
-                    std::future::pending().await
-                }
-            }
-        }
-    }
 }

@@ -95,39 +95,33 @@ pub fn queue() -> (LinkHandle, LinkQueue) {
 /// from, which may be either, and a peer must be able to reach us at it.
 /// On a host without IPv6, IPv4 alone.
 pub fn bind(ip: Option<std::net::IpAddr>, port: u16) -> std::io::Result<std::net::TcpListener> {
-    if let Some(ip) = ip {
-        let addr = std::net::SocketAddr::new(ip, port);
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_reuse_address(true)?;
-        s.bind(&addr.into())?;
-        s.listen(128)?;
-        let l = std::net::TcpListener::from(s);
-        l.set_nonblocking(true)?;
-        return Ok(l);
-    }
-    let dual = (|| {
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV6,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_only_v6(false)?;
-        s.set_reuse_address(true)?;
-        s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-        s.listen(128)?;
-        Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
-    })();
-    let l = match dual {
-        Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
-        Err(_) => std::net::TcpListener::bind(("0.0.0.0", port))?,
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let l = match ip {
+        Some(ip) => listen(SocketAddr::new(ip, port), false)?,
+        None => match listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e),
+            Err(_) => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false)?,
+        },
     };
     l.set_nonblocking(true)?;
     Ok(l)
+}
+
+/// A listening socket on `addr`; `dual` takes IPv4 too on an IPv6 one.
+fn listen(addr: std::net::SocketAddr, dual: bool) -> std::io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if dual {
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    Ok(s.into())
 }
 
 /// Accepts peers until the core goes away.

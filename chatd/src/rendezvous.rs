@@ -163,16 +163,14 @@ fn local_for(source: Option<IpAddr>, addr: SocketAddr) -> Result<SocketAddr, Str
     }
 }
 
-async fn connect(source: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let Some(ip) = source else {
-        return TcpStream::connect(addr).await;
-    };
+/// A TCP connection to `addr` from `local` (see [`local_for`]).
+async fn connect(local: SocketAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.bind(local)?;
     socket.connect(addr).await
 }
 
@@ -183,8 +181,8 @@ async fn tcp_exchange(
     request: &Request,
 ) -> Result<Response, String> {
     let deadline = Instant::now() + TCP_TIMEOUT;
-    local_for(source, addr)?;
-    let mut stream = match timeout_at(deadline, connect(source, addr)).await {
+    let local = local_for(source, addr)?;
+    let mut stream = match timeout_at(deadline, connect(local, addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => {

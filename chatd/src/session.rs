@@ -1071,20 +1071,9 @@ impl Session {
                         }),
                     });
                 }
-                // The server's reason speaks HTTP; a chatctl user bridges.
-                Response::Error(f) if f.status == ErrorStatus::Conflict && peer.is_some() => {
-                    let p = peer.map(|p| p.to_string()).unwrap_or_default();
-                    self.fail(
-                        ticket,
-                        FailureKind::Server,
-                        format!(
-                            "{p} is not waiting for a peer: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
-                            f.status.code(),
-                            f.status.phrase()
-                        ),
-                    );
+                Response::Error(f) => {
+                    self.fail(ticket, FailureKind::Server, bridge_refused(&f, peer));
                 }
-                Response::Error(f) => self.fail(ticket, FailureKind::Server, server_refused(&f)),
                 other => self.fail(ticket, FailureKind::Server, unexpected(&other)),
             },
             (
@@ -1289,6 +1278,19 @@ impl Session {
 /// registration lapsed.
 fn forgot_us(f: &chat_proto::rendezvous::Failure) -> bool {
     matches!(f.status, ErrorStatus::NotFound | ErrorStatus::Unauthorized)
+}
+
+/// A refused BRIDGE: for a named peer that is not waiting, the server's
+/// reason speaks HTTP ("ask it to BRIDGE"); a chatctl user runs commands.
+fn bridge_refused(f: &chat_proto::rendezvous::Failure, peer: Option<ClientId>) -> String {
+    match peer {
+        Some(p) if f.status == ErrorStatus::Conflict => format!(
+            "{p} is not waiting for a peer: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
+            f.status.code(),
+            f.status.phrase()
+        ),
+        _ => server_refused(f),
+    }
 }
 
 fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {

@@ -27,6 +27,8 @@ pub mod local;
 pub mod logging;
 pub mod peer;
 pub mod rendezvous;
+#[cfg(feature = "signals")]
+pub mod signals;
 pub mod token;
 
 pub use id::ClientId;

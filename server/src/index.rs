@@ -210,13 +210,8 @@ impl Index {
         if lines >= self.lines.len() {
             return;
         }
-        // Count first: a shrink that would overfill is not done.
-        let kept = self
-            .lines
-            .iter()
-            .flat_map(|l| l.0)
-            .filter(|s| s.hash != EMPTY && keep(*s))
-            .count();
+        // Count first: a shrink below what is kept stops at what it needs.
+        let kept = self.slots().filter(|s| keep(*s)).count();
         let lines = lines.max(lines_for(kept));
         if lines < self.lines.len() {
             self.rebuild(lines, keep);
@@ -227,18 +222,20 @@ impl Index {
     /// table is read in order, and entries land near the same fraction of
     /// the new one, so both are walked more or less sequentially.
     fn rebuild(&mut self, lines: usize, mut keep: impl FnMut(Slot) -> bool) {
-        let old = std::mem::replace(&mut self.lines, empty_lines(lines));
-        self.len = 0;
-        for s in old.iter().flat_map(|l| l.0) {
-            if s.hash != EMPTY && keep(s) {
-                self.put(s);
-                self.len += 1;
-            }
+        let old = std::mem::replace(
+            self,
+            Index {
+                lines: empty_lines(lines),
+                len: 0,
+            },
+        );
+        for s in old.slots().filter(|s| keep(*s)) {
+            self.put(s);
+            self.len += 1;
         }
     }
 
-    /// Every entry (hashes in stored form), for checks.
-    #[cfg(test)]
+    /// Every entry, in table order (hashes in stored form).
     pub fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
         self.lines
             .iter()

@@ -57,9 +57,9 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mut signals = {
+    let stop = {
         let _context = runtime.enter();
-        Signals::new()?
+        chat_proto::signals::catch().context("cannot catch SIGTERM and SIGINT")?
     };
     let transport = settings.transport;
     let transports = Transports {
@@ -150,10 +150,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            s = signals.recv() => s,
+            s = stop => s,
             () = sweeper => unreachable!("the sweeper never ends"),
         }
-    })?;
+    });
     tracing::info!("{signal}: shutting down");
     notify_stopping();
     let _ = shutdown_tx.send(true);
@@ -282,49 +282,6 @@ fn announce(addr: SocketAddr, transport: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {addr} ({transport})");
     let _ = out.flush();
-}
-
-/// The signals that stop the server, caught from the moment this is made
-/// (inside a runtime): one that arrives before [`Signals::recv`] is
-/// waited on is kept for it.
-struct Signals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Signals> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Signals {
-                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Signals {})
-    }
-
-    /// The name of the first signal to come.
-    async fn recv(&mut self) -> anyhow::Result<&'static str> {
-        #[cfg(unix)]
-        {
-            tokio::select! {
-                _ = self.term.recv() => Ok("SIGTERM"),
-                _ = self.int.recv() => Ok("SIGINT"),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            tokio::signal::ctrl_c()
-                .await
-                .context("cannot handle Ctrl-C")?;
-            Ok("Ctrl-C")
-        }
-    }
 }
 
 /// Why the server cannot listen on `addr`, with what to do about it.
