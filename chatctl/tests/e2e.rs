@@ -393,6 +393,98 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
 }
 
 #[test]
+fn garbage_at_the_peer_port_ends_only_that_connection() {
+    use std::net::TcpStream;
+    // The peer port is the daemon's one face to the network: anyone can
+    // connect to it, with anything.
+    let (_server, alice, bob) = chatting_pair();
+    let (follower, records) = follow(&alice, "1000");
+    let port = alice.status()["port"].as_u64().expect("a peer port") as u16;
+    let hello = |id: &str| {
+        let mut v = Vec::new();
+        chat_proto::peer::Hello {
+            id: id.parse().unwrap(),
+            turns: false,
+        }
+        .encode("127.0.0.1", &mut v);
+        v
+    };
+    let mut oversized = b"CHAT / HTTP/1.1\r\nX: ".to_vec();
+    oversized.extend(std::iter::repeat_n(b'a', 20_000));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0xff; 64], "400"),
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "400"),
+        (oversized, "431"),
+        // A well-formed call while alice chats with bob.
+        (hello("mallory"), "503"),
+        // A call in bob's name while bob holds the link.
+        (hello("bob"), "503"),
+    ];
+    // Silence, held open while everything else goes on.
+    let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for (bytes, status) in cases {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = s.write_all(&bytes);
+        let answer = read_to_close(&mut s);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{:?} got {answer:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+        );
+    }
+    assert_eq!(alice.state(), "chatting");
+    assert_eq!(alice.status()["peer"], "bob");
+    bob.ok(&["send", "still here"]);
+    let got = messages_until(&records, |got| {
+        got.last().is_some_and(|v| v["text"] == "still here")
+    });
+    assert!(got.last().is_some_and(|v| v["text"] == "still here"));
+    assert!(alice.ok(&["send", "and you?"]).contains("delivered"));
+    drop((silent, follower));
+}
+
+#[test]
+fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
+    use std::net::TcpStream;
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    alice.ok(&["register"]);
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    let (follower, records) = follow(&alice, "0");
+    let port = alice.status()["port"].as_u64().expect("a peer port") as u16;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut hello = Vec::new();
+    chat_proto::peer::Hello {
+        id: "mallory".parse().unwrap(),
+        turns: false,
+    }
+    .encode("127.0.0.1", &mut hello);
+    s.write_all(&hello).unwrap();
+    // A frame whose length prefix is past the limit.
+    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let answer = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer:?}");
+    let lost = |v: &serde_json::Value| {
+        v["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("lost mallory"))
+    };
+    let got = records_until(&records, |got| got.iter().any(lost));
+    assert!(got.iter().any(lost), "{got:?}");
+    drop(follower);
+    // alice is free again, and a real caller gets through.
+    assert_eq!(alice.state(), "registered");
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    bob.ok(&["register"]);
+    assert!(bob.ok(&["bridge"]).contains("alice"));
+    bob.ok(&["chat"]);
+    assert!(bob.ok(&["send", "hi"]).contains("delivered"));
+}
+
+#[test]
 fn send_without_a_chat_fails_clearly() {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);
