@@ -158,8 +158,27 @@ fn listener_options(name: interprocess::local_socket::Name<'_>) -> ListenerOptio
 }
 
 /// A live daemon on `socket` is left alone; a stale socket left by a
-/// crashed one (connection refused) is removed.
+/// crashed one (connection refused) is removed. Anything else at that
+/// path is refused: Linux refuses a connection to a regular file too, and
+/// a mistyped `--socket` must not delete someone's file.
 fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            let what = if meta.is_dir() {
+                "a directory"
+            } else if meta.file_type().is_symlink() {
+                "a symbolic link"
+            } else {
+                "a file that is not a socket"
+            };
+            bail!(
+                "{} is {what}, not a chatd socket; chatd replaces only sockets: give another --socket (or socket in the configuration file)",
+                socket.display()
+            );
+        }
+    }
     let name = socket.to_fs_name::<GenericFilePath>()?;
     match interprocess::local_socket::Stream::connect(name) {
         Ok(_) => bail!(

@@ -63,6 +63,28 @@ fn a_socket_path_too_long_is_refused_with_the_limit() {
 }
 
 #[test]
+fn a_socket_path_that_is_not_a_socket_is_left_alone() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("precious.txt");
+    std::fs::write(&file, "important").unwrap();
+    let out = run_bounded(
+        chatd_a(home.path(), &["--socket", file.to_str().unwrap()]),
+        None,
+    );
+    fails_with(
+        &out,
+        1,
+        "is a file that is not a socket, not a chatd socket",
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "important");
+    let out = run_bounded(
+        chatd_a(home.path(), &["--socket", home.path().to_str().unwrap()]),
+        None,
+    );
+    fails_with(&out, 1, "is a directory, not a chatd socket");
+}
+
+#[test]
 fn two_daemons_cannot_share_a_history() {
     let home = tempfile::tempdir().unwrap();
     let data = home.path().join("shared");
