@@ -18,7 +18,7 @@ use serde::Deserialize;
 #[derive(Parser, Debug, Clone, Default)]
 #[command(name = "chatd", version, max_term_width = 100)]
 pub struct Options {
-    /// This daemon's id: 1 to 32 of A-Z a-z 0-9 . _ -
+    /// This daemon's id: 1 to 32 of A-Z a-z 0-9 . _ - (not . or ..)
     #[arg(long)]
     pub id: Option<ClientId>,
 

@@ -34,6 +34,15 @@ fn a_bad_id_is_a_usage_error() {
         None,
     );
     fails_with(&out, 2, "only A-Z a-z 0-9 . _ - are allowed");
+    // It would put the history in the data directory's parent.
+    let out = run_bounded(
+        chatd(
+            home.path(),
+            &["--id=..", "--port=1", "--server=127.0.0.1:1"],
+        ),
+        None,
+    );
+    fails_with(&out, 2, ". and .. name directories");
 }
 
 #[test]

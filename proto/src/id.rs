@@ -1,6 +1,8 @@
 //! Client ids: the one name a user is known by, validated once at the edge.
 //!
-//! An id is 1 to 32 characters of `A-Z a-z 0-9 . _ -`. It is stored inline
+//! An id is 1 to 32 characters of `A-Z a-z 0-9 . _ -`, other than `.` and
+//! `..`: a daemon keeps its history in a directory named after its id, and
+//! those two name directories already. It is stored inline
 //! (33 bytes, `Copy`) because the server keeps a million of them and a heap
 //! allocation per id would cost more than the id itself.
 
@@ -28,6 +30,8 @@ pub enum IdError {
     TooLong(usize),
     #[error("id contains {0:?}; only A-Z a-z 0-9 . _ - are allowed")]
     BadChar(char),
+    #[error("id {0:?} is not allowed: . and .. name directories; choose another id")]
+    Reserved(&'static str),
 }
 
 impl ClientId {
@@ -47,6 +51,11 @@ impl ClientId {
                 .and_then(|s| s.chars().find(|c| !c.is_ascii() || !is_id_byte(*c as u8)))
                 .unwrap_or(b as char);
             return Err(IdError::BadChar(shown));
+        }
+        match bytes {
+            b"." => return Err(IdError::Reserved(".")),
+            b".." => return Err(IdError::Reserved("..")),
+            _ => {}
         }
         let mut id = ClientId {
             len: bytes.len() as u8,
@@ -131,6 +140,11 @@ mod tests {
             Err(IdError::TooLong(33))
         );
         assert_eq!("a b".parse::<ClientId>(), Err(IdError::BadChar(' ')));
+        // They would put a daemon's history in its parent directory.
+        assert_eq!(".".parse::<ClientId>(), Err(IdError::Reserved(".")));
+        assert_eq!("..".parse::<ClientId>(), Err(IdError::Reserved("..")));
+        assert!("...".parse::<ClientId>().is_ok());
+        assert!(".alice".parse::<ClientId>().is_ok());
         assert_eq!("héllo".parse::<ClientId>(), Err(IdError::BadChar('é')));
         assert_eq!(
             ClientId::from_bytes(b"a\xffb"),

@@ -916,7 +916,9 @@ fn id_value(name: &str, v: &[u8]) -> Result<ClientId, Failure> {
 
 fn port_field(v: Option<&[u8]>) -> Result<u16, Failure> {
     let v = v.ok_or_else(|| missing("Client-Port"))?;
-    match text(v).and_then(|s| s.parse::<u16>().ok()) {
+    // Digits only: `str::parse` would also take a sign ("+80").
+    let digits = text(v).filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    match digits.and_then(|s| s.parse::<u16>().ok()) {
         Some(p) if p != 0 => Ok(p),
         _ => Err(Failure::bad_request(
             "bad Client-Port: a port from 1 to 65535 expected",
@@ -1322,13 +1324,15 @@ mod tests {
 
     #[test]
     fn semantic_errors_keep_the_connection() {
-        let cases: [(&[u8], u16); 11] = [
+        let cases: [(&[u8], u16); 13] = [
             (b"GET / HTTP/1.1\r\n\r\n", 501),
             (b"register / HTTP/1.1\r\n\r\n", 501),
             (b"REGISTER / HTTP/1.1\r\nClient-Port: 1\r\n\r\n", 400),
             (b"REGISTER / HTTP/1.1\r\nClient-Id: a b\r\nClient-Port: 1\r\n\r\n", 400),
             (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 0\r\n\r\n", 400),
             (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 70000\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: +80\r\n\r\n", 400),
+            (b"REGISTER / HTTP/1.1\r\nClient-Id: ..\r\nClient-Port: 1\r\n\r\n", 400),
             (b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 1\r\nClient-Token: zz\r\n\r\n", 401),
             (b"BRIDGE / HTTP/1.1\r\nClient-Id: a\r\n\r\n", 401),
             (b"CHAT / HTTP/1.1\r\nClient-Id: a\r\nClient-Token: 00000000000000000000000000000000\r\n\r\n", 400),

@@ -196,6 +196,16 @@ fn error_statuses_with_reasons() {
             vec![("Client-Id", "b"), ("Client-Port", "http")],
             400,
         ),
+        (
+            "REGISTER",
+            vec![("Client-Id", "b"), ("Client-Port", "+80")],
+            400,
+        ),
+        (
+            "REGISTER",
+            vec![("Client-Id", ".."), ("Client-Port", "1")],
+            400,
+        ),
         ("BRIDGE", vec![("Client-Id", "a")], 401),
         (
             "BRIDGE",
