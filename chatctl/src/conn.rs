@@ -125,6 +125,11 @@ pub fn start_hint(id: &str) -> String {
     )
 }
 
+/// How long chatctl waits for a daemon's hello. A live daemon says it at
+/// once; one that is stopped (SIGSTOP, a debugger) or wedged accepts the
+/// connection in the kernel and then says nothing, forever.
+const HELLO_WAIT: Duration = Duration::from_secs(5);
+
 /// An open connection.
 ///
 /// Our hello goes out with the first request, in one write, and the
@@ -139,6 +144,10 @@ pub struct Conn {
     /// Bytes not yet written (our hello, until the first request).
     pending: Vec<u8>,
     greeted: bool,
+    /// For messages.
+    path: PathBuf,
+    /// What reads wait for once the hello is in (`None`: forever).
+    read_timeout: Option<Duration>,
 }
 
 impl Conn {
@@ -192,6 +201,8 @@ impl Conn {
             next_id: 1,
             pending,
             greeted: false,
+            path: path.to_owned(),
+            read_timeout: None,
         })
     }
 
@@ -201,9 +212,24 @@ impl Conn {
             return Ok(());
         }
         self.flush()?;
-        let theirs: Hello = self.read()?.ok_or_else(|| {
-            Error::Failed("chatd closed the connection before saying hello".into())
+        let wait = self.read_timeout.map_or(HELLO_WAIT, |t| t.min(HELLO_WAIT));
+        self.stream.set_recv_timeout(Some(wait)).map_err(|e| {
+            Error::Failed(format!("cannot set a timeout on the control socket: {e}"))
         })?;
+        let theirs: Hello = match self.read() {
+            // The caller's own, shorter, deadline passed.
+            Err(Error::TimedOut) if wait < HELLO_WAIT => return Err(Error::TimedOut),
+            Err(Error::TimedOut) => {
+                return Err(Error::Unreachable(format!(
+                    "chatd at {} does not answer: nothing within {} s of connecting; it may be stopped (kill -CONT its pid) or wedged (restart it)",
+                    self.path.display(),
+                    HELLO_WAIT.as_secs()
+                )));
+            }
+            other => other?,
+        }
+        .ok_or_else(|| Error::Failed("chatd closed the connection before saying hello".into()))?;
+        self.set_read_timeout(self.read_timeout)?;
         if theirs.protocol != VERSION {
             return Err(Error::Failed(format!(
                 "chatctl {} speaks control protocol v{VERSION} but {} speaks v{}: use the chatctl that came with that chatd, or restart chatd after upgrading",
@@ -267,6 +293,7 @@ impl Conn {
 
     /// Bounds how long reads wait (`None`: forever).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.read_timeout = timeout;
         self.stream
             .set_recv_timeout(timeout)
             .map_err(|e| Error::Failed(format!("cannot set a timeout on the control socket: {e}")))

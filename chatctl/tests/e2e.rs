@@ -484,6 +484,34 @@ fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
     assert!(bob.ok(&["send", "hi"]).contains("delivered"));
 }
 
+#[cfg(unix)]
+#[test]
+fn a_daemon_that_says_nothing_is_given_up_on() {
+    use std::os::unix::net::UnixListener;
+    // What a stopped (SIGSTOP) daemon looks like from outside: the kernel
+    // takes the connection, and nothing ever answers.
+    let home = tempfile::tempdir().unwrap();
+    let sock = home.path().join("mute.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let started = Instant::now();
+    let out = run_chatctl(&["--socket", sock.to_str().unwrap(), "status"], &[]);
+    fails_with(&out, 3, "does not answer");
+    assert!(started.elapsed() < WAIT);
+    // A shorter deadline of the caller's own is the one that applies.
+    let out = run_chatctl(
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "wait",
+            "--timeout",
+            "1",
+            "registered",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
 #[test]
 fn send_without_a_chat_fails_clearly() {
     let server = Server::start(&[]);
