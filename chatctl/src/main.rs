@@ -183,7 +183,15 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
         Cmd::Register => p.reply(&conn.call(Request::Register, no_records)?),
         Cmd::Bridge { peer } => p.reply(&conn.call(Request::Bridge { peer }, no_records)?),
         Cmd::Chat => p.reply(&conn.call(Request::Chat, no_records)?),
-        Cmd::Quit => p.reply(&conn.call(Request::Quit, no_records)?),
+        Cmd::Quit => {
+            // The answer is the same whatever was left; the state just
+            // before says what that was.
+            let before = match conn.call(Request::Status, no_records)? {
+                Reply::Status(s) => Some(s),
+                _ => None,
+            };
+            p.quit(&conn.call(Request::Quit, no_records)?, before.as_ref());
+        }
         Cmd::Status => p.reply(&conn.call(Request::Status, no_records)?),
         Cmd::Send { text } => send(conn, text, p)?,
         Cmd::Tail { lines, follow } => {

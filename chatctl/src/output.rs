@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use chat_proto::ipc::{Record, RecordKind, Reply, Status, Turn};
+use chat_proto::ipc::{Record, RecordKind, Reply, State, Status, Turn};
 use serde_json::{Value, json};
 
 /// Prints replies and records in the chosen style.
@@ -34,6 +34,22 @@ impl Printer {
         if !matches!(reply, Reply::Done) {
             self.emit(reply_text(reply), reply_json(reply));
         }
+    }
+
+    /// The answer to `quit`, saying what was left: the daemon's `before`
+    /// state, read just before.
+    pub fn quit(&self, reply: &Reply, before: Option<&Status>) {
+        let Some(before) = before else {
+            return self.reply(reply);
+        };
+        let human = match (before.state, before.peer) {
+            (State::Chatting, Some(peer)) => format!("left the chat with {peer} and the server"),
+            (State::Idle, _) => "nothing to quit: not chatting and not registered".to_owned(),
+            _ => "left the server: no longer registered".to_owned(),
+        };
+        let mut machine = reply_json(reply);
+        machine["was"] = json!(before.state.as_str());
+        self.emit(human, machine);
     }
 
     /// A line of `send -` was delivered: silent for people, one object per
@@ -93,9 +109,9 @@ pub fn reply_text(reply: &Reply) -> String {
                 *round_trip_us as f64 / 1000.0
             )
         }
-        // True whatever the daemon was doing: quitting an idle daemon is
-        // not an error, but it left nothing.
-        Reply::Quit => "quit: not chatting and not registered".into(),
+        // True whatever the daemon was doing (quitting an idle daemon is
+        // not an error); `Printer::quit` says what was left, when known.
+        Reply::Quit => "quit: no longer chatting or registered".into(),
         Reply::Reached { state } => state.to_string(),
         Reply::Done => String::new(),
     }

@@ -117,9 +117,12 @@ fn seed_flow_with_the_first_daemon_waiting() {
     // bridge again.
     assert!(
         bob.ok(&["quit"])
-            .contains("not chatting and not registered")
+            .contains("left the chat with alice and the server")
     );
     assert_eq!(bob.state(), "idle");
+    assert!(bob.ok(&["quit"]).contains("nothing to quit"));
+    let v: serde_json::Value = serde_json::from_str(&bob.ok(&["--json", "quit"])).unwrap();
+    assert_eq!((&v["quit"], &v["was"]), (&true.into(), &"idle".into()));
     alice.wait_for("registered");
     let tail = alice.ok(&["tail", "-n", "5"]);
     assert!(tail.contains("bob left the chat"), "{tail}");
@@ -815,7 +818,7 @@ fn the_demo_runs_and_cleans_up() {
         "peer alice at 127.0.0.1:",
         "bob: Hi Alice! This went straight from my daemon to yours.",
         "alice: Bye for now!",
-        "quit: not chatting and not registered",
+        "quit: no longer chatting or registered",
     ] {
         assert!(
             printed.contains(expected),
