@@ -675,6 +675,25 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     }))
 }
 
+/// The valid `Request-Id` of a whole head in `buf`, if it has one, even
+/// when the request is refused: over UDP a refusal must carry it too, or a
+/// retransmitting client cannot tell which request was refused.
+pub fn request_id_of(buf: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut ids = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Request-Id"));
+    let only = ids.next().filter(|_| ids.next().is_none())?;
+    text(only.value)
+        .filter(|s| is_request_id(s))
+        .map(str::to_owned)
+}
+
 fn unknown_method(name: &str) -> Failure {
     let shown: String = name.chars().take(32).collect();
     let hint = if Method::parse(&name.to_ascii_uppercase()).is_some() {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chat_proto::rendezvous::{
     Failure, MAX_DATAGRAM, Parsed, RequestHead, Response, ResponseFraming, parse_request,
+    request_id_of,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -102,7 +103,10 @@ pub fn answer(
     }
     let head = match parse_datagram(datagram) {
         Ok(head) => head,
-        Err(failure) => return encode(&Response::Error(failure), None, datagram.len()),
+        Err(failure) => {
+            let rid = request_id_of(datagram);
+            return encode(&Response::Error(failure), rid.as_deref(), datagram.len());
+        }
     };
     let rid = head.request_id.as_deref();
     if let Some(rid) = rid
@@ -272,6 +276,39 @@ mod tests {
             "{answered:?}"
         );
         assert!(!answered[0].contains("Server:"), "{}", answered[0]);
+    }
+
+    #[test]
+    fn a_refused_datagram_still_carries_its_request_id() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        for (req, status) in [
+            (
+                &b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nContent-Length: 10\r\n\r\nab"[..],
+                "400",
+            ),
+            (
+                b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "501",
+            ),
+            (
+                b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+                "400",
+            ),
+        ] {
+            let resp = text(&answer(&s, &mut cache, req, from()).unwrap());
+            assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
+            assert!(resp.contains("\r\nRequest-Id: 5\r\n"), "{resp}");
+        }
+        // Two ids, or a bad one, are not echoed.
+        let resp = answer(
+            &s,
+            &mut cache,
+            b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nRequest-Id: 6\r\nTransfer-Encoding: x\r\n\r\n",
+            from(),
+        )
+        .unwrap();
+        assert!(!text(&resp).contains("Request-Id"), "{}", text(&resp));
     }
 
     #[test]
