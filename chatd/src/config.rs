@@ -127,11 +127,15 @@ impl Options {
             .port
             .or(file.port)
             .ok_or_else(|| format!("no peer port given: {}", where_("port", "PORT")))?;
+        let server_from_file = self.server.is_none();
         let server = self
             .server
             .or(file.server)
             .ok_or_else(|| format!("no server given: {}", where_("server", "HOST:PORT")))?;
-        check_server(&server)?;
+        check_server(&server).map_err(|e| match (&path, server_from_file) {
+            (Some(p), true) => format!("{}: `server`: {e}", p.display()),
+            _ => e,
+        })?;
         Ok(Settings {
             id,
             port,
@@ -258,6 +262,21 @@ mod tests {
         assert_eq!(
             err,
             "no server given: pass --server HOST:PORT, or set `server = ...` in /c/a.toml"
+        );
+    }
+
+    #[test]
+    fn a_bad_server_from_the_file_names_the_file_and_key() {
+        let file = FileConfig {
+            server: Some("127.0.0.1".into()),
+            ..FileConfig::default()
+        };
+        let err = Options::parse_from(["chatd", "--id", "a", "--port", "1"])
+            .merge(file, Some("/c/a.toml".into()))
+            .unwrap_err();
+        assert!(
+            err.starts_with("/c/a.toml: `server`: bad server address \"127.0.0.1\""),
+            "{err}"
         );
     }
 
