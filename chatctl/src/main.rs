@@ -127,7 +127,10 @@ fn state_parser() -> impl clap::builder::TypedValueParser<Value = State> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let printer = Printer::new(cli.json);
     match run(cli, &printer) {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +139,25 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// clap's refusal of the command line: as clap prints it, or under
+/// `--json` (which clap could not yet tell us) as every other error is.
+/// Help and version are not errors, and keep clap's output.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let message = first.strip_prefix("error: ").unwrap_or(first);
+    report(&Error::Usage(message.to_owned()), true);
+    ExitCode::from(2)
 }
 
 /// Tells standard error what failed: a line of text, or with `--json` an

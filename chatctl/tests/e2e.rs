@@ -663,6 +663,12 @@ fn no_daemon_is_exit_3_with_a_hint() {
     // Usage errors are exit 2.
     let out = run_chatctl(&["wait", "sleeping"], &[]);
     assert_eq!(out.status.code(), Some(2));
+    // Under --json, as every other error.
+    let out = run_chatctl(&["--json", "frobnicate"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
+    assert_eq!(v["exit"], 2);
+    assert!(v["error"].as_str().unwrap().contains("frobnicate"), "{v}");
 }
 
 #[test]
