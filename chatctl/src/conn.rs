@@ -130,6 +130,9 @@ pub fn start_hint(id: &str) -> String {
 /// connection in the kernel and then says nothing, forever.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
+/// How a frame that does not decode is reported.
+const UNEXPECTED: &str = "unexpected data from chatd";
+
 /// An open connection.
 ///
 /// Our hello goes out with the first request, in one write, and the
@@ -226,6 +229,14 @@ impl Conn {
                     HELLO_WAIT.as_secs()
                 )));
             }
+            // Its first bytes are not a hello: something else listens there.
+            Err(Error::Failed(m)) if m.starts_with(UNEXPECTED) => {
+                return Err(Error::Failed(format!(
+                    "{} does not speak chatd's control protocol ({}); is it a chatd socket?",
+                    self.path.display(),
+                    m.trim_start_matches(UNEXPECTED).trim_start_matches(": ")
+                )));
+            }
             other => other?,
         }
         .ok_or_else(|| Error::Failed("chatd closed the connection before saying hello".into()))?;
@@ -319,7 +330,7 @@ impl Conn {
             match self.decoder.decode::<T>() {
                 Ok(Some(v)) => return Ok(Some(v)),
                 Ok(None) => {}
-                Err(e) => return Err(Error::Failed(format!("unexpected data from chatd: {e}"))),
+                Err(e) => return Err(Error::Failed(format!("{UNEXPECTED}: {e}"))),
             }
             match (&*self.stream).read(&mut chunk) {
                 Ok(0) => {

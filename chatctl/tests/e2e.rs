@@ -513,6 +513,18 @@ fn a_daemon_that_says_nothing_is_given_up_on() {
         &[],
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // Something else that does answer is named for what it is not.
+    let other = home.path().join("http.sock");
+    let listener = UnixListener::bind(&other).unwrap();
+    let server = std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let _ = c.read(&mut [0u8; 64]);
+        }
+    });
+    let out = run_chatctl(&["--socket", other.to_str().unwrap(), "status"], &[]);
+    fails_with(&out, 1, "does not speak chatd's control protocol");
+    server.join().unwrap();
 }
 
 #[test]

@@ -65,7 +65,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             None => format!("port {}", settings.port),
         };
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!("peer {on} is already in use: choose another with --port")
+            // The port this daemon listens on for peers, not a peer's.
+            let port = match settings.bind {
+                Some(ip) => format!("{} on {ip}", settings.port),
+                None => settings.port.to_string(),
+            };
+            anyhow::anyhow!(
+                "the peer port {port} (where this daemon listens for peers) is already in use: choose another with --port, or 0 for any free one"
+            )
         } else if settings.bind.is_some() {
             anyhow::anyhow!(
                 "cannot listen for peers on {on}: {e}; --bind must be an address of this host"
@@ -182,7 +189,7 @@ fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
     let name = socket.to_fs_name::<GenericFilePath>()?;
     match interprocess::local_socket::Stream::connect(name) {
         Ok(_) => bail!(
-            "already running: a chatd answers on {}; stop it first, or give this one another --socket",
+            "already running: something (a chatd, most likely) answers on {}; stop it first, or give this one another --socket",
             socket.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

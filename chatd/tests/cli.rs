@@ -57,7 +57,11 @@ fn a_peer_port_in_use_is_a_clear_error() {
         ),
         None,
     );
-    fails_with(&out, 1, &format!("peer port {port} is already in use"));
+    fails_with(
+        &out,
+        1,
+        &format!("the peer port {port} (where this daemon listens for peers) is already in use"),
+    );
 }
 
 #[test]
