@@ -1118,9 +1118,12 @@ impl Session {
                     if forgot_us(&f) {
                         self.reply(t, Ok(Reply::Quit));
                     } else {
-                        self.fail(t, FailureKind::Server, server_refused(&f));
+                        self.fail(t, FailureKind::Server, quit_not_taken(&server_refused(&f)));
                     }
                 }
+            }
+            (Purpose::Quit(Some(t)), Err(why)) => {
+                self.fail(t, FailureKind::Server, quit_not_taken(&unreachable(&why)));
             }
             (purpose, Err(why)) => {
                 self.fail_purpose(purpose, FailureKind::Server, unreachable(&why))
@@ -1272,6 +1275,14 @@ impl Session {
     fn fail(&mut self, ticket: Ticket, kind: FailureKind, message: impl Into<String>) {
         self.reply(ticket, Err(Failure::new(kind, message)));
     }
+}
+
+/// A quit the server did not take: the daemon has left all the same (it
+/// no longer chats, nor refreshes), which the bare refusal would hide.
+fn quit_not_taken(why: &str) -> String {
+    format!(
+        "left, but the server did not take the QUIT: {why}; it forgets this daemon once the registration lapses, or run `chatctl quit` again"
+    )
 }
 
 /// The server does not know us (any more): it restarted or our
@@ -2498,6 +2509,35 @@ mod tests {
         let mut fresh = T::new(false);
         let (ticket, a) = fresh.command(Command::Quit);
         assert_eq!(reply_of(&a, ticket), Ok(Reply::Quit));
+    }
+
+    #[test]
+    fn a_quit_the_server_refuses_says_the_daemon_left_all_the_same() {
+        let mut t = T::new(false);
+        t.chatting(true);
+        let (ticket, a) = t.command(Command::Quit);
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(chat_proto::rendezvous::Failure {
+                retry_after: Some(1),
+                ..chat_proto::rendezvous::Failure::new(
+                    chat_proto::rendezvous::ErrorStatus::TooManyRequests,
+                    "rate limited",
+                )
+            })),
+        });
+        let message = reply_of(&a, ticket).unwrap_err().message;
+        assert!(
+            message.starts_with("left, but the server did not take the QUIT")
+                && message.contains("rate limited")
+                && message.contains("chatctl quit"),
+            "{message}"
+        );
+        assert_eq!(t.s.state(), State::Idle);
+        // Asked again, the quit goes to the server again.
+        let (_, a) = t.command(Command::Quit);
+        assert!(matches!(T::server_op(&a).1, Request::Quit { .. }));
     }
 
     #[test]
