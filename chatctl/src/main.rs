@@ -91,7 +91,7 @@ enum Cmd {
         /// Only messages with this peer
         #[arg(long)]
         peer: Option<ClientId>,
-        /// Only messages containing this text
+        /// Only messages containing this text (A-Z matches a-z; other letters match only their own case)
         #[arg(long)]
         grep: Option<String>,
         /// At most this many (the newest)
