@@ -74,7 +74,7 @@ pub struct Knobs {
     #[arg(long, value_name = "SECS")]
     pub expires: Option<u32>,
 
-    /// Seconds a request may take to arrive complete; 0 = off [default: 10]
+    /// Seconds a request may take to arrive complete, and a client to take its answers; 0 = off [default: 10]
     #[arg(long, value_name = "SECS")]
     pub header_timeout: Option<u64>,
 

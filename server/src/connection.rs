@@ -33,7 +33,7 @@ pub struct Timeouts {
 }
 
 /// How long a lingering close drains input, and how much at most.
-const LINGER_TIME: Duration = Duration::from_secs(2);
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// Serves one connection until it closes.
@@ -74,7 +74,7 @@ pub async fn serve(
                 Ok(Parsed::Complete(head)) => head,
                 Ok(Parsed::Partial) => break,
                 Err(failure) => {
-                    return finish_with_error(stream, out, failure).await;
+                    return finish_with_error(stream, out, failure, now + timeouts.header).await;
                 }
             };
             let total = head.head_len + head.content_length;
@@ -100,7 +100,7 @@ pub async fn serve(
             buf.drain(..total);
             scanned = 0;
             if close {
-                if stream.write_all(&out).await.is_ok() && !buf.is_empty() {
+                if stream.write_all(&out, now + timeouts.header).await.is_ok() && !buf.is_empty() {
                     linger(stream).await;
                 }
                 return;
@@ -111,7 +111,9 @@ pub async fn serve(
             deadline = now + if idle { timeouts.idle } else { timeouts.header };
         }
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+            // A client must take its answers as it must send its requests:
+            // within the header timeout.
+            if stream.write_all(&out, now + timeouts.header).await.is_err() {
                 return;
             }
             out.clear();
@@ -144,7 +146,7 @@ pub async fn serve(
                         ErrorStatus::RequestTimeout,
                         format!("request not complete within {} s", timeouts.header.as_secs()),
                     );
-                    return finish_with_error(stream, out, f).await;
+                    return finish_with_error(stream, out, f, now + timeouts.header).await;
                 }
             }
             // Shutting down: an idle connection just closes; one mid-request
@@ -175,8 +177,14 @@ fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
     found
 }
 
-/// Sends a last error response and closes with a lingering close.
-async fn finish_with_error(mut stream: Stream, mut out: Vec<u8>, failure: Failure) {
+/// Sends a last error response (taken by `deadline`) and closes with a
+/// lingering close.
+async fn finish_with_error(
+    mut stream: Stream,
+    mut out: Vec<u8>,
+    failure: Failure,
+    deadline: Instant,
+) {
     tracing::debug!(status = failure.status.code(), reason = %failure.reason, "closing connection");
     Response::Error(failure).encode(
         &mut out,
@@ -185,7 +193,7 @@ async fn finish_with_error(mut stream: Stream, mut out: Vec<u8>, failure: Failur
             ..ResponseFraming::default()
         },
     );
-    if stream.write_all(&out).await.is_ok() {
+    if stream.write_all(&out, deadline).await.is_ok() {
         linger(stream).await;
     }
 }

@@ -23,6 +23,8 @@
 use std::io;
 use std::net::SocketAddr;
 
+use tokio::time::Instant;
+
 /// The most read from a socket at once.
 const READ_CHUNK: usize = 4096;
 
@@ -247,26 +249,41 @@ mod unix {
             }
         }
 
-        pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-            if let Socket::Plain(s) = &self.0 {
-                match (&*s).write(data) {
-                    Ok(n) if n == data.len() => return Ok(()),
-                    Ok(n) => data = &data[n..],
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
+        /// Writes all of `data`, or fails with `TimedOut` if the client has
+        /// not taken it by `deadline`: a client that sends and never reads
+        /// would otherwise hold the connection for as long as it likes.
+        /// The deadline costs nothing (no timer) when the socket takes the
+        /// data at once, which is nearly always.
+        pub async fn write_all(&mut self, mut data: &[u8], deadline: Instant) -> io::Result<()> {
+            let now = match &self.0 {
+                Socket::Plain(s) => (&*s).write(data),
+                // Readiness is only a hint for writes: a direct attempt is
+                // as safe, and spares a poll through the reactor.
+                Socket::Registered(fd) => fd.get_ref().write(data),
+                Socket::Closed => return Err(io::ErrorKind::NotConnected.into()),
+            };
+            match now {
+                Ok(n) if n == data.len() => return Ok(()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
             let fd = self.register()?;
-            while !data.is_empty() {
-                let mut guard = fd.writable().await?;
-                match guard.try_io(|s| s.get_ref().write(data)) {
-                    Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(Ok(n)) => data = &data[n..],
-                    Ok(Err(e)) => return Err(e),
-                    Err(_would_block) => continue,
+            let rest = async {
+                while !data.is_empty() {
+                    let mut guard = fd.writable().await?;
+                    match guard.try_io(|s| s.get_ref().write(data)) {
+                        Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(Ok(n)) => data = &data[n..],
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => continue,
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            };
+            tokio::time::timeout_at(deadline, rest)
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
         }
 
         /// Sends FIN: no more data from us.
@@ -442,8 +459,10 @@ mod portable {
             Ok(n)
         }
 
-        pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-            self.0.write_all(data).await
+        pub async fn write_all(&mut self, data: &[u8], deadline: Instant) -> io::Result<()> {
+            tokio::time::timeout_at(deadline, self.0.write_all(data))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
         }
 
         pub fn shutdown_write(&self) -> io::Result<()> {

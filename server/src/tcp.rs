@@ -154,7 +154,8 @@ fn refuse(
             },
         );
         let mut stream = stream;
-        if stream.write_all(&out).await.is_ok() {
+        let deadline = tokio::time::Instant::now() + connection::LINGER_TIME;
+        if stream.write_all(&out, deadline).await.is_ok() {
             connection::linger(stream).await;
         }
         refusing.fetch_sub(1, Ordering::Relaxed);

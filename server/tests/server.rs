@@ -437,6 +437,58 @@ fn slow_loris_gets_408_and_idle_connections_close() {
     assert_alive(s.addr);
 }
 
+/// A client that sends and never reads fills our send buffer; neither the
+/// header nor the idle timeout runs while we write, so the write itself is
+/// bounded.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_client_that_never_reads_its_answers_is_cut_off() {
+    use std::os::fd::AsRawFd;
+    let s = Server::start(&["--header-timeout", "1", "--per-ip-rate", "0"]);
+    let c = connect(s.addr);
+    // A small receive buffer, so our side fills fast.
+    let small: libc::c_int = 4096;
+    // SAFETY: a live socket for the whole call; the value is a c_int on
+    // the stack and the length given is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let batch = build("PROBE", &[], false).repeat(1000);
+        // Until the server cuts us off (or 20 MB, far past every buffer).
+        for _ in 0..1000 {
+            if w.write_all(batch.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut hung_up = false;
+    while !hung_up && started.elapsed() < WAIT {
+        let mut p = libc::pollfd {
+            fd: c.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, and the count says one.
+        let n = unsafe { libc::poll(&mut p, 1, 200) };
+        hung_up = n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+    }
+    // Unblocks the writer whatever happened.
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    assert!(hung_up, "the server kept a connection that never reads");
+    assert_alive(s.addr);
+}
+
 #[test]
 fn rate_limit_answers_429_with_retry_after() {
     let s = Server::start(&["--per-ip-rate", "1", "--per-ip-burst", "2"]);
