@@ -430,6 +430,14 @@ impl Registry {
                 format!("{peer} is not waiting for a chat: BRIDGE to be handed a waiting client"),
             ));
         }
+        // Busy with someone else: only a caller already in a chat (one
+        // repeating its CHAT) may name a busy peer.
+        if p.seq == BUSY && self.queue[me].seq != BUSY {
+            return Err(Failure::new(
+                ErrorStatus::Conflict,
+                format!("{peer} is busy in another chat: BRIDGE to be handed a waiting client"),
+            ));
+        }
         // The two chat directly now; the server only needs to stop handing
         // either of them out.
         self.set_seq(me, BUSY);
@@ -1002,6 +1010,19 @@ mod tests {
         );
         assert_eq!(h.reg.state(&id("a"), secs(1.0)), Some(ClientState::Busy));
         assert_eq!(h.reg.state(&id("b"), secs(1.0)), Some(ClientState::Busy));
+        // The CHAT repeated (a lost answer) is still fine.
+        let chat = |from: &str, token, to: &str| Request::Chat {
+            id: id(from),
+            token,
+            peer: id(to),
+        };
+        assert_eq!(status(&h.send(chat("b", b, "a"), secs(1.5))), 200);
+        // Nobody else may take a busy client into a chat of its own.
+        assert_eq!(status(&h.send(chat("c", c, "a"), secs(1.5))), 409);
+        assert_eq!(
+            h.reg.state(&id("c"), secs(1.5)),
+            Some(ClientState::Registered)
+        );
         // Nobody is handed out now: c waits.
         assert_eq!(peer_of(&h.bridge("c", c, None, secs(2.0))), None);
         assert_eq!(status(&h.bridge("c", c, Some("a"), secs(2.0))), 409);
