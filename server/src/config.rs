@@ -54,7 +54,7 @@ pub struct Knobs {
     #[arg(long, value_name = "N")]
     pub per_ip_rate: Option<u32>,
 
-    /// Requests one source may send at once above its rate; 0 = off [default: 100]
+    /// Requests one source may send at once above its rate; 0 = off (the rate limit too) [default: 100]
     #[arg(long, value_name = "N")]
     pub per_ip_burst: Option<u32>,
 
