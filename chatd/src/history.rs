@@ -74,6 +74,12 @@ impl History {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
+        // rusqlite waits 5 s on a busy database by default. Until the lock
+        // is ours, a wait is futile against another daemon (it keeps its
+        // lock for life) and need only outlast a reader's moment: say "in
+        // use" quickly.
+        conn.busy_timeout(std::time::Duration::from_millis(250))
+            .map_err(open_err)?;
         let in_use = |e: rusqlite::Error| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
                 HistoryError::InUse {
@@ -90,10 +96,6 @@ impl History {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(in_use)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(in_use)?;
-        // Another process reading the file (a backup, sqlite3) may hold a
-        // lock for a moment; wait rather than fail.
-        conn.busy_timeout(std::time::Duration::from_secs(1))
             .map_err(in_use)?;
         conn.execute_batch(SCHEMA).map_err(in_use)?;
         // Histories written before delivery was recorded lack the column.
@@ -117,6 +119,10 @@ impl History {
             [std::process::id().to_string()],
         )
         .map_err(in_use)?;
+        // Another process reading the file (a backup, sqlite3) may hold a
+        // lock for a moment; wait rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(1))
+            .map_err(open_err)?;
         Ok(History {
             conn,
             me,

@@ -112,6 +112,7 @@ fn two_daemons_cannot_share_a_history() {
         sock.exists()
     });
     let other_sock = home.path().join("b.sock");
+    let started = std::time::Instant::now();
     let out = run_bounded(
         chatd_a(
             home.path(),
@@ -121,6 +122,10 @@ fn two_daemons_cannot_share_a_history() {
     );
     drop(first);
     fails_with(&out, 1, "in use by another chatd");
+    // Said at once (the lock waits 250 ms), not after rusqlite's default
+    // 5 s of waiting for a lock the first daemon keeps for life.
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(4500), "{took:?}");
 }
 
 #[cfg(unix)]
