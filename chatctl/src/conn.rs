@@ -215,13 +215,14 @@ impl Conn {
             return Ok(());
         }
         self.flush()?;
-        let wait = self.read_timeout.map_or(HELLO_WAIT, |t| t.min(HELLO_WAIT));
+        // The caller's own deadline, when it comes first, is the one kept.
+        let callers = self.read_timeout.filter(|t| *t <= HELLO_WAIT);
+        let wait = callers.unwrap_or(HELLO_WAIT);
         self.stream.set_recv_timeout(Some(wait)).map_err(|e| {
             Error::Failed(format!("cannot set a timeout on the control socket: {e}"))
         })?;
         let theirs: Hello = match self.read() {
-            // The caller's own, shorter, deadline passed.
-            Err(Error::TimedOut) if wait < HELLO_WAIT => return Err(Error::TimedOut),
+            Err(Error::TimedOut) if callers.is_some() => return Err(Error::TimedOut),
             Err(Error::TimedOut) => {
                 return Err(Error::Unreachable(format!(
                     "chatd at {} does not answer: nothing within {} s of connecting; it may be stopped (kill -CONT its pid) or wedged (restart it)",

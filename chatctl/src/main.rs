@@ -153,9 +153,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
     if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
+    // clap's message runs to the first blank line (a list of missing
+    // arguments may follow its first line); usage and hints come after.
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    let message = first.strip_prefix("error: ").unwrap_or(first);
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
     report(&Error::Usage(message.to_owned()), true);
     ExitCode::from(2)
 }

@@ -455,7 +455,7 @@ fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
     let bob = Daemon::start("bob", server.addr, &[]);
     alice.ok(&["register"]);
     assert!(alice.ok(&["bridge"]).contains("waiting"));
-    let (follower, records) = follow(&alice, "0");
+    let (follower, records) = follow(&alice, "1000");
     let port = alice.status()["port"].as_u64().expect("a peer port") as u16;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -681,6 +681,10 @@ fn no_daemon_is_exit_3_with_a_hint() {
     let v: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
     assert_eq!(v["exit"], 2);
     assert!(v["error"].as_str().unwrap().contains("frobnicate"), "{v}");
+    // A message on several lines keeps them all.
+    let out = run_chatctl(&["--json", "wait"], &[]);
+    let v: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("<STATE>"), "{v}");
 }
 
 #[test]

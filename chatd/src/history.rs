@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error(
-        "history {path} is in use by another chatd (one data directory per daemon): stop it, or pass another --data-dir"
+        "history {path} is locked by another process, most likely another chatd (one data directory per daemon): stop it, or pass another --data-dir"
     )]
     InUse { path: String },
     #[error("history database {path}: {source}")]

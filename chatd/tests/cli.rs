@@ -121,7 +121,11 @@ fn two_daemons_cannot_share_a_history() {
         None,
     );
     drop(first);
-    fails_with(&out, 1, "in use by another chatd");
+    fails_with(
+        &out,
+        1,
+        "locked by another process, most likely another chatd",
+    );
     // Said at once (the lock waits 250 ms), not after rusqlite's default
     // 5 s of waiting for a lock the first daemon keeps for life.
     let took = started.elapsed();
