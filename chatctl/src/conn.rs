@@ -12,7 +12,7 @@ use std::time::Duration;
 use chat_proto::ClientId;
 use chat_proto::frame::{Decoder, encode};
 use chat_proto::ipc::{
-    ClientFrame, DaemonFrame, Failure, Hello, MAX_FRAME, Record, Reply, Request, VERSION,
+    ClientFrame, DaemonFrame, Failure, Hello, MAX_FRAME, Record, Reply, Request, Status, VERSION,
 };
 use chat_proto::local;
 use interprocess::local_socket::traits::Stream as _;
@@ -218,9 +218,7 @@ impl Conn {
         // The caller's own deadline, when it comes first, is the one kept.
         let callers = self.read_timeout.filter(|t| *t <= HELLO_WAIT);
         let wait = callers.unwrap_or(HELLO_WAIT);
-        self.stream.set_recv_timeout(Some(wait)).map_err(|e| {
-            Error::Failed(format!("cannot set a timeout on the control socket: {e}"))
-        })?;
+        self.recv_timeout(Some(wait))?;
         let theirs: Hello = match self.read() {
             Err(Error::TimedOut) if callers.is_some() => return Err(Error::TimedOut),
             Err(Error::TimedOut) => {
@@ -241,7 +239,7 @@ impl Conn {
             other => other?,
         }
         .ok_or_else(|| Error::Failed("chatd closed the connection before saying hello".into()))?;
-        self.set_read_timeout(self.read_timeout)?;
+        self.recv_timeout(self.read_timeout)?;
         if theirs.protocol != VERSION {
             return Err(Error::Failed(format!(
                 "chatctl {} speaks control protocol v{VERSION} but {} speaks v{}: use the chatctl that came with that chatd, or restart chatd after upgrading",
@@ -306,6 +304,21 @@ impl Conn {
     /// Bounds how long reads wait (`None`: forever).
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         self.read_timeout = timeout;
+        self.recv_timeout(timeout)
+    }
+
+    /// The daemon's status.
+    pub fn status(&mut self) -> Result<Status, Error> {
+        match self.call(Request::Status, |_| {})? {
+            Reply::Status(s) => Ok(s),
+            other => Err(Error::Failed(format!(
+                "chatd answered status with {other:?}"
+            ))),
+        }
+    }
+
+    /// Sets the socket's receive timeout, leaving `read_timeout` as it is.
+    fn recv_timeout(&self, timeout: Option<Duration>) -> Result<(), Error> {
         self.stream
             .set_recv_timeout(timeout)
             .map_err(|e| Error::Failed(format!("cannot set a timeout on the control socket: {e}")))

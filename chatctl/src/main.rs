@@ -215,11 +215,8 @@ fn run(cli: Cli, p: &Printer) -> Result<(), Error> {
         Cmd::Quit => {
             // The answer is the same whatever was left; the state just
             // before says what that was.
-            let before = match conn.call(Request::Status, no_records)? {
-                Reply::Status(s) => Some(s),
-                _ => None,
-            };
-            p.quit(&conn.call(Request::Quit, no_records)?, before.as_ref());
+            let before = conn.status()?;
+            p.quit(&conn.call(Request::Quit, no_records)?, &before);
         }
         Cmd::Status => p.reply(&conn.call(Request::Status, no_records)?),
         Cmd::Send { text } => send(conn, text, p)?,
@@ -344,10 +341,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
     // Chatting now: ask to be told when the daemon is in any other state,
     // which is when the chat is over. (Not chatting: the first line fails
     // and says why.)
-    let chatting = matches!(
-        conn.call(Request::Status, |_| {})?,
-        Reply::Status(s) if s.state == State::Chatting
-    );
+    let chatting = conn.status()?.state == State::Chatting;
     let mut leaving = Vec::new();
     if chatting {
         for state in State::ALL.into_iter().filter(|&s| s != State::Chatting) {

@@ -38,10 +38,7 @@ impl Printer {
 
     /// The answer to `quit`, saying what was left: the daemon's `before`
     /// state, read just before.
-    pub fn quit(&self, reply: &Reply, before: Option<&Status>) {
-        let Some(before) = before else {
-            return self.reply(reply);
-        };
+    pub fn quit(&self, reply: &Reply, before: &Status) {
         let human = match (before.state, before.peer) {
             (State::Chatting, Some(peer)) => format!("left the chat with {peer} and the server"),
             (State::Idle, _) => "nothing to quit: not chatting and not registered".to_owned(),
@@ -110,7 +107,7 @@ pub fn reply_text(reply: &Reply) -> String {
             )
         }
         // True whatever the daemon was doing (quitting an idle daemon is
-        // not an error); `Printer::quit` says what was left, when known.
+        // not an error); `chatctl quit` says what was left (`Printer::quit`).
         Reply::Quit => "quit: no longer chatting or registered".into(),
         Reply::Reached { state } => state.to_string(),
         Reply::Done => String::new(),

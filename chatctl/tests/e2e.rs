@@ -395,6 +395,22 @@ fn garbage_on_the_control_socket_ends_only_that_connection() {
     drop(follower);
 }
 
+/// The port `d` listens on for peers.
+fn peer_port(d: &Daemon) -> u16 {
+    d.status()["port"].as_u64().expect("a peer port") as u16
+}
+
+/// A peer's opening call, as `id`.
+fn peer_hello(id: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    chat_proto::peer::Hello {
+        id: id.parse().unwrap(),
+        turns: false,
+    }
+    .encode("127.0.0.1", &mut v);
+    v
+}
+
 #[test]
 fn garbage_at_the_peer_port_ends_only_that_connection() {
     use std::net::TcpStream;
@@ -402,16 +418,7 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
     // connect to it, with anything.
     let (_server, alice, bob) = chatting_pair();
     let (follower, records) = follow(&alice, "1000");
-    let port = alice.status()["port"].as_u64().expect("a peer port") as u16;
-    let hello = |id: &str| {
-        let mut v = Vec::new();
-        chat_proto::peer::Hello {
-            id: id.parse().unwrap(),
-            turns: false,
-        }
-        .encode("127.0.0.1", &mut v);
-        v
-    };
+    let port = peer_port(&alice);
     let mut oversized = b"CHAT / HTTP/1.1\r\nX: ".to_vec();
     oversized.extend(std::iter::repeat_n(b'a', 20_000));
     let cases: Vec<(Vec<u8>, &str)> = vec![
@@ -419,9 +426,9 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
         (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "400"),
         (oversized, "431"),
         // A well-formed call while alice chats with bob.
-        (hello("mallory"), "503"),
+        (peer_hello("mallory"), "503"),
         // A call in bob's name while bob holds the link.
-        (hello("bob"), "503"),
+        (peer_hello("bob"), "503"),
     ];
     // Silence, held open while everything else goes on.
     let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -456,16 +463,9 @@ fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
     alice.ok(&["register"]);
     assert!(alice.ok(&["bridge"]).contains("waiting"));
     let (follower, records) = follow(&alice, "1000");
-    let port = alice.status()["port"].as_u64().expect("a peer port") as u16;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", peer_port(&alice))).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut hello = Vec::new();
-    chat_proto::peer::Hello {
-        id: "mallory".parse().unwrap(),
-        turns: false,
-    }
-    .encode("127.0.0.1", &mut hello);
-    s.write_all(&hello).unwrap();
+    s.write_all(&peer_hello("mallory")).unwrap();
     // A frame whose length prefix is past the limit.
     s.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let answer = read_to_close(&mut s);
@@ -691,7 +691,7 @@ fn no_daemon_is_exit_3_with_a_hint() {
 fn a_bound_daemon_listens_on_its_address_only() {
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &["--bind", "127.0.0.1"]);
-    let port = alice.status()["port"].as_u64().unwrap() as u16;
+    let port = peer_port(&alice);
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     // Another loopback address reaches every-address listeners, not this.
     assert!(std::net::TcpStream::connect(("127.0.0.2", port)).is_err());

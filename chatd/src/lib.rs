@@ -60,16 +60,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         refuse_if_running(&socket)?;
     }
     let peers = peer::bind(settings.bind, settings.port).map_err(|e| {
-        let on = match settings.bind {
-            Some(ip) => format!("{}", std::net::SocketAddr::new(ip, settings.port)),
-            None => format!("port {}", settings.port),
+        let p = settings.port;
+        // Where it listens, said two ways: "127.0.0.1:4000" and "4000 on
+        // 127.0.0.1", or "port 4000" and "4000".
+        let (on, port) = match settings.bind {
+            Some(ip) => (std::net::SocketAddr::new(ip, p).to_string(), format!("{p} on {ip}")),
+            None => (format!("port {p}"), p.to_string()),
         };
         if e.kind() == std::io::ErrorKind::AddrInUse {
             // The port this daemon listens on for peers, not a peer's.
-            let port = match settings.bind {
-                Some(ip) => format!("{} on {ip}", settings.port),
-                None => settings.port.to_string(),
-            };
             anyhow::anyhow!(
                 "the peer port {port} (where this daemon listens for peers) is already in use: choose another with --port, or 0 for any free one"
             )

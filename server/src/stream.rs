@@ -28,6 +28,16 @@ use tokio::time::Instant;
 /// The most read from a socket at once.
 const READ_CHUNK: usize = 4096;
 
+/// `op`, failing with `TimedOut` if it is not done by `deadline`.
+async fn within<T>(
+    deadline: Instant,
+    op: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout_at(deadline, op)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
 #[cfg(unix)]
 pub use unix::{Listener, Stream};
 
@@ -255,21 +265,18 @@ mod unix {
         /// The deadline costs nothing (no timer) when the socket takes the
         /// data at once, which is nearly always.
         pub async fn write_all(&mut self, mut data: &[u8], deadline: Instant) -> io::Result<()> {
-            let now = match &self.0 {
-                Socket::Plain(s) => (&*s).write(data),
-                // Readiness is only a hint for writes: a direct attempt is
-                // as safe, and spares a poll through the reactor.
-                Socket::Registered(fd) => fd.get_ref().write(data),
-                Socket::Closed => return Err(io::ErrorKind::NotConnected.into()),
-            };
-            match now {
+            // Registered or not, the socket is tried directly first:
+            // readiness is only a hint for writes, and a direct attempt
+            // spares a poll through the reactor.
+            let socket = self.socket().ok_or(io::ErrorKind::NotConnected)?;
+            match (&*socket).write(data) {
                 Ok(n) if n == data.len() => return Ok(()),
                 Ok(n) => data = &data[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
             let fd = self.register()?;
-            let rest = async {
+            within(deadline, async {
                 while !data.is_empty() {
                     let mut guard = fd.writable().await?;
                     match guard.try_io(|s| s.get_ref().write(data)) {
@@ -280,18 +287,24 @@ mod unix {
                     }
                 }
                 Ok(())
-            };
-            tokio::time::timeout_at(deadline, rest)
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            })
+            .await
         }
 
         /// Sends FIN: no more data from us.
         pub fn shutdown_write(&self) -> io::Result<()> {
+            match self.socket() {
+                Some(s) => s.shutdown(std::net::Shutdown::Write),
+                None => Ok(()),
+            }
+        }
+
+        /// The socket, registered or not; `None` once registering failed.
+        fn socket(&self) -> Option<&socket2::Socket> {
             match &self.0 {
-                Socket::Plain(s) => s.shutdown(std::net::Shutdown::Write),
-                Socket::Registered(fd) => fd.get_ref().shutdown(std::net::Shutdown::Write),
-                Socket::Closed => Ok(()),
+                Socket::Plain(s) => Some(s),
+                Socket::Registered(fd) => Some(fd.get_ref()),
+                Socket::Closed => None,
             }
         }
     }
@@ -460,9 +473,7 @@ mod portable {
         }
 
         pub async fn write_all(&mut self, data: &[u8], deadline: Instant) -> io::Result<()> {
-            tokio::time::timeout_at(deadline, self.0.write_all(data))
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            within(deadline, self.0.write_all(data)).await
         }
 
         pub fn shutdown_write(&self) -> io::Result<()> {

@@ -447,19 +447,9 @@ fn a_client_that_never_reads_its_answers_is_cut_off() {
     let s = Server::start(&["--header-timeout", "1", "--per-ip-rate", "0"]);
     let c = connect(s.addr);
     // A small receive buffer, so our side fills fast.
-    let small: libc::c_int = 4096;
-    // SAFETY: a live socket for the whole call; the value is a c_int on
-    // the stack and the length given is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            c.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&small as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    socket2::SockRef::from(&c)
+        .set_recv_buffer_size(4096)
+        .unwrap();
     let mut w = c.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let batch = build("PROBE", &[], false).repeat(1000);
