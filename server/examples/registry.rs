@@ -44,13 +44,18 @@ fn main() {
             })
             .collect()
     };
+    let ahead = reg.lookahead();
+    // As the server does: the id hashed and its index line asked for
+    // before the call (which the server makes under its lock).
     let register = |reg: &mut Registry, (id, token, now): (ClientId, Token, Duration)| {
+        let hashed = ahead.register(&id);
         let r = reg.handle(
             &Request::Register {
                 id,
                 port: 9,
                 token: None,
             },
+            Some(hashed),
             source,
             now,
             || Ok::<_, Infallible>(token),

@@ -19,6 +19,8 @@
 //! in one pass ([`Index::retain`]). That is what lets a search stop at the
 //! first empty slot (linear probing without deletions).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// Slots per 64-byte line.
 const LINE: usize = 8;
 
@@ -42,6 +44,67 @@ struct Line([Slot; LINE]);
 /// become resident: `vec![line; n]` would write every one of them.
 fn empty_lines(n: usize) -> Vec<Line> {
     bytemuck::zeroed_vec(n)
+}
+
+/// Asks the CPU to start loading the line at `line`. A prefetch is only
+/// a hint: it reads nothing the program sees and never faults, even at an
+/// address that is no longer (or never was) mapped.
+fn prefetch(line: *const Line) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` is `unsafe` only as an intrinsic; it does not
+    // dereference `line` as far as the program is concerned (see above),
+    // so any address is sound. The SSE it needs is part of x86_64.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = line;
+}
+
+/// Where an index's line table is, readable without the registry's lock,
+/// so that a REGISTER can ask for its index line before it queues for the
+/// lock (see [`crate::registry::Lookahead`]). The registry publishes after
+/// every call that may have moved the table. A reader may see the table
+/// as it was a moment ago, even one since freed: its prefetch is then
+/// wasted, never wrong, as a prefetch reads nothing.
+#[derive(Debug, Default)]
+pub struct Whereabouts(AtomicU64);
+
+impl Whereabouts {
+    /// Records where `index`'s table is now.
+    pub fn publish(&self, index: &Index) {
+        let now = index.whereabouts();
+        // Relaxed: the word is one value, read only to aim a prefetch, and
+        // no other memory is published through it.
+        if self.0.load(Ordering::Relaxed) != now {
+            self.0.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Index::prefetch`] from wherever the table was last published.
+    pub fn prefetch(&self, hash: u32) {
+        if let Some(line) = self.line(hash) {
+            prefetch(line);
+        }
+    }
+
+    /// The address of `hash`'s first line in the table last published.
+    /// Built from an address alone and never dereferenced: only a prefetch
+    /// sees it.
+    fn line(&self, hash: u32) -> Option<*const Line> {
+        let word = self.0.load(Ordering::Relaxed);
+        if word == 0 {
+            return None;
+        }
+        let table = std::ptr::without_provenance::<Line>((word & !63) as usize);
+        Some(table.wrapping_add(line_of(hash, 1 << (word & 63))))
+    }
+}
+
+/// The line `hash`'s probe starts at, in a table of `lines` lines: picked
+/// by the hash's high bits.
+fn line_of(hash: u32, lines: u64) -> usize {
+    ((u64::from(hash) * lines) >> 32) as usize
 }
 
 /// Hash → positions, at most half full.
@@ -82,8 +145,7 @@ impl Index {
     /// The first slot of `hash`'s probe: the start of a line picked by the
     /// hash's high bits.
     fn home(&self, hash: u32) -> usize {
-        let line = (u64::from(hash) * self.lines.len() as u64) >> 32;
-        line as usize * LINE
+        line_of(hash, self.lines.len() as u64) * LINE
     }
 
     fn slot(&self, i: usize) -> Slot {
@@ -97,20 +159,15 @@ impl Index {
     /// Asks the CPU to start loading `hash`'s first line, so that a search
     /// soon after does not wait for memory.
     pub fn prefetch(&self, hash: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let line: *const Line = &self.lines[self.home(hash) / LINE];
-            // SAFETY: a prefetch is only a hint: it reads nothing the
-            // program sees and cannot fault, and `line` points into
-            // `self.lines` anyway. The SSE it needs is part of x86_64.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    line.cast::<i8>(),
-                );
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = hash;
+        prefetch(&self.lines[self.home(hash) / LINE]);
+    }
+
+    /// Where the line table is now, for [`Whereabouts::publish`]: its
+    /// address and log2 of its length in one word. The table is 64-byte
+    /// aligned, so the address's low 6 bits are free, and the length is a
+    /// power of two below 2⁶³.
+    fn whereabouts(&self) -> u64 {
+        self.lines.as_ptr().addr() as u64 | u64::from(self.lines.len().trailing_zeros())
     }
 
     /// The slots holding `hash` (stored form), in probe order: the run of
@@ -261,6 +318,30 @@ mod tests {
         let ix = Index::with_capacity(1000);
         assert!(ix.slots().next().is_none());
         assert_eq!(ix.find(0, |_| true), None);
+    }
+
+    #[test]
+    fn whereabouts_aim_at_the_line_a_search_reads_first() {
+        let mut ix = Index::with_capacity(0);
+        let at = Whereabouts::default();
+        assert_eq!(at.line(7), None, "nothing published yet");
+        let hashes = [0, 1, 0x8000_0000, u32::MAX, 2_654_435_761];
+        // Through growth: the table moves and its length changes.
+        for pos in 0..5000u32 {
+            ix.insert(pos.wrapping_mul(2_654_435_761), pos);
+            if pos % 1000 == 0 {
+                at.publish(&ix);
+                for h in hashes {
+                    let first: *const Line = &ix.lines[ix.home(h) / LINE];
+                    assert_eq!(
+                        at.line(h),
+                        Some(first),
+                        "hash {h:#x}, {} lines",
+                        ix.lines.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
