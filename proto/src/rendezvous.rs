@@ -13,7 +13,7 @@
 //! correctly but are wrong (unknown method, bad id, missing token).
 
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::{ClientId, Token};
 
@@ -694,6 +694,65 @@ pub fn request_id_of(buf: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The client behind a chain of trusted reverse proxies: the address
+/// `X-Forwarded-For` names, read from the right (the hop nearest this
+/// server) past every address `trusted` accepts. Each proxy appends the
+/// address it saw to the list, so entries to the left of the first
+/// untrusted one are whatever that client chose to send, and are never
+/// read. `None` when there is no such header (a client that reached the
+/// server directly). The caller asks only when the connection's own peer
+/// is a trusted proxy; otherwise the header means nothing.
+///
+/// `buf` holds a head [`parse_request`] took whole. Several header lines
+/// count as one list, in order. Entries may carry a port (`1.2.3.4:80`,
+/// `[::1]:80`), as some proxies write them.
+pub fn forwarded_client(
+    buf: &[u8],
+    trusted: impl Fn(IpAddr) -> bool,
+) -> Result<Option<IpAddr>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return Ok(None);
+    }
+    let lines = req
+        .headers
+        .iter()
+        .rev()
+        .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"));
+    let mut client = None;
+    for line in lines {
+        let value = std::str::from_utf8(line.value).map_err(|_| bad_forwarded("not text"))?;
+        for entry in value.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let ip = forwarded_ip(entry).ok_or_else(|| bad_forwarded(entry))?;
+            client = Some(ip);
+            if !trusted(ip) {
+                return Ok(client);
+            }
+        }
+    }
+    // Every hop trusted: the first one is the client.
+    Ok(client)
+}
+
+/// One entry of `X-Forwarded-For`: an address, perhaps with a port.
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = entry.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
+fn bad_forwarded(entry: &str) -> Failure {
+    let shown: String = entry.chars().take(64).collect();
+    Failure::bad_request(format!(
+        "X-Forwarded-For from a trusted proxy holds {shown:?}, not an address: fix the proxy's configuration"
+    ))
+}
+
 fn unknown_method(name: &str) -> Failure {
     let shown: String = name.chars().take(32).collect();
     let hint = if Method::parse(&name.to_ascii_uppercase()).is_some() {
@@ -1132,6 +1191,61 @@ mod tests {
         ));
         let signed = b"HTTP/1.1 200 QUITACK\r\nContent-Length: +0\r\n\r\n";
         assert!(parse_response(signed, Method::Quit, false).is_err());
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_nearest_untrusted_hop() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Proxies at 10.0.0.1 and 10.0.0.2 are trusted.
+        let trusted = |a: IpAddr| a == ip("10.0.0.1") || a == ip("10.0.0.2");
+        let of = |headers: &str| {
+            let head = format!("REGISTER / HTTP/1.1\r\n{headers}\r\n");
+            forwarded_client(head.as_bytes(), trusted)
+        };
+        assert_eq!(of(""), Ok(None), "no header: the peer itself");
+        assert_eq!(
+            of("X-Forwarded-For: 192.0.2.7\r\n"),
+            Ok(Some(ip("192.0.2.7")))
+        );
+        // The client's own claim is left of what the proxy saw: not read.
+        assert_eq!(
+            of("X-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n"),
+            Ok(Some(ip("192.0.2.7")))
+        );
+        assert_eq!(
+            of("x-forwarded-for: garbage, 192.0.2.7\r\n"),
+            Ok(Some(ip("192.0.2.7"))),
+            "what lies past the client is never parsed"
+        );
+        // Through two trusted proxies, over two header lines.
+        assert_eq!(
+            of("X-Forwarded-For: 6.6.6.6, 2001:db8::9\r\nX-Forwarded-For: 10.0.0.2 ,10.0.0.1\r\n"),
+            Ok(Some(ip("2001:db8::9")))
+        );
+        // Every hop trusted: the first is the client.
+        assert_eq!(
+            of("X-Forwarded-For: 10.0.0.2, 10.0.0.1\r\n"),
+            Ok(Some(ip("10.0.0.2")))
+        );
+        // Ports, brackets and empty entries, as some proxies write them.
+        for (value, want) in [
+            ("192.0.2.7:4711", "192.0.2.7"),
+            ("[2001:db8::9]:4711", "2001:db8::9"),
+            ("[2001:db8::9]", "2001:db8::9"),
+            ("192.0.2.7, , ", "192.0.2.7"),
+        ] {
+            let got = of(&format!("X-Forwarded-For: {value}\r\n"));
+            assert_eq!(got, Ok(Some(ip(want))), "{value}");
+        }
+        // A trusted hop that wrote something else is the proxy's fault.
+        for bad in ["unknown", "10.0.0.1, 192.0.2.7:x", "300.1.2.3", "[::1"] {
+            let got = of(&format!("X-Forwarded-For: {bad}\r\n"));
+            let Err(f) = got else {
+                panic!("{bad}: {got:?}")
+            };
+            assert_eq!(f.status, ErrorStatus::BadRequest);
+            assert!(f.reason.contains("X-Forwarded-For"), "{}", f.reason);
+        }
     }
 
     fn id(s: &str) -> ClientId {

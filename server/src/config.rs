@@ -11,6 +11,7 @@ use clap::{Args, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::connection::Timeouts;
+use crate::proxy::{ProxyNet, TrustedProxies};
 use crate::registry;
 use crate::state::Limits;
 
@@ -85,6 +86,10 @@ pub struct Knobs {
     /// Worker threads, each with its own listening sockets; 0 = one per core [default: 0]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+
+    /// A reverse proxy (address, or network such as 10.0.0.0/8) whose X-Forwarded-For header names the client, over TCP; repeat for more [default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub trusted_proxy: Option<Vec<ProxyNet>>,
 }
 
 /// The configuration file holds the same settings as the flags.
@@ -106,6 +111,7 @@ impl Knobs {
             header_timeout: self.header_timeout.or(other.header_timeout),
             idle_timeout: self.idle_timeout.or(other.idle_timeout),
             workers: self.workers.or(other.workers),
+            trusted_proxy: self.trusted_proxy.or(other.trusted_proxy),
         }
     }
 }
@@ -134,6 +140,7 @@ pub struct Settings {
     pub header_timeout: u64,
     pub idle_timeout: u64,
     pub workers: usize,
+    pub trusted_proxies: TrustedProxies,
     pub config: Option<PathBuf>,
 }
 
@@ -188,6 +195,7 @@ impl Options {
             header_timeout: k.header_timeout.unwrap_or(10),
             idle_timeout: k.idle_timeout.unwrap_or(60),
             workers: k.workers.unwrap_or(0),
+            trusted_proxies: TrustedProxies::new(k.trusted_proxy.unwrap_or_default()),
             config: path,
         })
     }
@@ -204,6 +212,7 @@ impl Settings {
             per_ip_burst: self.per_ip_burst,
             per_ip_conns: self.per_ip_conns,
             max_conns: self.max_conns,
+            trusted_proxies: self.trusted_proxies.clone(),
         }
     }
 
@@ -274,6 +283,37 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_come_from_repeated_flags_or_a_list() {
+        let s = settings(&["--trusted-proxy", "127.0.0.1", "--trusted-proxy=10.0.0.0/8"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(s.trusted_proxies.contains(ip("127.0.0.1")));
+        assert!(s.trusted_proxies.contains(ip("10.9.8.7")));
+        assert!(!s.trusted_proxies.contains(ip("127.0.0.2")));
+        assert!(settings(&[]).trusted_proxies.is_empty());
+        let err = Options::try_parse_from(["chat-server", "--trusted-proxy", "nginx"]).unwrap_err();
+        assert!(
+            err.to_string().contains("not an address or a network"),
+            "{err}"
+        );
+        let f: FileConfig = chat_proto::config::parse(
+            Path::new("s.toml"),
+            "trusted-proxy = [\"::1\", \"fd00::/8\"]\n",
+        )
+        .unwrap();
+        let s = Options::parse_from(["chat-server"]).merge(f, None).unwrap();
+        assert!(s.trusted_proxies.contains(ip("fd00::5")));
+        let bad = chat_proto::config::parse::<FileConfig>(
+            Path::new("s.toml"),
+            "trusted-proxy = [\"10.0.0.0/40\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            bad.to_string().contains("not an address or a network"),
+            "{bad}"
+        );
+    }
+
+    #[test]
     fn zero_turns_timeouts_off_and_huge_ones_are_capped() {
         assert_eq!(
             settings(&["--header-timeout", "0"]).timeouts().header,
@@ -317,6 +357,7 @@ mod tests {
             f.header_timeout.is_some(),
             f.idle_timeout.is_some(),
             f.workers.is_some(),
+            f.trusted_proxy.is_some(),
         ];
         assert!(every.iter().all(|&b| b), "{f:?}");
     }

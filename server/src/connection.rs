@@ -85,9 +85,15 @@ pub async fn serve(
                 break;
             }
             let at = state.at(now.into_std());
-            let response = match state.admit(peer.ip(), at) {
-                Ok(()) => state.answer(&head, peer.ip(), at),
-                Err(refusal) => Response::Error(state.refused(refusal)),
+            let response = match state
+                .trusted_proxies
+                .client(peer.ip(), &buf[..head.head_len])
+            {
+                Ok(source) => match state.admit(source, at) {
+                    Ok(()) => state.answer(&head, source, at),
+                    Err(refusal) => Response::Error(state.refused(refusal)),
+                },
+                Err(failure) => Response::Error(failure),
             };
             let close = head.close || stopping;
             response.encode(

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod defer;
 pub mod index;
 pub mod limits;
+pub mod proxy;
 pub mod registry;
 pub mod replay;
 pub mod state;
@@ -44,6 +45,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(path) = &settings.config {
         tracing::info!(config = %path.display(), "configuration read");
+    }
+    if !settings.trusted_proxies.is_empty() {
+        let proxies = settings.trusted_proxies.describe();
+        tracing::info!("believing X-Forwarded-For over TCP from {proxies}");
     }
     // Transient connections cost a descriptor each while they close; use
     // all the kernel allows us rather than the shell's default of 1024.

@@ -248,12 +248,16 @@ impl ConnLimits {
     }
 
     /// Counts a new connection from `source`, or says why it is refused.
-    /// Every `Ok` must be paired with one [`ConnLimits::close`].
-    pub fn open(&mut self, source: Source) -> Result<(), ConnRefusal> {
+    /// `None` counts towards the total only: a trusted proxy, which
+    /// carries many clients' connections. Every `Ok` must be paired with
+    /// one [`ConnLimits::close`] of the same `source`.
+    pub fn open(&mut self, source: Option<Source>) -> Result<(), ConnRefusal> {
         if self.max_total != 0 && self.total >= self.max_total {
             return Err(ConnRefusal::ServerFull);
         }
-        if self.max_per_source != 0 {
+        if self.max_per_source != 0
+            && let Some(source) = source
+        {
             let n = self.per_source.entry(source).or_insert(0);
             if *n >= self.max_per_source {
                 return Err(ConnRefusal::SourceFull);
@@ -264,9 +268,10 @@ impl ConnLimits {
         Ok(())
     }
 
-    pub fn close(&mut self, source: Source) {
+    pub fn close(&mut self, source: Option<Source>) {
         self.total = self.total.saturating_sub(1);
         if self.max_per_source != 0
+            && let Some(source) = source
             && let Some(n) = self.per_source.get_mut(&source)
         {
             *n -= 1;
@@ -434,8 +439,8 @@ mod tests {
     #[test]
     fn connection_caps() {
         let mut c = ConnLimits::new(3, 2);
-        let a = src("10.0.0.1");
-        let b = src("10.0.0.2");
+        let a = Some(src("10.0.0.1"));
+        let b = Some(src("10.0.0.2"));
         assert_eq!(c.open(a), Ok(()));
         assert_eq!(c.open(a), Ok(()));
         assert_eq!(c.open(a), Err(ConnRefusal::SourceFull));
@@ -448,13 +453,22 @@ mod tests {
         c.close(b);
         assert_eq!(c.total(), 0);
         assert!(c.per_source.is_empty());
+        // A trusted proxy is held to the total only.
+        for _ in 0..3 {
+            assert_eq!(c.open(None), Ok(()));
+        }
+        assert_eq!(c.open(None), Err(ConnRefusal::ServerFull));
+        for _ in 0..3 {
+            c.close(None);
+        }
+        assert_eq!(c.total(), 0);
     }
 
     #[test]
     fn connection_caps_off() {
         let mut c = ConnLimits::new(0, 0);
         for _ in 0..1000 {
-            assert_eq!(c.open(src("10.0.0.1")), Ok(()));
+            assert_eq!(c.open(Some(src("10.0.0.1"))), Ok(()));
         }
         assert_eq!(c.total(), 1000);
     }

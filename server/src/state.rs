@@ -15,6 +15,7 @@ use chat_proto::Token;
 use chat_proto::rendezvous::{ErrorStatus, Failure, Request, RequestHead, Response, Transports};
 
 use crate::limits::{ConnLimits, RateLimiter, Refusal, Source};
+use crate::proxy::TrustedProxies;
 use crate::registry::{self, Lookahead, Registry};
 
 /// Records the periodic sweep pops per taking of the registry's lock:
@@ -35,6 +36,8 @@ pub struct State {
     /// The limiter's rate, for refusals, which need not take its lock.
     per_ip_rate: u32,
     pub conns: Mutex<ConnLimits>,
+    /// Whose `X-Forwarded-For` to believe, over TCP.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The limits [`State`] enforces.
@@ -45,6 +48,7 @@ pub struct Limits {
     pub per_ip_burst: u32,
     pub per_ip_conns: u32,
     pub max_conns: usize,
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl State {
@@ -58,6 +62,7 @@ impl State {
             limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
             per_ip_rate: limits.per_ip_rate,
             conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
+            trusted_proxies: limits.trusted_proxies.clone(),
         }
     }
 

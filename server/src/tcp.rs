@@ -80,7 +80,9 @@ pub async fn run(
                 continue;
             }
         };
-        let source = Source::from(peer.ip());
+        // A trusted proxy carries many clients: it is held to
+        // `--max-conns` only, and its clients to their request rates.
+        let source = (!state.trusted_proxies.contains(peer.ip())).then(|| Source::from(peer.ip()));
         let opened = lock(&state.conns).open(source);
         match opened {
             Ok(()) => {
@@ -104,7 +106,7 @@ pub async fn run(
 /// A connection's place in the connection counts, given back on drop.
 struct Slot {
     state: Arc<State>,
-    source: Source,
+    source: Option<Source>,
 }
 
 impl Drop for Slot {

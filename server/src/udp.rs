@@ -177,11 +177,16 @@ fn within_bound(response: &[u8], request_len: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::TrustedProxies;
     use crate::registry;
     use crate::state::Limits;
     use chat_proto::rendezvous::Transports;
 
     fn state(rate: u32) -> State {
+        state_trusting(rate, TrustedProxies::default())
+    }
+
+    fn state_trusting(rate: u32, trusted_proxies: TrustedProxies) -> State {
         State::new(
             Transports {
                 tcp: false,
@@ -196,6 +201,7 @@ mod tests {
                 per_ip_burst: rate,
                 per_ip_conns: 0,
                 max_conns: 0,
+                trusted_proxies,
             },
         )
     }
@@ -206,6 +212,18 @@ mod tests {
 
     fn text(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
+    }
+
+    #[test]
+    fn udp_never_believes_x_forwarded_for() {
+        // A datagram's source is easily forged, so even a trusted proxy's
+        // address proves nothing over UDP.
+        let proxy = "127.0.0.1".parse().unwrap();
+        let s = state_trusting(0, TrustedProxies::new(vec![proxy]));
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let req = b"REGISTER / HTTP/1.1\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\nX-Forwarded-For: 127.0.0.77\r\n\r\n";
+        let resp = text(&answer(&s, &mut cache, req, from()).unwrap());
+        assert!(resp.contains("Client-Addr: 127.0.0.1:4000\r\n"), "{resp}");
     }
 
     #[test]

@@ -814,3 +814,83 @@ fn a_duplicate_header_spoils_the_request_not_the_connection() {
     c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
     assert_eq!(read_reply(&mut c).status, 200);
 }
+
+/// Requests through a trusted proxy (`--trusted-proxy`), from other
+/// loopback addresses: the proxy at 127.0.0.2 speaks for the clients its
+/// X-Forwarded-For names; nobody else does.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_trusted_proxy_speaks_for_its_clients() {
+    use std::net::IpAddr;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let s = Server::start(&[
+        "--trusted-proxy",
+        "127.0.0.2",
+        "--per-ip-conns",
+        "1",
+        "--per-ip-rate",
+        "1",
+        "--per-ip-burst",
+        "2",
+    ]);
+    let via = |from: &str, client: &str, method: &str, headers: &[(&str, &str)]| {
+        let mut h = headers.to_vec();
+        h.push(("X-Forwarded-For", client));
+        let mut c = connect_from(s.addr, ip(from));
+        c.write_all(build(method, &h, true).as_bytes()).unwrap();
+        Reply::parse(&read_to_close(&mut c))
+    };
+    let alice = [("Client-Id", "alice"), ("Client-Port", "4000")];
+    let r = via("127.0.0.2", "127.0.0.66, 127.0.0.77", "REGISTER", &alice);
+    assert_eq!(r.header("Client-Addr"), Some("127.0.0.77:4000"), "{r:?}");
+    // From an address not trusted, the header is the client's own claim.
+    let bob = [("Client-Id", "bob"), ("Client-Port", "4001")];
+    let r = via("127.0.0.1", "127.0.0.77", "REGISTER", &bob);
+    assert_eq!(r.header("Client-Addr"), Some("127.0.0.1:4001"), "{r:?}");
+    // A proxy that writes something else gets a 400 saying so, and its
+    // connection goes on.
+    let mut c = connect_from(s.addr, ip("127.0.0.2"));
+    let bad = build("PROBE", &[("X-Forwarded-For", "unknown")], false);
+    c.write_all(bad.as_bytes()).unwrap();
+    let r = read_reply(&mut c);
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("X-Forwarded-For"), "{r:?}");
+    let fine = build("PROBE", &[("X-Forwarded-For", "127.0.0.78")], false);
+    c.write_all(fine.as_bytes()).unwrap();
+    assert_eq!(read_reply(&mut c).status, 200);
+
+    // The proxy is held to --max-conns, not --per-ip-conns: three
+    // connections at once, each answered, while a plain client's second
+    // connection is refused.
+    let mut held = vec![c];
+    for n in 0..2 {
+        let mut c = connect_from(s.addr, ip("127.0.0.2"));
+        let client = format!("127.0.0.{}", 80 + n);
+        c.write_all(build("PROBE", &[("X-Forwarded-For", &client)], false).as_bytes())
+            .unwrap();
+        assert_eq!(read_reply(&mut c).status, 200);
+        held.push(c);
+    }
+    let mut first = connect_from(s.addr, ip("127.0.0.3"));
+    first
+        .write_all(build("PROBE", &[], false).as_bytes())
+        .unwrap();
+    assert_eq!(read_reply(&mut first).status, 200);
+    let mut second = connect_from(s.addr, ip("127.0.0.3"));
+    second
+        .write_all(build("PROBE", &[], true).as_bytes())
+        .unwrap();
+    assert!(read_to_close(&mut second).starts_with("HTTP/1.1 429"));
+
+    // Each client behind the proxy has its own request rate.
+    let c = &mut held[0];
+    let burst: String = (0..20)
+        .map(|_| build("PROBE", &[("X-Forwarded-For", "127.0.0.90")], false))
+        .collect();
+    c.write_all(burst.as_bytes()).unwrap();
+    let limited = (0..20).filter(|_| read_reply(c).status == 429).count();
+    assert!(limited >= 10, "{limited} of 20 limited");
+    let other = build("PROBE", &[("X-Forwarded-For", "127.0.0.91")], false);
+    c.write_all(other.as_bytes()).unwrap();
+    assert_eq!(read_reply(c).status, 200, "another client's allowance");
+}

@@ -2,7 +2,7 @@
 //! a test can send anything, and read back without trusting the server.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 
 use crate::WAIT;
 
@@ -54,6 +54,21 @@ impl Reply {
 /// Opens a TCP connection with read and write timeouts.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// [`connect`] from `source`, another loopback address (127.0.0.2 and up
+/// need no setup on Linux): a second client, or a proxy, as the server
+/// sees it.
+pub fn connect_from(addr: SocketAddr, source: IpAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::new(source, 0).into())
+        .unwrap_or_else(|e| panic!("bind to {source}: {e}"));
+    s.connect_timeout(&addr.into(), WAIT).expect("connect");
+    let s: TcpStream = s.into();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_write_timeout(Some(WAIT)).unwrap();
     s

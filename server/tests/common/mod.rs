@@ -4,7 +4,9 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-pub use chat_testkit::http::{Reply, build, connect, exchange, read_reply, read_to_close, request};
+pub use chat_testkit::http::{
+    Reply, build, connect, connect_from, exchange, read_reply, read_to_close, request,
+};
 pub use chat_testkit::{Server, WAIT, eventually};
 
 /// Registers `id` and returns its token.
