@@ -271,6 +271,10 @@ impl ErrorStatus {
             // What daemons refuse a peer link with, besides the above.
             ErrorStatus::Other(403) => "Forbidden",
             ErrorStatus::Other(426) => "Upgrade Required",
+            // What a proxy in front of a server answers with.
+            ErrorStatus::Other(500) => "Internal Server Error",
+            ErrorStatus::Other(502) => "Bad Gateway",
+            ErrorStatus::Other(504) => "Gateway Timeout",
             ErrorStatus::Other(_) => "Error",
         }
     }
@@ -595,6 +599,9 @@ pub struct RequestHead {
     pub method: Option<Method>,
     /// The UDP `Request-Id`, when present and valid.
     pub request_id: Option<String>,
+    /// The head carries `X-Forwarded-For` (read with
+    /// [`forwarded_client`], and only from a trusted proxy).
+    pub forwarded: bool,
     /// The request, or why it cannot be acted on.
     pub request: Result<Request, Failure>,
 }
@@ -651,6 +658,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
                     close,
                     method: None,
                     request_id: None,
+                    forwarded: fields.forwarded,
                     request: Err(Failure::bad_request(format!(
                         "bad Request-Id header: 1 to {MAX_REQUEST_ID} visible ASCII characters expected"
                     ))),
@@ -671,6 +679,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
         close,
         method,
         request_id,
+        forwarded: fields.forwarded,
         request,
     }))
 }
@@ -722,8 +731,10 @@ pub fn forwarded_client(
         .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"));
     let mut client = None;
     for line in lines {
-        let value = std::str::from_utf8(line.value).map_err(|_| bad_forwarded("not text"))?;
-        for entry in value.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+        // Entry by entry from the right, bytes until then: what lies left
+        // of the client is the client's to write, text or not.
+        let entries = line.value.rsplit(|&b| b == b',').map(<[u8]>::trim_ascii);
+        for entry in entries.filter(|e| !e.is_empty()) {
             let ip = forwarded_ip(entry).ok_or_else(|| bad_forwarded(entry))?;
             client = Some(ip);
             if !trusted(ip) {
@@ -736,7 +747,8 @@ pub fn forwarded_client(
 }
 
 /// One entry of `X-Forwarded-For`: an address, perhaps with a port.
-fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+fn forwarded_ip(entry: &[u8]) -> Option<IpAddr> {
+    let entry = std::str::from_utf8(entry).ok()?;
     if let Ok(ip) = entry.parse::<IpAddr>() {
         return Some(ip);
     }
@@ -746,8 +758,8 @@ fn forwarded_ip(entry: &str) -> Option<IpAddr> {
     entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
-fn bad_forwarded(entry: &str) -> Failure {
-    let shown: String = entry.chars().take(64).collect();
+fn bad_forwarded(entry: &[u8]) -> Failure {
+    let shown: String = String::from_utf8_lossy(entry).chars().take(64).collect();
     Failure::bad_request(format!(
         "X-Forwarded-For from a trusted proxy holds {shown:?}, not an address: fix the proxy's configuration"
     ))
@@ -876,6 +888,7 @@ struct Fields<'a> {
     request_id: Option<&'a [u8]>,
     content_length: Option<&'a [u8]>,
     transfer_encoding: bool,
+    forwarded: bool,
     /// `Connection` options, from every such header (no allocation: this
     /// runs for each request).
     close: bool,
@@ -909,6 +922,9 @@ impl<'a> Fields<'a> {
                     f.close |= item.eq_ignore_ascii_case(b"close");
                     f.keep_alive |= item.eq_ignore_ascii_case(b"keep-alive");
                 }
+                continue;
+            } else if name.eq_ignore_ascii_case("X-Forwarded-For") {
+                f.forwarded = true;
                 continue;
             } else {
                 continue;
@@ -1216,6 +1232,12 @@ mod tests {
             of("x-forwarded-for: garbage, 192.0.2.7\r\n"),
             Ok(Some(ip("192.0.2.7"))),
             "what lies past the client is never parsed"
+        );
+        let head = b"PROBE / HTTP/1.1\r\nX-Forwarded-For: \xff\xfe, 192.0.2.7\r\n\r\n";
+        assert_eq!(
+            forwarded_client(head, trusted),
+            Ok(Some(ip("192.0.2.7"))),
+            "nor is it read as text"
         );
         // Through two trusted proxies, over two header lines.
         assert_eq!(

@@ -89,6 +89,7 @@ pub struct Knobs {
 
     /// A reverse proxy (address, or network such as 10.0.0.0/8) whose X-Forwarded-For header names the client, over TCP; repeat for more [default: none]
     #[arg(long, value_name = "ADDR")]
+    #[serde(default, deserialize_with = "crate::proxy::one_or_many")]
     pub trusted_proxy: Option<Vec<ProxyNet>>,
 }
 
@@ -291,10 +292,7 @@ mod tests {
         assert!(!s.trusted_proxies.contains(ip("127.0.0.2")));
         assert!(settings(&[]).trusted_proxies.is_empty());
         let err = Options::try_parse_from(["chat-server", "--trusted-proxy", "nginx"]).unwrap_err();
-        assert!(
-            err.to_string().contains("not an address or a network"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("names are not resolved"), "{err}");
         let f: FileConfig = chat_proto::config::parse(
             Path::new("s.toml"),
             "trusted-proxy = [\"::1\", \"fd00::/8\"]\n",
@@ -302,15 +300,25 @@ mod tests {
         .unwrap();
         let s = Options::parse_from(["chat-server"]).merge(f, None).unwrap();
         assert!(s.trusted_proxies.contains(ip("fd00::5")));
+        // One address may go without brackets.
+        let f: FileConfig =
+            chat_proto::config::parse(Path::new("s.toml"), "trusted-proxy = \"127.0.0.1\"\n")
+                .unwrap();
+        assert_eq!(f.trusted_proxy, Some(vec!["127.0.0.1".parse().unwrap()]));
+        // A bad entry is named, with the key's line.
         let bad = chat_proto::config::parse::<FileConfig>(
             Path::new("s.toml"),
-            "trusted-proxy = [\"10.0.0.0/40\"]\n",
+            "trusted-proxy = [\n  \"::1\",\n  \"10.0.0.0/40\",\n]\n",
         )
-        .unwrap_err();
-        assert!(
-            bad.to_string().contains("not an address or a network"),
-            "{bad}"
-        );
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("prefix is at most 32"), "{bad}");
+        assert!(bad.contains("line 1, key `trusted-proxy`"), "{bad}");
+        let bad =
+            chat_proto::config::parse::<FileConfig>(Path::new("s.toml"), "trusted-proxy = 7\n")
+                .unwrap_err()
+                .to_string();
+        assert!(bad.contains("a list of them"), "{bad}");
     }
 
     #[test]

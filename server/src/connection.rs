@@ -85,15 +85,17 @@ pub async fn serve(
                 break;
             }
             let at = state.at(now.into_std());
-            let response = match state
-                .trusted_proxies
-                .client(peer.ip(), &buf[..head.head_len])
-            {
+            let response = match state.client_of(peer.ip(), &head, &buf[..head.head_len]) {
                 Ok(source) => match state.admit(source, at) {
                     Ok(()) => state.answer(&head, source, at),
                     Err(refusal) => Response::Error(state.refused(refusal)),
                 },
-                Err(failure) => Response::Error(failure),
+                // A proxy's bad header is charged to the proxy, as any
+                // other bad request is to its sender.
+                Err(failure) => match state.admit(peer.ip(), at) {
+                    Ok(()) => Response::Error(failure),
+                    Err(refusal) => Response::Error(state.refused(refusal)),
+                },
             };
             let close = head.close || stopping;
             response.encode(

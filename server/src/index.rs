@@ -19,7 +19,7 @@
 //! in one pass ([`Index::retain`]). That is what lets a search stop at the
 //! first empty slot (linear probing without deletions).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Slots per 64-byte line.
 const LINE: usize = 8;
@@ -68,7 +68,7 @@ fn prefetch(line: *const Line) {
 /// as it was a moment ago, even one since freed: its prefetch is then
 /// wasted, never wrong, as a prefetch reads nothing.
 #[derive(Debug, Default)]
-pub struct Whereabouts(AtomicU64);
+pub struct Whereabouts(AtomicUsize);
 
 impl Whereabouts {
     /// Records where `index`'s table is now.
@@ -96,8 +96,8 @@ impl Whereabouts {
         if word == 0 {
             return None;
         }
-        let table = std::ptr::without_provenance::<Line>((word & !63) as usize);
-        Some(table.wrapping_add(line_of(hash, 1 << (word & 63))))
+        let table = std::ptr::without_provenance::<Line>(word & !63);
+        Some(table.wrapping_add(line_of(hash, 1u64 << (word & 63))))
     }
 }
 
@@ -166,8 +166,9 @@ impl Index {
     /// address and log2 of its length in one word. The table is 64-byte
     /// aligned, so the address's low 6 bits are free, and the length is a
     /// power of two below 2⁶³.
-    fn whereabouts(&self) -> u64 {
-        self.lines.as_ptr().addr() as u64 | u64::from(self.lines.len().trailing_zeros())
+    fn whereabouts(&self) -> usize {
+        debug_assert!(self.lines.len().is_power_of_two());
+        self.lines.as_ptr().addr() | self.lines.len().trailing_zeros() as usize
     }
 
     /// The slots holding `hash` (stored form), in probe order: the run of

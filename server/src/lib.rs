@@ -49,6 +49,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     if !settings.trusted_proxies.is_empty() {
         let proxies = settings.trusted_proxies.describe();
         tracing::info!("believing X-Forwarded-For over TCP from {proxies}");
+        if settings.trusted_proxies.trusts_everyone() {
+            tracing::warn!(
+                "--trusted-proxy {proxies} trusts every address: any client can claim any address; name the proxy's own address instead"
+            );
+        }
     }
     // Transient connections cost a descriptor each while they close; use
     // all the kernel allows us rather than the shell's default of 1024.

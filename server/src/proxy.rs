@@ -13,6 +13,8 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use chat_proto::rendezvous::{Failure, forwarded_client};
 use ipnet::IpNet;
@@ -25,15 +27,53 @@ pub struct ProxyNet(IpNet);
 impl FromStr for ProxyNet {
     type Err = String;
 
+    /// An address, or a network in CIDR form, normalised: host bits
+    /// cleared (`127.0.0.5/8` is `127.0.0.0/8`), and an IPv4-mapped IPv6
+    /// form (`::ffff:127.0.0.1`, as `ss` shows a dual-stack socket's
+    /// peers) made the IPv4 it stands for, which is how peers are matched.
     fn from_str(s: &str) -> Result<ProxyNet, String> {
         let s = s.trim();
-        if let Ok(ip) = s.parse::<IpAddr>() {
-            return Ok(ProxyNet(IpNet::from(ip)));
-        }
-        s.parse::<IpNet>().map(ProxyNet).map_err(|_| {
-            format!("{s:?} is not an address or a network (write 127.0.0.1, ::1 or 10.0.0.0/8)")
-        })
+        let net = match s.parse::<IpAddr>() {
+            Ok(ip) => IpNet::from(ip),
+            Err(_) => s.parse::<IpNet>().map_err(|_| bad_proxy(s))?,
+        };
+        Ok(ProxyNet(canonical(net).trunc()))
     }
+}
+
+/// `net` with an IPv4-mapped IPv6 network (`::ffff:0:0/96` and within)
+/// written as the IPv4 network it maps.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// Why `s` is not a proxy's address, as precisely as can be told.
+fn bad_proxy(s: &str) -> String {
+    let why = if s.contains(',') || s.contains(char::is_whitespace) {
+        "one address or network per --trusted-proxy: repeat the flag, or list them in the file"
+    } else if let Some((addr, prefix)) = s.split_once('/') {
+        match (addr.parse::<IpAddr>(), prefix.parse::<u8>()) {
+            (Ok(IpAddr::V4(_)), Ok(_)) => "an IPv4 network's prefix is at most 32",
+            (Ok(IpAddr::V6(_)), Ok(_)) => "an IPv6 network's prefix is at most 128",
+            _ => "not a network: write it as 10.0.0.0/8 or fd00::/8",
+        }
+    } else if s.parse::<std::net::SocketAddr>().is_ok() {
+        "no port: the proxy is known by its address alone"
+    } else if s
+        .chars()
+        .any(|c| c.is_ascii_alphabetic() && !c.is_ascii_hexdigit())
+    {
+        "names are not resolved: give the proxy's address"
+    } else {
+        "not an address or a network (write 127.0.0.1, ::1 or 10.0.0.0/8)"
+    };
+    format!("trusted proxy {s:?}: {why}")
 }
 
 impl fmt::Display for ProxyNet {
@@ -48,6 +88,41 @@ impl<'de> Deserialize<'de> for ProxyNet {
             .parse()
             .map_err(serde::de::Error::custom)
     }
+}
+
+/// `trusted-proxy` in the configuration file: a list, or one address or
+/// network written without brackets. (A serde `deserialize_with`.)
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<ProxyNet>>, D::Error> {
+    struct OneOrMany;
+
+    impl<'de> serde::de::Visitor<'de> for OneOrMany {
+        type Value = Vec<ProxyNet>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(
+                "an address or network, or a list of them, such as [\"127.0.0.1\", \"::1\"]",
+            )
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<ProxyNet>, E> {
+            s.parse().map(|n| vec![n]).map_err(E::custom)
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<ProxyNet>, A::Error> {
+            let mut nets = Vec::new();
+            while let Some(n) = seq.next_element()? {
+                nets.push(n);
+            }
+            Ok(nets)
+        }
+    }
+
+    d.deserialize_any(OneOrMany).map(Some)
 }
 
 /// The proxies the operator trusts; none by default.
@@ -69,6 +144,12 @@ impl TrustedProxies {
         nets.join(", ")
     }
 
+    /// Whether a network of them holds every address (`0.0.0.0/0`,
+    /// `::/0`): then any client can claim any address.
+    pub fn trusts_everyone(&self) -> bool {
+        self.0.iter().any(|n| n.0.prefix_len() == 0)
+    }
+
     /// Whether `ip` is one of them. An IPv4 peer of a dual-stack socket
     /// (`--bind ::`) arrives as `::ffff:a.b.c.d` and matches `a.b.c.d`.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -85,6 +166,54 @@ impl TrustedProxies {
             return Ok(peer);
         }
         Ok(forwarded_client(head, |ip| self.contains(ip))?.map_or(peer, |ip| ip.to_canonical()))
+    }
+}
+
+/// Interval between two warnings of a trusted proxy's bad header.
+const BAD_HEADER_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What the operator is told about `X-Forwarded-For` in the log: enough
+/// to find a misconfigured proxy, never a line per request, which any
+/// client could turn into a flood.
+#[derive(Debug, Default)]
+pub struct ProxyLog {
+    untrusted_told: AtomicBool,
+    /// When a bad header was last told of, in whole seconds on the
+    /// server's clock, plus one (0: never).
+    bad_told_at: AtomicU64,
+}
+
+impl ProxyLog {
+    /// A peer that is not a trusted proxy sent the header: told once, as
+    /// the likeliest cause is a proxy the operator forgot to name.
+    pub fn untrusted(&self, peer: IpAddr) {
+        if !self.untrusted_told.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %peer,
+                "X-Forwarded-For from a peer that is not a trusted proxy, ignored (said once): if {peer} is a reverse proxy in front of this server, start it with --trusted-proxy {}; until then every client behind it is registered at its address",
+                peer.to_canonical()
+            );
+        } else {
+            tracing::debug!(%peer, "X-Forwarded-For from a peer that is not a trusted proxy, ignored");
+        }
+    }
+
+    /// A trusted proxy sent a header that is not a list of addresses: told
+    /// at most once a minute.
+    pub fn bad_header(&self, peer: IpAddr, failure: &Failure, now: Duration) {
+        let t = now.as_secs() + 1;
+        let last = self.bad_told_at.load(Ordering::Relaxed);
+        let due = last == 0 || t >= last + BAD_HEADER_WARNING_EVERY.as_secs();
+        if due
+            && self
+                .bad_told_at
+                .compare_exchange(last, t, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%peer, "answered 400 (said at most once a minute): {}", failure.reason);
+        } else {
+            tracing::debug!(%peer, "answered 400: {}", failure.reason);
+        }
     }
 }
 
@@ -117,10 +246,36 @@ mod tests {
         for no in ["127.0.0.2", "11.0.0.1", "fe80::1", "::2"] {
             assert!(!t.contains(ip(no)), "{no}");
         }
-        for bad in ["", "localhost", "10.0.0.0/33", "1.2.3.4:80"] {
+        for (bad, why) in [
+            ("", "not an address or a network"),
+            ("localhost", "names are not resolved"),
+            ("10.0.0.0/33", "prefix is at most 32"),
+            ("::/129", "prefix is at most 128"),
+            ("10.0.0.0/x", "not a network"),
+            ("1.2.3.4:80", "no port"),
+            ("127.0.0.1,::1", "repeat the flag"),
+        ] {
             let e = bad.parse::<ProxyNet>().unwrap_err();
-            assert!(e.contains("not an address or a network"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
         }
+        // As peers are matched: host bits cleared, mapped forms as IPv4.
+        for (given, is) in [
+            ("127.0.0.5/8", "127.0.0.0/8"),
+            ("::ffff:127.0.0.2", "127.0.0.2/32"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("2001:db8::1/32", "2001:db8::/32"),
+        ] {
+            assert_eq!(
+                given.parse::<ProxyNet>().unwrap().to_string(),
+                is,
+                "{given}"
+            );
+        }
+        let mapped = trusted(&["::ffff:127.0.0.2"]);
+        assert!(mapped.contains(ip("127.0.0.2")));
+        assert!(mapped.contains(ip("::ffff:127.0.0.2")));
+        assert!(trusted(&["::ffff:0:0/96"]).trusts_everyone());
+        assert!(!trusted(&["10.0.0.0/8", "::1"]).trusts_everyone());
     }
 
     #[test]

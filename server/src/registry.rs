@@ -108,8 +108,8 @@ impl Record {
 /// registrations that line is a cache miss, and the registry's own
 /// prefetch left it too little time to arrive. Asked for here, it loads
 /// while the caller makes the token and waits for the lock. Measured
-/// through sockets (`bench/ab.sh`, keep-alive 64): REGISTER/PROBE 5%
-/// higher than with the prefetch under the lock, 20 rounds of 24 ahead.
+/// through sockets (`bench/ab.sh`, keep-alive 64): REGISTER/PROBE 2-5%
+/// higher than with the prefetch under the lock (docs/BENCHMARKS.md).
 #[derive(Clone, Debug)]
 pub struct Lookahead {
     hasher: RandomState,
@@ -212,7 +212,8 @@ impl Registry {
         })
     }
 
-    /// Acts on one request from `source` (the address the server observed).
+    /// Acts on one request from `source`: the address the server observed,
+    /// or the client a trusted proxy named (`crate::proxy`).
     ///
     /// `hashed` is a REGISTER's id as this registry's [`Lookahead`] hashed
     /// it, if the caller did. `fresh_token` is called only when a new

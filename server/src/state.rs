@@ -15,7 +15,7 @@ use chat_proto::Token;
 use chat_proto::rendezvous::{ErrorStatus, Failure, Request, RequestHead, Response, Transports};
 
 use crate::limits::{ConnLimits, RateLimiter, Refusal, Source};
-use crate::proxy::TrustedProxies;
+use crate::proxy::{ProxyLog, TrustedProxies};
 use crate::registry::{self, Lookahead, Registry};
 
 /// Records the periodic sweep pops per taking of the registry's lock:
@@ -38,6 +38,7 @@ pub struct State {
     pub conns: Mutex<ConnLimits>,
     /// Whose `X-Forwarded-For` to believe, over TCP.
     pub trusted_proxies: TrustedProxies,
+    proxy_log: ProxyLog,
 }
 
 /// The limits [`State`] enforces.
@@ -63,6 +64,7 @@ impl State {
             per_ip_rate: limits.per_ip_rate,
             conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
             trusted_proxies: limits.trusted_proxies.clone(),
+            proxy_log: ProxyLog::default(),
         }
     }
 
@@ -75,6 +77,28 @@ impl State {
     /// at, so that a request costs no clock reading of its own.
     pub fn at(&self, at: Instant) -> Duration {
         at.saturating_duration_since(self.origin)
+    }
+
+    /// The client a request over TCP from `peer` speaks for: `peer`, or
+    /// the client its `X-Forwarded-For` names if `peer` is a trusted proxy
+    /// (see [`TrustedProxies::client`]). `raw` is the request's head.
+    /// What an operator should know of is logged, sparingly.
+    pub fn client_of(
+        &self,
+        peer: IpAddr,
+        head: &RequestHead,
+        raw: &[u8],
+    ) -> Result<IpAddr, Failure> {
+        if !head.forwarded {
+            return Ok(peer);
+        }
+        if !self.trusted_proxies.contains(peer) {
+            self.proxy_log.untrusted(peer);
+            return Ok(peer);
+        }
+        self.trusted_proxies
+            .client(peer, raw)
+            .inspect_err(|f| self.proxy_log.bad_header(peer, f, self.now()))
     }
 
     /// Takes one request from `source`'s allowance at `now`. The refusal
@@ -125,7 +149,8 @@ impl State {
                 // Before the lock: the index line loads while the token
                 // is made and the lock is taken, and the lock is held for
                 // less. A token made for a refresh (which keeps its old
-                // one) is wasted: a few dozen nanoseconds.
+                // one) or a refused REGISTER is wasted: a few dozen
+                // nanoseconds.
                 let hashed = self.lookahead.register(id);
                 let token = fresh_token();
                 lock(&self.registry).handle(request, Some(hashed), source, now, || token)
