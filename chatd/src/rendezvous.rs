@@ -131,7 +131,12 @@ impl Client {
             Ok(Response::ProbeAck { transports, .. }) if transports.tcp => {
                 return Ok(Transport::Tcp);
             }
-            Ok(other) => format!("unexpected answer to PROBE: {other:?}"),
+            // Something speaks HTTP over TCP there: asking over UDP as
+            // well would only add a wait and a false lead.
+            Ok(Response::Error(f)) => {
+                return Err(format!("PROBE: {}", crate::session::server_refused(&f)));
+            }
+            Ok(other) => return Err(unexpected_probe_answer(&other)),
             Err(e) => e,
         };
         // A short try: a server that refused TCP is more likely down than
@@ -145,10 +150,22 @@ impl Client {
         );
         match udp.await {
             Ok(Response::ProbeAck { transports, .. }) if transports.udp => Ok(Transport::Udp),
-            Ok(other) => Err(format!("unexpected answer to PROBE: {other:?}")),
+            Ok(Response::Error(f)) => Err(format!(
+                "PROBE over UDP: {}",
+                crate::session::server_refused(&f)
+            )),
+            Ok(other) => Err(unexpected_probe_answer(&other)),
             Err(udp_err) => Err(format!("over TCP: {tcp_err}; over UDP: {udp_err}")),
         }
     }
+}
+
+/// A PROBE answered with anything but PROBEACK or an error.
+fn unexpected_probe_answer(answer: &Response) -> String {
+    let what = answer
+        .method()
+        .map_or("an error", chat_proto::rendezvous::Method::ack);
+    format!("PROBE was answered with {what}, not PROBEACK: is that a chat-server?")
 }
 
 /// The local address to send to `addr` from: `source` if given, else any.
@@ -342,6 +359,32 @@ mod tests {
             client.first_answering([]).await.unwrap_err(),
             format!("localhost:{} resolves to no address", server.addr.port())
         );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_page_is_named_as_such_and_udp_is_not_tried() {
+        // What nginx answers when the server behind it is down.
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let page = "<html><head><title>502 Bad Gateway</title></head></html>";
+        let answer = format!(
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        );
+        let proxy = tokio::spawn(async move {
+            let (mut s, _) = tcp.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            tokio::io::AsyncWriteExt::write_all(&mut s, answer.as_bytes())
+                .await
+                .unwrap();
+        });
+        let client = Client::new(addr.to_string());
+        let err = client.first_answering([addr]).await.unwrap_err();
+        proxy.await.unwrap();
+        assert!(err.contains("answered 502 Bad Gateway"), "{err}");
+        assert!(err.contains("proxy"), "{err}");
+        assert!(!err.contains("<html>") && !err.contains("UDP"), "{err}");
     }
 
     #[tokio::test]

@@ -944,6 +944,15 @@ impl Session {
             ) => {
                 self.registered(addr, token, expires, now);
             }
+            (Purpose::AutoRegister, Ok(Response::Error(f))) if transient(&f) => {
+                let wait = self.retry_wait(&f);
+                self.retry_register_at = Some(now + wait);
+                tracing::warn!(
+                    "cannot register at start-up: {}; retrying in {} s",
+                    server_refused(&f),
+                    wait.as_secs()
+                );
+            }
             (Purpose::AutoRegister, Ok(Response::Error(f))) => {
                 self.notice(&format!(
                     "cannot register at start-up: {}",
@@ -1004,6 +1013,20 @@ impl Session {
                     self.reg = None;
                 }
                 self.fail(ticket, FailureKind::Server, server_refused(&f));
+            }
+            (Purpose::Refresh, Ok(Response::Error(f))) if transient(&f) => {
+                // Busy, or a proxy that cannot reach the server (a restart
+                // behind nginx is a 502): as good as unreachable, so the
+                // registration stands until its lifetime runs out.
+                let wait = self.retry_wait(&f);
+                if let Some(r) = &mut self.reg {
+                    r.refresh_at = now + wait;
+                }
+                tracing::warn!(
+                    "cannot refresh the registration: {}; retrying in {} s",
+                    server_refused(&f),
+                    wait.as_secs()
+                );
             }
             (Purpose::Refresh, Ok(Response::Error(f))) => {
                 self.reg = None;
@@ -1168,6 +1191,13 @@ impl Session {
     }
 
     /// Without a registration there is no waiting and no handed-out peer.
+    /// How long to wait before retrying after a transient refusal: ours,
+    /// or the server's `Retry-After` if longer (capped).
+    fn retry_wait(&self, f: &chat_proto::rendezvous::Failure) -> Duration {
+        let theirs = Duration::from_secs(f.retry_after.map_or(0, u64::from)).min(MAX_RETRY_AFTER);
+        self.config.retry_after.max(theirs)
+    }
+
     fn phase_lost_with_registration(&mut self) {
         if matches!(self.phase, Phase::Waiting | Phase::Ready { .. }) {
             self.phase = Phase::None;
@@ -1304,7 +1334,18 @@ fn bridge_refused(f: &chat_proto::rendezvous::Failure, peer: Option<ClientId>) -
     }
 }
 
-fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
+/// Whether a refusal says "not now" rather than "no": the server was busy
+/// or full, or a proxy in front of it could not reach it. Such a request
+/// is retried as if the server were unreachable.
+fn transient(f: &chat_proto::rendezvous::Failure) -> bool {
+    matches!(f.status.code(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Longest a server's `Retry-After` delays a retry: past it, the
+/// registration would lapse before the retry anyway.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+pub(crate) fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
     // The server's own reason for this one ("send its Client-Token")
     // speaks to HTTP clients; a daemon's user cannot send a token.
     let reason = match f.status {
@@ -1313,11 +1354,16 @@ fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
         }
         _ => f.reason.as_ref(),
     };
-    format!(
-        "the server refused: {reason} ({} {})",
-        f.status.code(),
-        f.status.phrase()
-    )
+    let (code, phrase) = (f.status.code(), f.status.phrase());
+    // chat-server answers in one line of text and with statuses of its
+    // own; a page of HTML, or a status it never sends, comes from
+    // something in front of it.
+    if reason.trim_start().starts_with('<') || matches!(f.status, ErrorStatus::Other(_)) {
+        return format!(
+            "the server's address answered {code} {phrase}, which is not chat-server's own answer: a proxy in front of the server that cannot reach it, or not a chat-server at that address"
+        );
+    }
+    format!("the server refused: {reason} ({code} {phrase})")
 }
 
 #[cfg(test)]
@@ -1824,6 +1870,83 @@ mod tests {
             }),
         });
         assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
+    }
+
+    #[test]
+    fn a_refresh_refused_for_now_is_retried_not_dropped() {
+        let mut t = T::new(false);
+        t.register();
+        t.advance(Duration::from_secs(150));
+        // A proxy whose server is restarting answers 502 with a page.
+        let (op, _) = T::server_op(&t.drain());
+        let page = "<html><head><title>502 Bad Gateway</title></head></html>";
+        let bad_gateway = HttpFailure::new(ErrorStatus::Other(502), page);
+        assert!(!server_refused(&bad_gateway).contains("<html>"));
+        assert!(server_refused(&bad_gateway).contains("502 Bad Gateway"));
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(bad_gateway)),
+        });
+        assert_eq!(t.s.state(), State::Registered, "a 502 is not a refusal");
+        t.advance(Duration::from_secs(4));
+        assert!(t.drain().is_empty());
+        t.advance(Duration::from_secs(1));
+        // Rate limited: its Retry-After, when longer than ours, is kept.
+        let (op, _) = T::server_op(&t.drain());
+        let limited = HttpFailure {
+            retry_after: Some(30),
+            ..HttpFailure::new(ErrorStatus::TooManyRequests, "rate limited")
+        };
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(limited)),
+        });
+        assert_eq!(t.s.state(), State::Registered);
+        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(30)));
+        // A real refusal still ends it.
+        t.advance(Duration::from_secs(30));
+        let (op, _) = T::server_op(&t.drain());
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::RegNack,
+                "taken",
+            ))),
+        });
+        assert_eq!(t.s.state(), State::Idle);
+    }
+
+    #[test]
+    fn registering_at_start_up_waits_out_a_busy_server() {
+        let mut t = T::new(false);
+        t.s.register_automatically();
+        let (op, _) = T::server_op(&t.drain());
+        let full = HttpFailure {
+            retry_after: Some(60),
+            ..HttpFailure::new(ErrorStatus::Unavailable, "server full")
+        };
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(full)),
+        });
+        t.advance(Duration::from_secs(59));
+        assert!(t.drain().is_empty());
+        t.advance(Duration::from_secs(1));
+        let (op, req) = T::server_op(&t.drain());
+        assert!(
+            matches!(req, Request::Register { token: None, .. }),
+            "{req:?}"
+        );
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(4000),
+                token: TOKEN,
+                expires: 300,
+            }),
+        });
+        assert_eq!(t.s.state(), State::Registered);
     }
 
     #[test]
