@@ -569,7 +569,9 @@ impl Core {
                     tracing::info!(%addr, "connecting to peer");
                     let (handle, queue) = peer::queue();
                     self.links.insert(link, handle);
-                    tokio::spawn(peer::connect(link, addr, hello, self.events.clone(), queue));
+                    let source = self.rendezvous.source();
+                    let events = self.events.clone();
+                    tokio::spawn(peer::connect(link, addr, source, hello, events, queue));
                 }
                 Action::Accept { link } => {
                     let (handle, queue) = peer::queue();

@@ -7,7 +7,7 @@
 //! go out through the link's writer, which coalesces whatever is queued into
 //! one write.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use chat_proto::frame::Decoder;
@@ -244,11 +244,13 @@ async fn refuse(mut stream: TcpStream, status: u16, reason: String) {
     }
 }
 
-/// Opens link `link` to `addr` and reports the outcome to the core; `queue`
-/// is the writer's end of the link's queue.
+/// Opens link `link` to `addr`, from `source` if `--bind` named one (as
+/// requests to the server leave from it), and reports the outcome to the
+/// core; `queue` is the writer's end of the link's queue.
 pub async fn connect(
     link: LinkId,
     addr: SocketAddr,
+    source: Option<IpAddr>,
     hello: Hello,
     core: mpsc::Sender<CoreEvent>,
     queue: LinkQueue,
@@ -263,7 +265,8 @@ pub async fn connect(
             )
         };
         let io = |e: std::io::Error| (None, e.to_string());
-        let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+        let local = crate::rendezvous::local_for(source, addr).map_err(|e| (None, e))?;
+        let mut stream = match timeout_at(deadline, crate::rendezvous::connect(local, addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(io(e)),
             Err(_) => return Err(late()),
@@ -430,6 +433,35 @@ mod tests {
     use super::*;
     use chat_proto::frame::encode;
     use tokio::net::TcpListener;
+
+    /// With `--bind`, a call leaves from the bound address, as requests to
+    /// the server do; one of the other IP version fails with a reason.
+    #[tokio::test]
+    async fn a_call_leaves_from_the_bound_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hello = || Hello {
+            id: "me".parse().unwrap(),
+            turns: false,
+        };
+        let (core, mut events) = mpsc::channel(16);
+        let bound: IpAddr = "127.0.0.2".parse().unwrap();
+        let (_handle, q) = queue();
+        tokio::spawn(connect(1, addr, Some(bound), hello(), core.clone(), q));
+        let (_callee, from) = listener.accept().await.unwrap();
+        assert_eq!(from.ip(), bound);
+
+        let (_handle, q) = queue();
+        connect(2, addr, Some("::1".parse().unwrap()), hello(), core, q).await;
+        match events.recv().await {
+            Some(CoreEvent::Session(Input::LinkFailed {
+                link: 2, reason, ..
+            })) => {
+                assert!(reason.contains("not the same IP version"), "{reason}");
+            }
+            _ => panic!("expected link 2 to fail"),
+        }
+    }
 
     /// Once the core lets a link go, its socket is closed for good, even
     /// when the peer never closes its end: the peer's writes are reset.

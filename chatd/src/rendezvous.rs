@@ -68,6 +68,12 @@ impl Client {
         Client { source, ..self }
     }
 
+    /// The address requests leave from, if `--bind` named one: peer links
+    /// leave from it too.
+    pub fn source(&self) -> Option<IpAddr> {
+        self.source
+    }
+
     /// Sends `request`; `Err` is a reason a person can read, for when the
     /// server could not be reached or answered nonsense.
     pub async fn request(&self, request: &Request) -> Result<Response, String> {
@@ -169,7 +175,7 @@ fn unexpected_probe_answer(answer: &Response) -> String {
 }
 
 /// The local address to send to `addr` from: `source` if given, else any.
-fn local_for(source: Option<IpAddr>, addr: SocketAddr) -> Result<SocketAddr, String> {
+pub(crate) fn local_for(source: Option<IpAddr>, addr: SocketAddr) -> Result<SocketAddr, String> {
     match source {
         Some(ip) if ip.is_ipv4() != addr.is_ipv4() => Err(format!(
             "cannot reach {addr} from {ip} (--bind): not the same IP version"
@@ -181,7 +187,7 @@ fn local_for(source: Option<IpAddr>, addr: SocketAddr) -> Result<SocketAddr, Str
 }
 
 /// A TCP connection to `addr` from `local` (see [`local_for`]).
-async fn connect(local: SocketAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(local: SocketAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
