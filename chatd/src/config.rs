@@ -26,8 +26,9 @@ pub struct Options {
     #[arg(long)]
     pub port: Option<u16>,
 
-    /// Listen for peers on this address only, and reach the server from it
-    /// (so the server hands peers this address) [default: every address]
+    /// Listen for peers on this address only, and reach the server and call
+    /// peers from it (so the server hands peers this address) [default:
+    /// every address]
     #[arg(long, value_name = "IP")]
     pub bind: Option<IpAddr>,
 

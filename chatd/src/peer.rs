@@ -268,6 +268,9 @@ pub async fn connect(
         let local = crate::rendezvous::local_for(source, addr).map_err(|e| (None, e))?;
         let mut stream = match timeout_at(deadline, crate::rendezvous::connect(local, addr)).await {
             Ok(Ok(s)) => s,
+            Ok(Err(e)) if source.is_some() => {
+                return Err((None, format!("{e} (calling from {}, --bind)", local.ip())));
+            }
             Ok(Err(e)) => return Err(io(e)),
             Err(_) => return Err(late()),
         };

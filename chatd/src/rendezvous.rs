@@ -142,6 +142,8 @@ impl Client {
             Ok(Response::Error(f)) => {
                 return Err(format!("PROBE: {}", crate::session::server_refused(&f)));
             }
+            // A server that answers over TCP but serves UDP only.
+            Ok(Response::ProbeAck { .. }) => "the server serves UDP only".to_owned(),
             Ok(other) => return Err(unexpected_probe_answer(&other)),
             Err(e) => e,
         };

@@ -1018,10 +1018,7 @@ impl Session {
                 // Busy, or a proxy that cannot reach the server (a restart
                 // behind nginx is a 502): as good as unreachable, so the
                 // registration stands until its lifetime runs out.
-                let wait = self.retry_wait(&f);
-                if let Some(r) = &mut self.reg {
-                    r.refresh_at = now + wait;
-                }
+                let wait = self.retry_refresh(now, self.retry_wait(&f));
                 tracing::warn!(
                     "cannot refresh the registration: {}; retrying in {} s",
                     server_refused(&f),
@@ -1033,6 +1030,18 @@ impl Session {
                 self.notice(&format!("registration lost: {}", server_refused(&f)));
                 self.phase_lost_with_registration();
             }
+            (Purpose::Reregister { then }, Ok(Response::Error(f))) if transient(&f) => {
+                // The server forgot us and cannot take us back right now:
+                // the command fails, the registration is retried as a
+                // refresh would be.
+                let wait = self.retry_refresh(now, self.retry_wait(&f));
+                let message = format!(
+                    "the server forgot this daemon and cannot register it again right now: {}; chatd retries in {} s",
+                    server_refused(&f),
+                    wait.as_secs()
+                );
+                self.fail_purpose(*then, FailureKind::Server, message);
+            }
             (Purpose::Reregister { then }, Ok(Response::Error(f))) => {
                 self.reg = None;
                 let message = format!(
@@ -1043,14 +1052,8 @@ impl Session {
                 self.fail_purpose(*then, FailureKind::Server, message);
             }
             (Purpose::Refresh, Err(why)) => {
-                if let Some(r) = &mut self.reg {
-                    r.refresh_at = now + self.config.retry_after;
-                }
-                tracing::warn!(
-                    "{}; retrying in {} s",
-                    unreachable(&why),
-                    self.config.retry_after.as_secs()
-                );
+                let wait = self.retry_refresh(now, self.config.retry_after);
+                tracing::warn!("{}; retrying in {} s", unreachable(&why), wait.as_secs());
             }
             (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
                 if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
@@ -1123,7 +1126,7 @@ impl Session {
             (Purpose::Chat { peer, .. }, Ok(Response::Error(f))) => {
                 tracing::warn!(
                     "the server did not record the chat with {peer}: {}",
-                    f.reason
+                    server_refused(&f)
                 );
             }
             (Purpose::Chat { .. }, _) => {}
@@ -1190,7 +1193,6 @@ impl Session {
         }
     }
 
-    /// Without a registration there is no waiting and no handed-out peer.
     /// How long to wait before retrying after a transient refusal: ours,
     /// or the server's `Retry-After` if longer (capped).
     fn retry_wait(&self, f: &chat_proto::rendezvous::Failure) -> Duration {
@@ -1198,6 +1200,20 @@ impl Session {
         self.config.retry_after.max(theirs)
     }
 
+    /// Schedules the next refresh `wait` from `now`, but no later than the
+    /// registration lapses, so that the lapse is told when it happens.
+    /// Returns the wait scheduled.
+    fn retry_refresh(&mut self, now: Instant, wait: Duration) -> Duration {
+        match &mut self.reg {
+            Some(r) => {
+                r.refresh_at = (now + wait).min(r.lapses_at);
+                r.refresh_at.saturating_duration_since(now)
+            }
+            None => wait,
+        }
+    }
+
+    /// Without a registration there is no waiting and no handed-out peer.
     fn phase_lost_with_registration(&mut self) {
         if matches!(self.phase, Phase::Waiting | Phase::Ready { .. }) {
             self.phase = Phase::None;
@@ -1914,6 +1930,61 @@ mod tests {
             ))),
         });
         assert_eq!(t.s.state(), State::Idle);
+    }
+
+    #[test]
+    fn a_long_retry_after_does_not_outlive_the_registration() {
+        let mut t = T::new(false);
+        t.register();
+        t.advance(Duration::from_secs(150));
+        let (op, _) = T::server_op(&t.drain());
+        let busy = HttpFailure {
+            retry_after: Some(100_000),
+            ..HttpFailure::new(ErrorStatus::Unavailable, "busy")
+        };
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(busy)),
+        });
+        // Capped at the lapse, 150 s on, where the lapse is told.
+        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
+        t.advance(Duration::from_secs(150));
+        assert_eq!(t.s.state(), State::Idle);
+    }
+
+    #[test]
+    fn a_server_that_forgot_us_and_is_busy_is_retried_later() {
+        let mut t = T::new(false);
+        t.register();
+        let (ticket, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        // The server restarted: it does not know us.
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "unknown id",
+            ))),
+        });
+        let (op, req) = T::server_op(&a);
+        assert!(matches!(req, Request::Register { .. }), "{req:?}");
+        // And its proxy cannot reach it for a moment.
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::Other(502),
+                "<html>",
+            ))),
+        });
+        let failed = a.iter().any(|x| {
+            matches!(x, Action::Reply { ticket: tk, result: Err(e) }
+                if *tk == ticket && e.message.contains("retries in 5 s"))
+        });
+        assert!(failed, "{a:?}");
+        assert_eq!(t.s.state(), State::Registered, "kept, to be retried");
+        t.advance(Duration::from_secs(5));
+        let (_, req) = T::server_op(&t.drain());
+        assert!(matches!(req, Request::Register { .. }), "{req:?}");
     }
 
     #[test]

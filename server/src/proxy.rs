@@ -13,7 +13,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chat_proto::rendezvous::{Failure, forwarded_client};
@@ -169,51 +169,62 @@ impl TrustedProxies {
     }
 }
 
-/// Interval between two warnings of a trusted proxy's bad header.
-const BAD_HEADER_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// Interval between two warnings of each kind: often enough for an
+/// operator to see the latest cause, too rarely for a client to flood the
+/// log.
+const WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// What the operator is told about `X-Forwarded-For` in the log: enough
-/// to find a misconfigured proxy, never a line per request, which any
-/// client could turn into a flood.
+/// to find a misconfigured proxy, never a line per request.
 #[derive(Debug, Default)]
 pub struct ProxyLog {
-    untrusted_told: AtomicBool,
-    /// When a bad header was last told of, in whole seconds on the
-    /// server's clock, plus one (0: never).
-    bad_told_at: AtomicU64,
+    untrusted: Sparse,
+    bad_header: Sparse,
 }
 
 impl ProxyLog {
-    /// A peer that is not a trusted proxy sent the header: told once, as
-    /// the likeliest cause is a proxy the operator forgot to name.
-    pub fn untrusted(&self, peer: IpAddr) {
-        if !self.untrusted_told.swap(true, Ordering::Relaxed) {
+    /// A peer that is not a trusted proxy sent the header. Any client
+    /// can, so this only says what was seen; its likeliest cause, though,
+    /// is a proxy the operator forgot to name.
+    pub fn untrusted(&self, peer: IpAddr, now: Duration) {
+        if self.untrusted.due(now) {
             tracing::warn!(
                 %peer,
-                "X-Forwarded-For from a peer that is not a trusted proxy, ignored (said once): if {peer} is a reverse proxy in front of this server, start it with --trusted-proxy {}; until then every client behind it is registered at its address",
-                peer.to_canonical()
+                "X-Forwarded-For from a peer that is not a trusted proxy, ignored (said at most once a minute): if {peer} is a reverse proxy of yours, name it with --trusted-proxy, or every client behind it is registered at its address",
             );
         } else {
             tracing::debug!(%peer, "X-Forwarded-For from a peer that is not a trusted proxy, ignored");
         }
     }
 
-    /// A trusted proxy sent a header that is not a list of addresses: told
-    /// at most once a minute.
+    /// A trusted proxy sent a header that is not a list of addresses.
     pub fn bad_header(&self, peer: IpAddr, failure: &Failure, now: Duration) {
-        let t = now.as_secs() + 1;
-        let last = self.bad_told_at.load(Ordering::Relaxed);
-        let due = last == 0 || t >= last + BAD_HEADER_WARNING_EVERY.as_secs();
-        if due
-            && self
-                .bad_told_at
-                .compare_exchange(last, t, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.bad_header.due(now) {
             tracing::warn!(%peer, "answered 400 (said at most once a minute): {}", failure.reason);
         } else {
             tracing::debug!(%peer, "answered 400: {}", failure.reason);
         }
+    }
+}
+
+/// A warning said at most once per [`WARNING_EVERY`], whichever thread
+/// gets to say it.
+#[derive(Debug, Default)]
+struct Sparse {
+    /// When it was last said, in whole seconds on the server's clock, plus
+    /// one (0: never).
+    said_at: AtomicU64,
+}
+
+impl Sparse {
+    fn due(&self, now: Duration) -> bool {
+        let t = now.as_secs() + 1;
+        let last = self.said_at.load(Ordering::Relaxed);
+        (last == 0 || t >= last + WARNING_EVERY.as_secs())
+            && self
+                .said_at
+                .compare_exchange(last, t, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -276,6 +287,17 @@ mod tests {
         assert!(mapped.contains(ip("::ffff:127.0.0.2")));
         assert!(trusted(&["::ffff:0:0/96"]).trusts_everyone());
         assert!(!trusted(&["10.0.0.0/8", "::1"]).trusts_everyone());
+    }
+
+    #[test]
+    fn a_warning_is_said_at_most_once_a_minute() {
+        let s = Sparse::default();
+        let at = Duration::from_secs;
+        assert!(s.due(at(0)));
+        assert!(!s.due(at(0)) && !s.due(at(59)));
+        assert!(s.due(at(60)));
+        assert!(!s.due(at(100)));
+        assert!(s.due(at(1000)));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl State {
             return Ok(peer);
         }
         if !self.trusted_proxies.contains(peer) {
-            self.proxy_log.untrusted(peer);
+            self.proxy_log.untrusted(peer, self.now());
             return Ok(peer);
         }
         self.trusted_proxies

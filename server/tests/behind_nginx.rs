@@ -82,13 +82,16 @@ fn the_readme_nginx_block_passes_the_clients_address() {
     let location = readme_block();
     assert!(location.contains("127.0.0.1:5555"), "{location}");
     let location = location.replace("127.0.0.1:5555", &server.addr.to_string());
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dirs = tempfile::tempdir().expect("tempdir");
     // The port is free when picked; should something take it before
-    // nginx binds it, nginx exits and another is picked.
+    // nginx binds it, nginx exits and another is picked (each try in a
+    // directory of its own, so a log speaks of its own try only).
     let (_proxy, at) = (0..5)
-        .find_map(|_| {
+        .find_map(|n| {
             let port = free_port();
-            let mut proxy = start_nginx(&bin, dir.path(), port, &location);
+            let dir = dirs.path().join(n.to_string());
+            std::fs::create_dir(&dir).expect("a directory for nginx");
+            let mut proxy = start_nginx(&bin, &dir, port, &location);
             let at: SocketAddr = ([127, 0, 0, 1], port).into();
             let mut exited = None;
             eventually("nginx to listen, or to exit", || {
@@ -101,7 +104,7 @@ fn the_readme_nginx_block_passes_the_clients_address() {
             let Some(status) = exited else {
                 return Some((proxy, at));
             };
-            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
             assert!(log.contains("in use"), "nginx exited ({status}): {log}");
             None
         })
