@@ -1018,11 +1018,10 @@ impl Session {
                 // Busy, or a proxy that cannot reach the server (a restart
                 // behind nginx is a 502): as good as unreachable, so the
                 // registration stands until its lifetime runs out.
-                let wait = self.retry_refresh(now, self.retry_wait(&f));
+                let next = self.retry_refresh(now, self.retry_wait(&f));
                 tracing::warn!(
-                    "cannot refresh the registration: {}; retrying in {} s",
-                    server_refused(&f),
-                    wait.as_secs()
+                    "cannot refresh the registration: {}; {next}",
+                    server_refused(&f)
                 );
             }
             (Purpose::Refresh, Ok(Response::Error(f))) => {
@@ -1030,15 +1029,16 @@ impl Session {
                 self.notice(&format!("registration lost: {}", server_refused(&f)));
                 self.phase_lost_with_registration();
             }
-            (Purpose::Reregister { then }, Ok(Response::Error(f))) if transient(&f) => {
+            (Purpose::Reregister { then }, Ok(Response::Error(f)))
+                if transient(&f) && self.reg.is_some() =>
+            {
                 // The server forgot us and cannot take us back right now:
                 // the command fails, the registration is retried as a
                 // refresh would be.
-                let wait = self.retry_refresh(now, self.retry_wait(&f));
+                let next = self.retry_refresh(now, self.retry_wait(&f));
                 let message = format!(
-                    "the server forgot this daemon and cannot register it again right now: {}; chatd retries in {} s",
-                    server_refused(&f),
-                    wait.as_secs()
+                    "the server forgot this daemon and cannot register it again right now: {}; {next}",
+                    server_refused(&f)
                 );
                 self.fail_purpose(*then, FailureKind::Server, message);
             }
@@ -1052,8 +1052,8 @@ impl Session {
                 self.fail_purpose(*then, FailureKind::Server, message);
             }
             (Purpose::Refresh, Err(why)) => {
-                let wait = self.retry_refresh(now, self.config.retry_after);
-                tracing::warn!("{}; retrying in {} s", unreachable(&why), wait.as_secs());
+                let next = self.retry_refresh(now, self.config.retry_after);
+                tracing::warn!("{}; {next}", unreachable(&why));
             }
             (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
                 if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
@@ -1166,11 +1166,11 @@ impl Session {
                 self.fail(t, kind, message)
             }
             Purpose::Reregister { then } => self.fail_purpose(*then, kind, message),
-            Purpose::Refresh
-            | Purpose::Rejoin
-            | Purpose::Chat { .. }
-            | Purpose::Quit(None)
-            | Purpose::AutoRegister => {}
+            // Nobody waits on a CHAT record: the log is where it is told.
+            Purpose::Chat { peer, .. } => {
+                tracing::warn!("the server did not record the chat with {peer}: {message}");
+            }
+            Purpose::Refresh | Purpose::Rejoin | Purpose::Quit(None) | Purpose::AutoRegister => {}
         }
     }
 
@@ -1202,14 +1202,21 @@ impl Session {
 
     /// Schedules the next refresh `wait` from `now`, but no later than the
     /// registration lapses, so that the lapse is told when it happens.
-    /// Returns the wait scheduled.
-    fn retry_refresh(&mut self, now: Instant, wait: Duration) -> Duration {
-        match &mut self.reg {
-            Some(r) => {
-                r.refresh_at = (now + wait).min(r.lapses_at);
-                r.refresh_at.saturating_duration_since(now)
-            }
-            None => wait,
+    /// Returns what happens next, in words.
+    fn retry_refresh(&mut self, now: Instant, wait: Duration) -> String {
+        let Some(r) = &mut self.reg else {
+            return "run `chatctl register` once the server is back".into();
+        };
+        let secs = |d: Duration| d.as_millis().div_ceil(1000);
+        if now + wait < r.lapses_at {
+            r.refresh_at = now + wait;
+            format!("chatd retries in {} s", secs(wait))
+        } else {
+            r.refresh_at = r.lapses_at;
+            format!(
+                "the registration lapses in {} s, before a retry is due; run `chatctl register` then",
+                secs(r.lapses_at.saturating_duration_since(now))
+            )
         }
     }
 
@@ -1948,6 +1955,32 @@ mod tests {
         });
         // Capped at the lapse, 150 s on, where the lapse is told.
         assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
+        // A command that finds the server forgot us, 1 s before the lapse,
+        // is told the lapse, not a retry that will not come.
+        t.advance(Duration::from_secs(149));
+        let (ticket, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "who?",
+            ))),
+        });
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::Other(502),
+                "<html>",
+            ))),
+        });
+        let told = a.iter().any(|x| {
+            matches!(x, Action::Reply { ticket: tk, result: Err(e) }
+                if *tk == ticket && e.message.contains("lapses in 1 s"))
+        });
+        assert!(told, "{a:?}");
+        t.advance(Duration::from_secs(1));
         t.advance(Duration::from_secs(150));
         assert_eq!(t.s.state(), State::Idle);
     }
