@@ -1468,6 +1468,27 @@ mod tests {
             ops[0].clone()
         }
 
+        /// The server's refusal `f` of request `op`.
+        fn refused(&mut self, op: OpId, f: HttpFailure) -> Vec<Action> {
+            self.input(Input::ServerReply {
+                op,
+                result: Ok(Response::Error(f)),
+            })
+        }
+
+        /// The server's REGACK to request `op`, with the usual token.
+        fn regack(&mut self, op: OpId) -> Vec<Action> {
+            self.input(Input::ServerReply {
+                op,
+                result: Ok(Response::RegAck {
+                    id: id("me"),
+                    addr: addr(4000),
+                    token: TOKEN,
+                    expires: 300,
+                }),
+            })
+        }
+
         fn register(&mut self) {
             let (_, a) = self.command(Command::Register);
             let (op, _) = T::server_op(&a);
@@ -1906,10 +1927,7 @@ mod tests {
         let bad_gateway = HttpFailure::new(ErrorStatus::Other(502), page);
         assert!(!server_refused(&bad_gateway).contains("<html>"));
         assert!(server_refused(&bad_gateway).contains("502 Bad Gateway"));
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(bad_gateway)),
-        });
+        t.refused(op, bad_gateway);
         assert_eq!(t.s.state(), State::Registered, "a 502 is not a refusal");
         t.advance(Duration::from_secs(4));
         assert!(t.drain().is_empty());
@@ -1920,22 +1938,13 @@ mod tests {
             retry_after: Some(30),
             ..HttpFailure::new(ErrorStatus::TooManyRequests, "rate limited")
         };
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(limited)),
-        });
+        t.refused(op, limited);
         assert_eq!(t.s.state(), State::Registered);
         assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(30)));
         // A real refusal still ends it.
         t.advance(Duration::from_secs(30));
         let (op, _) = T::server_op(&t.drain());
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::RegNack,
-                "taken",
-            ))),
-        });
+        t.refused(op, HttpFailure::new(ErrorStatus::RegNack, "taken"));
         assert_eq!(t.s.state(), State::Idle);
     }
 
@@ -1949,10 +1958,7 @@ mod tests {
             retry_after: Some(100_000),
             ..HttpFailure::new(ErrorStatus::Unavailable, "busy")
         };
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(busy)),
-        });
+        t.refused(op, busy);
         // Capped at the lapse, 150 s on, where the lapse is told.
         assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
         // A command that finds the server forgot us, 1 s before the lapse,
@@ -1960,28 +1966,15 @@ mod tests {
         t.advance(Duration::from_secs(149));
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::NotFound,
-                "who?",
-            ))),
-        });
+        let a = t.refused(op, HttpFailure::new(ErrorStatus::NotFound, "who?"));
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::Other(502),
-                "<html>",
-            ))),
-        });
+        let a = t.refused(op, HttpFailure::new(ErrorStatus::Other(502), "<html>"));
         let told = a.iter().any(|x| {
             matches!(x, Action::Reply { ticket: tk, result: Err(e) }
                 if *tk == ticket && e.message.contains("lapses in 1 s"))
         });
         assert!(told, "{a:?}");
         t.advance(Duration::from_secs(1));
-        t.advance(Duration::from_secs(150));
         assert_eq!(t.s.state(), State::Idle);
     }
 
@@ -1992,23 +1985,11 @@ mod tests {
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
         // The server restarted: it does not know us.
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::NotFound,
-                "unknown id",
-            ))),
-        });
+        let a = t.refused(op, HttpFailure::new(ErrorStatus::NotFound, "unknown id"));
         let (op, req) = T::server_op(&a);
         assert!(matches!(req, Request::Register { .. }), "{req:?}");
         // And its proxy cannot reach it for a moment.
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::Other(502),
-                "<html>",
-            ))),
-        });
+        let a = t.refused(op, HttpFailure::new(ErrorStatus::Other(502), "<html>"));
         let failed = a.iter().any(|x| {
             matches!(x, Action::Reply { ticket: tk, result: Err(e) }
                 if *tk == ticket && e.message.contains("retries in 5 s"))
@@ -2029,10 +2010,7 @@ mod tests {
             retry_after: Some(60),
             ..HttpFailure::new(ErrorStatus::Unavailable, "server full")
         };
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(full)),
-        });
+        t.refused(op, full);
         t.advance(Duration::from_secs(59));
         assert!(t.drain().is_empty());
         t.advance(Duration::from_secs(1));
@@ -2041,15 +2019,7 @@ mod tests {
             matches!(req, Request::Register { token: None, .. }),
             "{req:?}"
         );
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        t.regack(op);
         assert_eq!(t.s.state(), State::Registered);
     }
 
