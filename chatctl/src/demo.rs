@@ -265,9 +265,17 @@ fn step(socket: &Path, who: &str, request: Request) -> Result<(), Error> {
         other => format!("{other:?}"),
     };
     let mut conn = Conn::open(socket)?;
+    // `chatctl quit` says what it left, from the status before.
+    let before = match request {
+        Request::Quit => Some(conn.status()?),
+        _ => None,
+    };
     let reply = conn.call(request, |_| {})?;
     // Exactly what `chatctl` would print.
-    let answer = crate::output::reply_text(&reply);
+    let answer = match &before {
+        Some(status) => crate::output::quit_text(status),
+        None => crate::output::reply_text(&reply),
+    };
     println!("  {who:>5}$ chatctl {shown}");
     println!("         {answer}");
     Ok(())

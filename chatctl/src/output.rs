@@ -39,11 +39,7 @@ impl Printer {
     /// The answer to `quit`, saying what was left: the daemon's `before`
     /// state, read just before.
     pub fn quit(&self, reply: &Reply, before: &Status) {
-        let human = match (before.state, before.peer) {
-            (State::Chatting, Some(peer)) => format!("left the chat with {peer} and the server"),
-            (State::Idle, _) => "nothing to quit: not chatting and not registered".to_owned(),
-            _ => "left the server: no longer registered".to_owned(),
-        };
+        let human = quit_text(before);
         let mut machine = reply_json(reply);
         machine["was"] = json!(before.state.as_str());
         self.emit(human, machine);
@@ -111,6 +107,15 @@ pub fn reply_text(reply: &Reply) -> String {
         Reply::Quit => "quit: no longer chatting or registered".into(),
         Reply::Reached { state } => state.to_string(),
         Reply::Done => String::new(),
+    }
+}
+
+/// What `chatctl quit` says it left, from the daemon's status before.
+pub fn quit_text(before: &Status) -> String {
+    match (before.state, before.peer) {
+        (State::Chatting, Some(peer)) => format!("left the chat with {peer} and the server"),
+        (State::Idle, _) => "nothing to quit: not chatting and not registered".to_owned(),
+        _ => "left the server: no longer registered".to_owned(),
     }
 }
 

@@ -840,7 +840,7 @@ fn the_demo_runs_and_cleans_up() {
         "peer alice at 127.0.0.1:",
         "bob: Hi Alice! This went straight from my daemon to yours.",
         "alice: Bye for now!",
-        "quit: no longer chatting or registered",
+        "bob$ chatctl quit\n         left the chat with alice and the server",
     ] {
         assert!(
             printed.contains(expected),
