@@ -19,6 +19,9 @@ use chat_proto::{ClientId, Token};
 
 /// Identifies a user command awaiting its reply (the driver's handle).
 pub type Ticket = u64;
+/// The ticket of a command the daemon gives itself: no client waits for
+/// its reply, which the driver logs. Drivers number clients' tickets from 1.
+pub const OWN: Ticket = 0;
 /// Identifies one peer connection.
 pub type LinkId = u64;
 /// Identifies one request to the server.
@@ -1109,7 +1112,16 @@ impl Session {
                 }),
             ) => {
                 if matches!(self.phase, Phase::Waiting) {
+                    // A restarted server had lost the pool, and the peer it
+                    // hands out now bridged meanwhile: it waits to be
+                    // called, as we do. Whoever is handed a peer calls it,
+                    // so this daemon calls, as its user would have been
+                    // called: otherwise both wait for ever.
                     self.set_phase(Phase::Ready { peer: p, addr });
+                    self.notice(&format!(
+                        "the server handed out {p} on rejoining the pool (it had restarted): calling it"
+                    ));
+                    self.command(OWN, Command::Chat, now);
                 }
             }
             (Purpose::Rejoin, _) => {}
@@ -1200,21 +1212,29 @@ impl Session {
         self.config.retry_after.max(theirs)
     }
 
-    /// Schedules the next refresh `wait` from `now`, but no later than the
-    /// registration lapses, so that the lapse is told when it happens.
-    /// Returns what happens next, in words.
+    /// Schedules the next refresh `wait` from `now`. A wait that would
+    /// reach the lapse is cut short to one last try a second before it;
+    /// with no time left for that, the lapse itself is scheduled, so that
+    /// it is told when it happens. Returns what happens next, in words.
     fn retry_refresh(&mut self, now: Instant, wait: Duration) -> String {
         let Some(r) = &mut self.reg else {
             return "run `chatctl register` once the server is back".into();
         };
         let secs = |d: Duration| d.as_millis().div_ceil(1000);
+        let last_try = r.lapses_at.checked_sub(LAST_TRY_BEFORE_LAPSE);
         if now + wait < r.lapses_at {
             r.refresh_at = now + wait;
             format!("chatd retries in {} s", secs(wait))
+        } else if let Some(last) = last_try.filter(|&t| t > now) {
+            r.refresh_at = last;
+            format!(
+                "chatd tries once more in {} s, the last time before the registration lapses",
+                secs(last - now)
+            )
         } else {
             r.refresh_at = r.lapses_at;
             format!(
-                "the registration lapses in {} s, before a retry is due; run `chatctl register` then",
+                "the registration lapses in {} s; run `chatctl register` once the server is back",
                 secs(r.lapses_at.saturating_duration_since(now))
             )
         }
@@ -1367,6 +1387,10 @@ fn transient(f: &chat_proto::rendezvous::Failure) -> bool {
 /// Longest a server's `Retry-After` delays a retry: past it, the
 /// registration would lapse before the retry anyway.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// How long before a registration lapses a refresh that keeps failing is
+/// tried one last time.
+const LAST_TRY_BEFORE_LAPSE: Duration = Duration::from_secs(1);
 
 pub(crate) fn server_refused(f: &chat_proto::rendezvous::Failure) -> String {
     // The server's own reason for this one ("send its Client-Token")
@@ -1959,11 +1983,17 @@ mod tests {
             ..HttpFailure::new(ErrorStatus::Unavailable, "busy")
         };
         t.refused(op, busy);
-        // Capped at the lapse, 150 s on, where the lapse is told.
-        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
-        // A command that finds the server forgot us, 1 s before the lapse,
-        // is told the lapse, not a retry that will not come.
+        // Cut short to one last try, a second before the lapse at 300 s.
+        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(149)));
         t.advance(Duration::from_secs(149));
+        let (op, _) = T::server_op(&t.drain());
+        t.input(Input::ServerReply {
+            op,
+            result: Err("timed out".into()),
+        });
+        // No time for another: the lapse comes next, and a command that
+        // finds the server forgot us is told so, not promised a retry.
+        assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(1)));
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
         let a = t.refused(op, HttpFailure::new(ErrorStatus::NotFound, "who?"));
@@ -2064,8 +2094,30 @@ mod tests {
                 expires: 300,
             }),
         });
-        let (_, req) = T::server_op(&a);
+        let (op, req) = T::server_op(&a);
         assert!(matches!(req, Request::Bridge { peer: None, .. }));
+        // bob bridged while the server had forgotten us, and waits: the
+        // server hands him out, and this daemon calls him.
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        let Some(Action::Connect { link, addr: to, .. }) = a
+            .iter()
+            .find(|x| matches!(x, Action::Connect { .. }))
+            .cloned()
+        else {
+            panic!("no call: {a:?}")
+        };
+        assert_eq!(to, addr(5000));
+        let a = t.input(Input::LinkUp {
+            link,
+            peer: id("bob"),
+        });
+        assert_eq!(t.s.state(), State::Chatting);
+        assert_eq!(reply_of(&a, OWN), Ok(Reply::Chatting { peer: id("bob") }));
     }
 
     #[test]
