@@ -330,6 +330,30 @@ fn a_restarted_server_gets_the_daemons_back() {
 }
 
 #[test]
+fn a_daemon_waiting_across_a_server_restart_calls_the_peer_it_is_handed() {
+    // A lifetime of 20 s: alice's refresh, 10 s on, comes long after bob
+    // has bridged at the restarted server, even on a slow machine.
+    let mut server = Server::start(&["--expires", "20"]);
+    let port = server.addr.port();
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    alice.ok(&["register"]);
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    server.stop();
+    let _server = Server::start_on(port, &["--expires", "20"]);
+    // The new server has forgotten alice, so bob waits too.
+    bob.ok(&["register"]);
+    let out = bob.ok(&["bridge"]);
+    assert!(out.contains("waiting"), "{out}");
+    // At her refresh alice registers and rejoins, is handed bob, and
+    // calls him: neither user runs `chatctl chat`.
+    alice.wait_for("chatting");
+    bob.wait_for("chatting");
+    let tail = alice.ok(&["tail", "-n", "5"]);
+    assert!(tail.contains("calling it"), "{tail}");
+}
+
+#[test]
 fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     let server = Server::start(&[]);
     let mut alice = Daemon::start("alice", server.addr, &[]);
