@@ -114,10 +114,16 @@ impl Options {
                     .id
                     .or(file.id)
                     .map_or("ID".to_owned(), |i| i.to_string());
-                let file = config_dir().map_or(format!("chatd/{name}.toml"), |d| {
-                    d.join(format!("{name}.toml")).display().to_string()
-                });
-                format!("pass --{key} {example}, or set it in a configuration file ({file})")
+                let (file, shared) = config_dir().map_or(
+                    (format!("chatd/{name}.toml"), "chatd/config.toml".to_owned()),
+                    |d| {
+                        let at = |f: &str| d.join(f).display().to_string();
+                        (at(&format!("{name}.toml")), at("config.toml"))
+                    },
+                );
+                format!(
+                    "pass --{key} {example}, or set it in a configuration file ({file}, or {shared} for every id)"
+                )
             }
         };
         let id = self
