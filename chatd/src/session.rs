@@ -1112,14 +1112,15 @@ impl Session {
                 }),
             ) => {
                 if matches!(self.phase, Phase::Waiting) {
-                    // A restarted server had lost the pool, and the peer it
-                    // hands out now bridged meanwhile: it waits to be
+                    // The server had forgotten us (a restart, or a lapse
+                    // while this machine slept), and the peer it hands out
+                    // now bridged meanwhile: it waits to be
                     // called, as we do. Whoever is handed a peer calls it,
                     // so this daemon calls, as its user would have been
                     // called: otherwise both wait for ever.
                     self.set_phase(Phase::Ready { peer: p, addr });
                     self.notice(&format!(
-                        "the server handed out {p} on rejoining the pool (it had restarted): calling it"
+                        "the server, which had forgotten this daemon, handed out {p} on rejoining the pool: calling it"
                     ));
                     self.command(OWN, Command::Chat, now);
                 }
@@ -1342,6 +1343,14 @@ impl Session {
     }
 
     fn reply(&mut self, ticket: Ticket, result: Result<Reply, Failure>) {
+        // Nobody waits for the daemon's own call: its failure is told to
+        // whoever follows the daemon, as the call itself was.
+        if let (OWN, Err(f)) = (ticket, &result) {
+            self.notice(&format!(
+                "the call chatd made by itself failed: {}; run `chatctl bridge` to wait again",
+                f.message
+            ));
+        }
         self.out.push_back(Action::Reply { ticket, result });
     }
 
@@ -2118,6 +2127,39 @@ mod tests {
         });
         assert_eq!(t.s.state(), State::Chatting);
         assert_eq!(reply_of(&a, OWN), Ok(Reply::Chatting { peer: id("bob") }));
+    }
+
+    #[test]
+    fn a_failed_call_of_the_daemons_own_is_told() {
+        let mut t = T::new(false);
+        t.bridged(None);
+        t.advance(Duration::from_secs(150));
+        let (op, _) = T::server_op(&t.drain());
+        let a = t.regack(op);
+        let (op, _) = T::server_op(&a);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("bob"), addr(5000))),
+            }),
+        });
+        let Some(Action::Connect { link, .. }) = a
+            .iter()
+            .find(|x| matches!(x, Action::Connect { .. }))
+            .cloned()
+        else {
+            panic!("no call: {a:?}")
+        };
+        let a = t.input(Input::LinkFailed {
+            link,
+            refused: None,
+            reason: "connection refused".into(),
+        });
+        let told = a.iter().any(|x| {
+            matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("connection refused")
+                && text.contains("run `chatctl bridge` to wait again"))
+        });
+        assert!(told, "{a:?}");
     }
 
     #[test]
