@@ -130,9 +130,6 @@ pub fn start_hint(id: &str) -> String {
 /// connection in the kernel and then says nothing, forever.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
 
-/// How a frame that does not decode is reported.
-const UNEXPECTED: &str = "unexpected data from chatd";
-
 /// An open connection.
 ///
 /// Our hello goes out with the first request, in one write, and the
@@ -219,9 +216,12 @@ impl Conn {
         let callers = self.read_timeout.filter(|t| *t <= HELLO_WAIT);
         let wait = callers.unwrap_or(HELLO_WAIT);
         self.recv_timeout(Some(wait))?;
-        let theirs: Hello = match self.read() {
-            Err(Error::TimedOut) if callers.is_some() => return Err(Error::TimedOut),
-            Err(Error::TimedOut) => {
+        let theirs: Hello = match self.read_frame() {
+            Ok(hello) => hello,
+            Err(ReadError::Other(Error::TimedOut)) if callers.is_some() => {
+                return Err(Error::TimedOut);
+            }
+            Err(ReadError::Other(Error::TimedOut)) => {
                 return Err(Error::Unreachable(format!(
                     "chatd at {} does not answer: nothing within {} s of connecting; it may be stopped (kill -CONT its pid) or wedged (restart it)",
                     self.path.display(),
@@ -229,14 +229,13 @@ impl Conn {
                 )));
             }
             // Its first bytes are not a hello: something else listens there.
-            Err(Error::Failed(m)) if m.starts_with(UNEXPECTED) => {
+            Err(ReadError::Undecodable(why)) => {
                 return Err(Error::Failed(format!(
-                    "{} does not speak chatd's control protocol ({}); is it a chatd socket?",
+                    "{} does not speak chatd's control protocol ({why}); is it a chatd socket?",
                     self.path.display(),
-                    m.trim_start_matches(UNEXPECTED).trim_start_matches(": ")
                 )));
             }
-            other => other?,
+            Err(ReadError::Other(e)) => return Err(e),
         }
         .ok_or_else(|| Error::Failed("chatd closed the connection before saying hello".into()))?;
         self.recv_timeout(self.read_timeout)?;
@@ -339,16 +338,31 @@ impl Conn {
     }
 
     fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, Error> {
+        self.read_frame().map_err(|e| match e {
+            ReadError::Undecodable(why) => {
+                Error::Failed(format!("unexpected data from chatd: {why}"))
+            }
+            ReadError::Other(e) => e,
+        })
+    }
+
+    /// The next frame, or `None` at the end of the stream; a frame that
+    /// does not decode is told apart, as the hello needs.
+    fn read_frame<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ReadError> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match self.decoder.decode::<T>() {
                 Ok(Some(v)) => return Ok(Some(v)),
                 Ok(None) => {}
-                Err(e) => return Err(Error::Failed(format!("{UNEXPECTED}: {e}"))),
+                Err(e) => return Err(ReadError::Undecodable(e.to_string())),
             }
             match (&*self.stream).read(&mut chunk) {
                 Ok(0) => {
-                    return self.decoder.finish().map(|()| None).map_err(lost);
+                    return self
+                        .decoder
+                        .finish()
+                        .map(|()| None)
+                        .map_err(|e| ReadError::Other(lost(e)));
                 }
                 Ok(n) => self.decoder.extend(&chunk[..n]),
                 Err(e)
@@ -357,12 +371,18 @@ impl Conn {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(Error::TimedOut);
+                    return Err(ReadError::Other(Error::TimedOut));
                 }
-                Err(e) => return Err(lost(e)),
+                Err(e) => return Err(ReadError::Other(lost(e))),
             }
         }
     }
+}
+
+/// Why a frame could not be read: it did not decode, or anything else.
+enum ReadError {
+    Undecodable(String),
+    Other(Error),
 }
 
 /// Appends `value` to `out` as one frame.

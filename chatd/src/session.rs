@@ -948,13 +948,7 @@ impl Session {
                 self.registered(addr, token, expires, now);
             }
             (Purpose::AutoRegister, Ok(Response::Error(f))) if transient(&f) => {
-                let wait = self.retry_wait(&f);
-                self.retry_register_at = Some(now + wait);
-                tracing::warn!(
-                    "cannot register at start-up: {}; retrying in {} s",
-                    server_refused(&f),
-                    wait.as_secs()
-                );
+                self.register_later(now, self.retry_wait(&f), &server_refused(&f));
             }
             (Purpose::AutoRegister, Ok(Response::Error(f))) => {
                 self.notice(&format!(
@@ -963,12 +957,7 @@ impl Session {
                 ));
             }
             (Purpose::AutoRegister, Err(why)) => {
-                self.retry_register_at = Some(now + self.config.retry_after);
-                tracing::warn!(
-                    "cannot register at start-up: {}; retrying in {} s",
-                    unreachable(&why),
-                    self.config.retry_after.as_secs()
-                );
+                self.register_later(now, self.config.retry_after, &unreachable(&why));
             }
             (
                 Purpose::Register(ticket),
@@ -1021,11 +1010,7 @@ impl Session {
                 // Busy, or a proxy that cannot reach the server (a restart
                 // behind nginx is a 502): as good as unreachable, so the
                 // registration stands until its lifetime runs out.
-                let next = self.retry_refresh(now, self.retry_wait(&f));
-                tracing::warn!(
-                    "cannot refresh the registration: {}; {next}",
-                    server_refused(&f)
-                );
+                self.refresh_later(now, self.retry_wait(&f), &server_refused(&f));
             }
             (Purpose::Refresh, Ok(Response::Error(f))) => {
                 self.reg = None;
@@ -1055,8 +1040,7 @@ impl Session {
                 self.fail_purpose(*then, FailureKind::Server, message);
             }
             (Purpose::Refresh, Err(why)) => {
-                let next = self.retry_refresh(now, self.config.retry_after);
-                tracing::warn!("{}; {next}", unreachable(&why));
+                self.refresh_later(now, self.config.retry_after, &unreachable(&why));
             }
             (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
                 if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
@@ -1211,6 +1195,20 @@ impl Session {
     fn retry_wait(&self, f: &chat_proto::rendezvous::Failure) -> Duration {
         let theirs = Duration::from_secs(f.retry_after.map_or(0, u64::from)).min(MAX_RETRY_AFTER);
         self.config.retry_after.max(theirs)
+    }
+
+    /// Tries `chatd --register`'s registration again after `wait`, having
+    /// failed for `why`.
+    fn register_later(&mut self, now: Instant, wait: Duration, why: &str) {
+        self.retry_register_at = Some(now + wait);
+        let secs = wait.as_secs();
+        tracing::warn!("cannot register at start-up: {why}; retrying in {secs} s");
+    }
+
+    /// A refresh that did not go through (`why`): tried again after `wait`.
+    fn refresh_later(&mut self, now: Instant, wait: Duration, why: &str) {
+        let next = self.retry_refresh(now, wait);
+        tracing::warn!("cannot refresh the registration: {why}; {next}");
     }
 
     /// Schedules the next refresh `wait` from `now`. A wait that would

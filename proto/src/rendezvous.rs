@@ -688,19 +688,26 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
 /// when the request is refused: over UDP a refusal must carry it too, or a
 /// retransmitting client cannot tell which request was refused.
 pub fn request_id_of(buf: &[u8]) -> Option<String> {
+    let [only] = header_values(buf, "Request-Id")?[..] else {
+        return None;
+    };
+    text(only).filter(|s| is_request_id(s)).map(str::to_owned)
+}
+
+/// The values of every `name` header line of the whole head in `buf`, in
+/// order; `None` if `buf` does not hold a whole head. For the rare reads
+/// of what [`parse_request`] does not keep: it parses the head again.
+fn header_values<'b>(buf: &'b [u8], name: &str) -> Option<Vec<&'b [u8]>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
         return None;
     }
-    let mut ids = req
+    let values = req
         .headers
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("Request-Id"));
-    let only = ids.next().filter(|_| ids.next().is_none())?;
-    text(only.value)
-        .filter(|s| is_request_id(s))
-        .map(str::to_owned)
+        .filter(|h| h.name.eq_ignore_ascii_case(name));
+    Some(values.map(|h| h.value).collect())
 }
 
 /// The client behind a chain of trusted reverse proxies: the address
@@ -719,21 +726,14 @@ pub fn forwarded_client(
     buf: &[u8],
     trusted: impl Fn(IpAddr) -> bool,
 ) -> Result<Option<IpAddr>, Failure> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
+    let Some(lines) = header_values(buf, "X-Forwarded-For") else {
         return Ok(None);
-    }
-    let lines = req
-        .headers
-        .iter()
-        .rev()
-        .filter(|h| h.name.eq_ignore_ascii_case("X-Forwarded-For"));
+    };
     let mut client = None;
-    for line in lines {
+    for line in lines.into_iter().rev() {
         // Entry by entry from the right, bytes until then: what lies left
         // of the client is the client's to write, text or not.
-        let entries = line.value.rsplit(|&b| b == b',').map(<[u8]>::trim_ascii);
+        let entries = line.rsplit(|&b| b == b',').map(<[u8]>::trim_ascii);
         for entry in entries.filter(|e| !e.is_empty()) {
             let ip = forwarded_ip(entry).ok_or_else(|| bad_forwarded(entry))?;
             client = Some(ip);

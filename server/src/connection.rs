@@ -85,17 +85,17 @@ pub async fn serve(
                 break;
             }
             let at = state.at(now.into_std());
-            let response = match state.client_of(peer.ip(), &head, &buf[..head.head_len]) {
-                Ok(source) => match state.admit(source, at) {
-                    Ok(()) => state.answer(&head, source, at),
-                    Err(refusal) => Response::Error(state.refused(refusal)),
-                },
-                // A proxy's bad header is charged to the proxy, as any
-                // other bad request is to its sender.
-                Err(failure) => match state.admit(peer.ip(), at) {
-                    Ok(()) => Response::Error(failure),
-                    Err(refusal) => Response::Error(state.refused(refusal)),
-                },
+            // A proxy's bad header is charged to the proxy, as any other
+            // bad request is to its sender.
+            let (source, bad_header) =
+                match state.client_of(peer.ip(), &head, &buf[..head.head_len]) {
+                    Ok(source) => (source, None),
+                    Err(failure) => (peer.ip(), Some(failure)),
+                };
+            let response = match (state.admit(source, at), bad_header) {
+                (Err(refusal), _) => Response::Error(state.refused(refusal)),
+                (Ok(()), Some(failure)) => Response::Error(failure),
+                (Ok(()), None) => state.answer(&head, source, at),
             };
             let close = head.close || stopping;
             response.encode(

@@ -8,10 +8,10 @@
 //! in another array. Here a slot holds the hash itself, eight slots fill a
 //! cache line, and a hash's probe starts at the beginning of the line the
 //! hash picks. So the search that finds a fresh id absent, and the insert
-//! after it, touch one line, and the registry can ask for that line
-//! ([`Index::prefetch`]) before it needs it. Measured in-process with
-//! `cargo run --release -p chat-server --example registry` (see
-//! docs/BENCHMARKS.md).
+//! after it, touch one line, and a REGISTER can ask for that line
+//! ([`Whereabouts::prefetch`]) before it takes the registry's lock.
+//! Measured in-process with `cargo run --release -p chat-server --example
+//! registry` (see docs/BENCHMARKS.md).
 //!
 //! The index only answers "which positions may hold this hash"; the
 //! registry checks the record's id. Slots are never removed one at a time:
@@ -81,7 +81,8 @@ impl Whereabouts {
         }
     }
 
-    /// [`Index::prefetch`] from wherever the table was last published.
+    /// Asks the CPU to start loading `hash`'s first line, in the table as
+    /// last published, so that a search soon after does not wait for memory.
     pub fn prefetch(&self, hash: u32) {
         if let Some(line) = self.line(hash) {
             prefetch(line);
@@ -154,12 +155,6 @@ impl Index {
 
     fn slot_mut(&mut self, i: usize) -> &mut Slot {
         &mut self.lines[i / LINE].0[i % LINE]
-    }
-
-    /// Asks the CPU to start loading `hash`'s first line, so that a search
-    /// soon after does not wait for memory.
-    pub fn prefetch(&self, hash: u32) {
-        prefetch(&self.lines[self.home(hash) / LINE]);
     }
 
     /// Where the line table is now, for [`Whereabouts::publish`]: its

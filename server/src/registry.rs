@@ -14,14 +14,14 @@
 //! record is appended next to the last one, and expiry pops records from
 //! the front, both in sequence. A small index ([`crate::index`]) maps an
 //! id's hash to its record's position, 8 bytes a slot, so a fresh REGISTER
-//! touches one cache line of it at random, asked for before popping. Expiry
-//! does not touch the index at all: it leaves the slot pointing before the
-//! front, and such stale slots are purged in one sequential pass when the
-//! index would otherwise grow. Expiry itself pops a few records per
-//! request, never walking the whole registry under the lock; the purge is
-//! the one pass that walks the index (about 20 ms at 1.4 million entries,
-//! once every few seconds of such churn: `cargo run --release -p
-//! chat-server --example registry`).
+//! touches one cache line of it at random, asked for before the registry's
+//! lock is taken ([`Lookahead`]). Expiry does not touch the index at all:
+//! it leaves the slot pointing before the front, and such stale slots are
+//! purged in one sequential pass when the index would otherwise grow.
+//! Expiry itself pops a few records per request, never walking the whole
+//! registry under the lock; the purge is the one pass that walks the index
+//! (about 20 ms at 1.4 million entries, once every few seconds of such
+//! churn: `cargo run --release -p chat-server --example registry`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -248,18 +248,14 @@ impl Registry {
                 ));
             }
             Request::Register { id, port, token } => {
+                // The server hashes ahead (and asks for the index line);
+                // a caller that did not is only slower.
                 let hash = match hashed {
                     Some(Hashed(hash)) => {
                         debug_assert_eq!(hash, self.hash(&id), "hashed by another registry");
                         hash
                     }
-                    None => {
-                        // Asked for before the pops, so that its cache
-                        // miss overlaps theirs.
-                        let hash = self.hash(&id);
-                        self.index.prefetch(hash);
-                        hash
-                    }
+                    None => self.hash(&id),
                 };
                 self.pop_due(now, POP_PER_REQUEST);
                 self.register(id, hash, port, token, source, now, fresh_token)
