@@ -39,12 +39,57 @@ pub struct Slot {
 #[repr(C, align(64))]
 struct Line([Slot; LINE]);
 
-/// A table of empty lines. Zeroed memory straight from the allocator (an
-/// empty slot is all zeros), so that only the pages the index touches
-/// become resident: `vec![line; n]` would write every one of them.
+/// A table of `n` empty lines (an empty slot is all zeros).
+///
+/// A large table is backed by 2 MiB pages where the system allows it,
+/// asked for before its first write, when the kernel picks the pages. A
+/// fresh REGISTER reads one line of the index at random, and at a million
+/// registrations (a 16 MiB table) that read also missed the TLB with
+/// 4 KiB pages: the CPU walked the page tables before the line could even
+/// be asked for. Measured machine-wide at keep-alive 64 (`perf record
+/// -a`, the samples at the index's prefetch per request served): about
+/// 200 ns per REGISTER with 4 KiB pages, 130 with 2 MiB ones.
 fn empty_lines(n: usize) -> Vec<Line> {
-    bytemuck::zeroed_vec(n)
+    let mut lines = Vec::with_capacity(n);
+    advise_huge_pages(lines.spare_capacity_mut());
+    lines.resize(n, bytemuck::Zeroable::zeroed());
+    lines
 }
+
+/// The smallest table worth asking 2 MiB pages for: below it, no whole
+/// huge page fits inside the table for certain.
+const HUGE_PAGES_FROM: usize = 4 << 20;
+
+/// Asks the kernel to back `memory` (not yet written) with transparent
+/// huge pages. Only a hint: where they are off or unavailable the memory
+/// stays on 4 KiB pages and nothing else changes.
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(memory: &mut [std::mem::MaybeUninit<T>]) {
+    const PAGE: usize = 4096;
+    let bytes = std::mem::size_of_val(memory);
+    if bytes < HUGE_PAGES_FROM {
+        return;
+    }
+    // Rounded inward to whole pages, so the advice covers nothing but
+    // this table; the kernel then uses a huge page for each aligned 2 MiB
+    // inside it.
+    let start = memory.as_mut_ptr().cast::<u8>();
+    let skip = start.addr().next_multiple_of(PAGE) - start.addr();
+    let len = (bytes - skip) / PAGE * PAGE;
+    // SAFETY: `[start + skip, start + skip + len)` lies within `memory`,
+    // which this function borrows exclusively, and is page-aligned as
+    // madvise requires. MADV_HUGEPAGE changes neither the mapping nor its
+    // contents, only which physical pages will back it, so no reference
+    // anywhere can observe it. Its result is ignored on purpose: a kernel
+    // without transparent huge pages refuses it, and 4 KiB pages are
+    // what we had.
+    unsafe {
+        libc::madvise(start.add(skip).cast(), len, libc::MADV_HUGEPAGE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_memory: &mut [std::mem::MaybeUninit<T>]) {}
 
 /// Asks the CPU to start loading the line at `line`. A prefetch is only
 /// a hint: it reads nothing the program sees and never faults, even at an
@@ -314,6 +359,41 @@ mod tests {
         let ix = Index::with_capacity(1000);
         assert!(ix.slots().next().is_none());
         assert_eq!(ix.find(0, |_| true), None);
+    }
+
+    /// The VmFlags of the mapping that holds `addr`, from /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, b)) = range.split_once('-')
+                && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            {
+                inside = (a..b).contains(&addr);
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.trim().to_owned());
+            }
+        }
+        None
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_large_table_asks_for_huge_pages() {
+        // `hg` is MADV_HUGEPAGE in proc(5). A kernel without transparent
+        // huge pages refuses the advice; there is nothing to check then.
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return;
+        }
+        let large = Index::with_capacity(2 << 20);
+        let bytes = large.lines.len() * std::mem::size_of::<Line>();
+        assert!(bytes >= 2 * HUGE_PAGES_FROM, "{bytes} bytes");
+        let middle = large.lines.as_ptr().addr() + bytes / 2;
+        let flags = vm_flags(middle).expect("the table is mapped");
+        assert!(flags.split(' ').any(|f| f == "hg"), "VmFlags: {flags}");
+        assert!(large.slots().next().is_none(), "and it is empty");
     }
 
     #[test]
