@@ -184,9 +184,14 @@ fn bridge_to_a_named_peer() {
     assert_eq!(v["peer"], "alice");
     bob.ok(&["chat"]);
     alice.wait_for("chatting");
-    // Chatting takes alice out of the pool: carol cannot be handed her.
+    // Chatting takes alice out of the pool: carol cannot be handed her,
+    // and is told why.
     let out = carol.ctl(&["bridge", "alice"]);
-    fails_with(&out, 1, "alice is not waiting");
+    fails_with(
+        &out,
+        1,
+        "alice is in a chat with someone else: ask alice to run `chatctl bridge`",
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chat_proto::ipc::{Failure, FailureKind, RecordKind, Reply, State, Status, Turn};
 use chat_proto::peer::{Hello, MAX_TEXT, PeerFrame};
-use chat_proto::rendezvous::{ErrorStatus, Request, Response};
+use chat_proto::rendezvous::{ErrorStatus, IN_A_CHAT, Request, Response};
 use chat_proto::{ClientId, Token};
 
 /// Identifies a user command awaiting its reply (the driver's handle).
@@ -1373,13 +1373,22 @@ fn forgot_us(f: &chat_proto::rendezvous::Failure) -> bool {
 
 /// A refused BRIDGE: for a named peer that is not waiting, the server's
 /// reason speaks HTTP ("ask it to BRIDGE"); a chatctl user runs commands.
+/// The server's first words say whether the peer is in a chat or idle.
 fn bridge_refused(f: &chat_proto::rendezvous::Failure, peer: Option<ClientId>) -> String {
     match peer {
-        Some(p) if f.status == ErrorStatus::Conflict => format!(
-            "{p} is not waiting for a peer: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
-            f.status.code(),
-            f.status.phrase()
-        ),
+        Some(p) if f.status == ErrorStatus::Conflict => {
+            let busy = f.reason.strip_prefix(p.as_str()).map(str::trim_start);
+            let why = if busy.is_some_and(|r| r.starts_with(IN_A_CHAT)) {
+                "is in a chat with someone else"
+            } else {
+                "is not waiting for a peer"
+            };
+            format!(
+                "{p} {why}: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
+                f.status.code(),
+                f.status.phrase()
+            )
+        }
         _ => server_refused(f),
     }
 }

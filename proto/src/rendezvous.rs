@@ -29,6 +29,10 @@ pub const MAX_REQUEST_ID: usize = 64;
 pub const DEFAULT_PORT: u16 = 5555;
 /// The largest UDP datagram either side sends or reads.
 pub const MAX_DATAGRAM: usize = MAX_HEAD + MAX_BODY;
+/// How a 409's reason goes on after the peer's id when the peer named in
+/// a BRIDGE is in a chat rather than idle: the server writes it, chatd
+/// reads it to tell its user which.
+pub const IN_A_CHAT: &str = "is in a chat";
 
 /// One of the five requests the server understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -29,7 +29,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_proto::rendezvous::{ErrorStatus, Failure, Request, Response};
+use chat_proto::rendezvous::{ErrorStatus, Failure, IN_A_CHAT, Request, Response};
 use chat_proto::{ClientId, Token};
 
 use crate::index::{Index, Slot, Whereabouts};
@@ -407,11 +407,14 @@ impl Registry {
             Some(p) => {
                 let e = self.live(&p, now).ok_or_else(|| unknown(&p))?;
                 if !in_queue(e.seq) {
+                    let why = if e.seq == BUSY {
+                        format!("{IN_A_CHAT}, not waiting for a peer")
+                    } else {
+                        "is not waiting for a peer".to_owned()
+                    };
                     return Err(Failure::new(
                         ErrorStatus::Conflict,
-                        format!(
-                            "{p} is not waiting for a peer: ask it to BRIDGE, or BRIDGE without Peer-Id"
-                        ),
+                        format!("{p} {why}: ask it to BRIDGE, or BRIDGE without Peer-Id"),
                     ));
                 }
                 Some((p, e.addr()))
@@ -1058,7 +1061,12 @@ mod tests {
         let a = h.register("a", 1, secs(0.0));
         let b = h.register("b", 2, secs(0.0));
         assert_eq!(status(&h.bridge("a", a, Some("nobody"), secs(1.0))), 404);
-        assert_eq!(status(&h.bridge("a", a, Some("b"), secs(1.0))), 409);
+        let idle = h.bridge("a", a, Some("b"), secs(1.0));
+        assert_eq!(status(&idle), 409);
+        let Response::Error(f) = idle else {
+            unreachable!()
+        };
+        assert!(f.reason.starts_with("b is not waiting"), "{}", f.reason);
         assert_eq!(status(&h.bridge("a", a, Some("a"), secs(1.0))), 400);
         assert_eq!(peer_of(&h.bridge("b", b, None, secs(1.0))), None);
         assert_eq!(
@@ -1106,7 +1114,12 @@ mod tests {
         );
         // Nobody is handed out now: c waits.
         assert_eq!(peer_of(&h.bridge("c", c, None, secs(2.0))), None);
-        assert_eq!(status(&h.bridge("c", c, Some("a"), secs(2.0))), 409);
+        let busy = h.bridge("c", c, Some("a"), secs(2.0));
+        assert_eq!(status(&busy), 409);
+        let Response::Error(f) = busy else {
+            unreachable!()
+        };
+        assert!(f.reason.starts_with("a is in a chat"), "{}", f.reason);
         // A busy client that bridges again rejoins.
         assert_eq!(
             peer_of(&h.bridge("a", a, None, secs(3.0))).as_deref(),
