@@ -222,8 +222,15 @@ impl Conn {
                 return Err(Error::TimedOut);
             }
             Err(ReadError::Other(Error::TimedOut)) => {
+                // A socket systemd holds accepts even while the daemon
+                // behind it fails to start.
+                let unit = self
+                    .path
+                    .file_stem()
+                    .map(|id| format!(", or, started by systemd from its socket, failing to start (systemctl --user status chatd@{})", id.to_string_lossy()))
+                    .unwrap_or_default();
                 return Err(Error::Unreachable(format!(
-                    "chatd at {} does not answer: nothing within {} s of connecting; it may be stopped (kill -CONT its pid) or wedged (restart it)",
+                    "chatd at {} does not answer: nothing within {} s of connecting; it may be stopped (kill -CONT its pid), wedged (restart it){unit}",
                     self.path.display(),
                     HELLO_WAIT.as_secs()
                 )));

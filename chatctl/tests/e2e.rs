@@ -528,6 +528,9 @@ fn a_daemon_that_says_nothing_is_given_up_on() {
     let started = Instant::now();
     let out = run_chatctl(&["--socket", sock.to_str().unwrap(), "status"], &[]);
     fails_with(&out, 3, "does not answer");
+    // Socket activation keeps a socket that accepts while its daemon
+    // fails to start: where to look is named.
+    fails_with(&out, 3, "systemctl --user status chatd@mute");
     assert!(started.elapsed() < WAIT);
     // A shorter deadline of the caller's own is the one that applies.
     let out = run_chatctl(
