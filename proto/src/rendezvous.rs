@@ -368,6 +368,8 @@ pub enum Response {
 pub struct ResponseFraming<'a> {
     /// Tell the client the connection closes after this response.
     pub close: bool,
+    /// Tell an HTTP/1.0 client the connection stays open (1.1 assumes it).
+    pub keep_alive: bool,
     /// Echo of the request's `Request-Id`.
     pub request_id: Option<&'a str>,
     /// One UDP datagram: no `Content-Length` (the datagram ends the body).
@@ -436,8 +438,12 @@ impl Response {
         if let Some(rid) = framing.request_id {
             w.header("Request-Id", rid);
         }
-        if framing.close && !framing.datagram {
-            w.header("Connection", "close");
+        if !framing.datagram {
+            if framing.close {
+                w.header("Connection", "close");
+            } else if framing.keep_alive {
+                w.header("Connection", "keep-alive");
+            }
         }
         match body {
             Some(text) => {
@@ -599,6 +605,9 @@ pub struct RequestHead {
     pub content_length: usize,
     /// The client wants the connection closed after the response.
     pub close: bool,
+    /// An HTTP/1.0 client asked to keep the connection: its response must
+    /// say `Connection: keep-alive`, or the client takes it as closing.
+    pub keep_alive_10: bool,
     /// The method, when it was one of ours.
     pub method: Option<Method>,
     /// The UDP `Request-Id`, when present and valid.
@@ -647,12 +656,12 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     let fields = Fields::collect(req.headers)?;
     let content_length = fields.content_length()?;
     let http10 = req.version == Some(0);
-    let close = if http10 {
-        !fields.keep_alive
-    } else {
-        fields.close
-    };
+    // `close` wins over `keep-alive` whichever version asks.
+    let close = fields.close || (http10 && !fields.keep_alive);
+    let keep_alive_10 = http10 && !close;
     let request_id = match fields.request_id {
+        // Which of two ids to echo is anyone's guess: neither.
+        Some(_) if fields.request_id_twice => None,
         Some(v) => match text(v) {
             Some(s) if is_request_id(s) => Some(s.to_owned()),
             _ => {
@@ -660,6 +669,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
                     head_len,
                     content_length,
                     close,
+                    keep_alive_10,
                     method: None,
                     request_id: None,
                     forwarded: fields.forwarded,
@@ -681,6 +691,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
         head_len,
         content_length,
         close,
+        keep_alive_10,
         method,
         request_id,
         forwarded: fields.forwarded,
@@ -899,6 +910,9 @@ struct Fields<'a> {
     keep_alive: bool,
     /// The first header given twice (other than Content-Length).
     duplicate: Option<String>,
+    request_id_twice: bool,
+    /// Only counted: RFC 9112 refuses a request with two.
+    host: Option<&'a [u8]>,
 }
 
 impl<'a> Fields<'a> {
@@ -906,7 +920,9 @@ impl<'a> Fields<'a> {
         let mut f = Fields::default();
         for h in headers {
             let name = h.name;
-            let slot = if name.eq_ignore_ascii_case("Client-Id") {
+            let slot = if name.eq_ignore_ascii_case("Host") {
+                &mut f.host
+            } else if name.eq_ignore_ascii_case("Client-Id") {
                 &mut f.client_id
             } else if name.eq_ignore_ascii_case("Client-Port") {
                 &mut f.client_port
@@ -939,6 +955,7 @@ impl<'a> Fields<'a> {
                 if name.eq_ignore_ascii_case("Content-Length") {
                     return Err(Failure::bad_request("duplicate Content-Length header"));
                 }
+                f.request_id_twice |= name.eq_ignore_ascii_case("Request-Id");
                 f.duplicate.get_or_insert_with(|| name.to_owned());
             }
         }
@@ -1472,8 +1489,24 @@ mod tests {
 
     #[test]
     fn http10_closes_unless_keep_alive() {
-        assert!(complete(b"PROBE / HTTP/1.0\r\n\r\n").close);
-        assert!(!complete(b"PROBE / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").close);
+        let h = complete(b"PROBE / HTTP/1.0\r\n\r\n");
+        assert!(h.close && !h.keep_alive_10);
+        let h = complete(b"PROBE / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(!h.close && h.keep_alive_10);
+        // Close wins, in a list or over two lines, in either version.
+        for both in [
+            &b"PROBE / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n"[..],
+            b"PROBE / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+            b"PROBE / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n",
+        ] {
+            let h = complete(both);
+            assert!(
+                h.close && !h.keep_alive_10,
+                "{}",
+                String::from_utf8_lossy(both)
+            );
+        }
+        assert!(!complete(b"PROBE / HTTP/1.1\r\n\r\n").keep_alive_10);
         assert!(complete(b"PROBE / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").close);
         assert!(
             complete(b"PROBE / HTTP/1.1\r\nConnection: foo\r\nConnection: Close\r\n\r\n").close
@@ -1551,6 +1584,18 @@ mod tests {
             head.request.unwrap_err().reason,
             "duplicate client-id header"
         );
+        // Two hosts: refused, as RFC 9112 asks.
+        let two_hosts = b"PROBE / HTTP/1.1\r\nHost: a\r\nHOST: b\r\n\r\n";
+        assert_eq!(
+            complete(two_hosts).request.unwrap_err().reason,
+            "duplicate HOST header"
+        );
+        // Two request ids: refused, and neither is echoed.
+        let two_ids = b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nRequest-Id: 6\r\n\r\n";
+        let head = complete(two_ids);
+        assert_eq!(head.request_id, None);
+        assert_eq!(request_id_of(two_ids), None);
+        assert!(head.request.is_err());
     }
 
     #[test]
@@ -1568,7 +1613,7 @@ mod tests {
                 datagram: true,
                 minimal: true,
                 request_id: Some("1"),
-                close: false,
+                ..Default::default()
             },
         );
         assert_eq!(

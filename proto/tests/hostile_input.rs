@@ -172,6 +172,7 @@ fn encode_response(r: &Response, datagram: bool) -> Vec<u8> {
             request_id: datagram.then_some("12"),
             datagram,
             minimal: false,
+            keep_alive: false,
         },
     );
     out

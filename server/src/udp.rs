@@ -151,7 +151,7 @@ fn encode(response: &Response, request_id: Option<&str>, request_len: usize) -> 
             datagram: true,
             minimal,
             request_id,
-            close: false,
+            ..ResponseFraming::default()
         };
         response.encode(&mut out, &framing);
         if out.len() <= request_len * MAX_AMPLIFICATION {

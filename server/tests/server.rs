@@ -406,11 +406,27 @@ fn keep_alive_serves_many_requests_and_pipelines() {
 }
 
 #[test]
-fn http10_clients_get_one_response_and_a_close() {
+fn http10_clients_are_closed_unless_they_ask_to_keep_alive() {
     let s = Server::start(&[]);
     let out = exchange(s.addr, b"PROBE / HTTP/1.0\r\n\r\n");
     assert!(out.starts_with("HTTP/1.1 200 PROBEACK"), "{out:?}");
     assert!(out.contains("Connection: close"));
+    // Asking for both, it is closed: close wins.
+    let out = exchange(
+        s.addr,
+        b"PROBE / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n",
+    );
+    assert!(out.contains("Connection: close"), "{out:?}");
+    // Kept open when asked, and told so: an HTTP/1.0 client that is not
+    // told takes the connection as closing.
+    let mut c = connect(s.addr);
+    for _ in 0..2 {
+        c.write_all(b"PROBE / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap();
+        let r = read_reply(&mut c);
+        assert_eq!(r.phrase, "PROBEACK");
+        assert_eq!(r.header("Connection"), Some("keep-alive"));
+    }
 }
 
 #[test]
