@@ -51,7 +51,7 @@ pub struct Knobs {
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
 
-    /// Requests per second allowed from one source address (for IPv6, one /64); 0 = off [default: 20]
+    /// Requests per second allowed from one source address (for IPv6, one /64), counted apart for TCP and UDP; 0 = off [default: 20]
     #[arg(long, value_name = "N")]
     pub per_ip_rate: Option<u32>,
 

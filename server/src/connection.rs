@@ -19,7 +19,7 @@ use chat_proto::rendezvous::{
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
 
-use crate::state::State;
+use crate::state::{State, Via};
 use crate::stream::Stream;
 
 /// Timeouts for one connection.
@@ -92,7 +92,7 @@ pub async fn serve(
                     Ok(source) => (source, None),
                     Err(failure) => (peer.ip(), Some(failure)),
                 };
-            let response = match (state.admit(source, at), bad_header) {
+            let response = match (state.admit(source, Via::Tcp, at), bad_header) {
                 (Err(refusal), _) => Response::Error(state.refused(refusal)),
                 (Ok(()), Some(failure)) => Response::Error(failure),
                 (Ok(()), None) => state.answer(&head, source, at),

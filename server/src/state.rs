@@ -32,13 +32,27 @@ pub struct State {
     registry: Mutex<Registry>,
     /// A REGISTER's work that needs no lock (see [`Lookahead`]).
     lookahead: Lookahead,
+    /// Buckets for requests over TCP and, apart, over UDP: a datagram's
+    /// source is easily forged, and one bucket for both would let forged
+    /// datagrams spend an address's allowance for TCP (or fill the table
+    /// of sources, which refuses new ones).
     limiter: Option<Mutex<RateLimiter>>,
+    udp_limiter: Option<Mutex<RateLimiter>>,
     /// The limiter's rate, for refusals, which need not take its lock.
     per_ip_rate: u32,
+    /// A registration's lifetime in seconds, as REGACK states it.
+    pub expires: u32,
     pub conns: Mutex<ConnLimits>,
     /// Whose `X-Forwarded-For` to believe, over TCP.
     pub trusted_proxies: TrustedProxies,
     proxy_log: ProxyLog,
+}
+
+/// The transport a request came by: each has its own rate buckets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Tcp,
+    Udp,
 }
 
 /// The limits [`State`] enforces.
@@ -61,7 +75,9 @@ impl State {
             lookahead: registry.lookahead(),
             registry: Mutex::new(registry),
             limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
+            udp_limiter: RateLimiter::new(limits.per_ip_rate, limits.per_ip_burst).map(Mutex::new),
             per_ip_rate: limits.per_ip_rate,
+            expires: u32::try_from(limits.registry.expires.as_secs()).unwrap_or(u32::MAX),
             conns: Mutex::new(ConnLimits::new(limits.max_conns, limits.per_ip_conns)),
             trusted_proxies: limits.trusted_proxies.clone(),
             proxy_log: ProxyLog::default(),
@@ -104,8 +120,12 @@ impl State {
     /// Takes one request from `source`'s allowance at `now`. The refusal
     /// is cheap: UDP drops it as it is, and only TCP, which answers it,
     /// pays for [`State::refused`].
-    pub fn admit(&self, source: IpAddr, now: Duration) -> Result<(), Refusal> {
-        match &self.limiter {
+    pub fn admit(&self, source: IpAddr, via: Via, now: Duration) -> Result<(), Refusal> {
+        let limiter = match via {
+            Via::Tcp => &self.limiter,
+            Via::Udp => &self.udp_limiter,
+        };
+        match limiter {
             Some(limiter) => lock(limiter).check(Source::from(source), now),
             None => Ok(()),
         }
@@ -163,7 +183,7 @@ impl State {
     /// Returns how many registrations were dropped.
     pub fn sweep(&self) -> usize {
         let now = self.now();
-        if let Some(l) = &self.limiter {
+        for l in [&self.limiter, &self.udp_limiter].into_iter().flatten() {
             let shards = lock(l).shards();
             for i in 0..shards {
                 lock(l).sweep_shard(i, now);

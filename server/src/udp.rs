@@ -8,22 +8,30 @@
 //!   full response is too big the minimal one is sent, and when even that
 //!   is, nothing;
 //! - a source over its rate limit is dropped silently: answering a flood
-//!   with 429s would only feed it.
+//!   with 429s would only feed it;
+//! - only what looks like a request is answered: a response, or another
+//!   protocol's datagram, gets nothing. Otherwise a forged source could
+//!   set two servers (or this one and anything that answers garbage)
+//!   answering each other's errors forever;
+//! - a REGISTER whose answer could not be sent within the bound is refused
+//!   before it is executed: executed and unanswered, its retransmission
+//!   would find the id taken under a token the client never saw.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_proto::Token;
 use chat_proto::rendezvous::{
-    Failure, MAX_DATAGRAM, Parsed, RequestHead, Response, ResponseFraming, parse_request,
+    Failure, MAX_DATAGRAM, Parsed, Request, RequestHead, Response, ResponseFraming, parse_request,
     request_id_of,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::replay::ReplayCache;
-use crate::state::State;
+use crate::state::{State, Via};
 
 /// How long responses are kept for retransmissions: longer than the ~8 s a
 /// client retransmits for, with room for a slow path.
@@ -98,11 +106,12 @@ pub fn answer(
     from: SocketAddr,
 ) -> Option<Vec<u8>> {
     let now = state.now();
-    if state.admit(from.ip(), now).is_err() {
+    if state.admit(from.ip(), Via::Udp, now).is_err() {
         return None;
     }
     let head = match parse_datagram(datagram) {
         Ok(head) => head,
+        Err(_) if !request_line_shaped(datagram) => return None,
         Err(failure) => {
             let rid = request_id_of(datagram);
             return encode(&Response::Error(failure), rid.as_deref(), datagram.len());
@@ -115,7 +124,36 @@ pub fn answer(
         // A true retransmission is as long as the request the response was
         // sized for; a short datagram reusing its id gets nothing, or the
         // cache would be an amplifier for anyone who saw the id.
-        return within_bound(kept, datagram.len()).then(|| kept.to_vec());
+        if !within_bound(kept, datagram.len()) {
+            return None;
+        }
+        // A success names what it answered (SIP matches the method too): a
+        // QUIT reusing a REGISTER's id is told, not answered REGACK.
+        if let Some(asked) = head.method
+            && let Some(answered) = success_phrase(kept)
+            && answered != asked.ack().as_bytes()
+        {
+            let f = Failure::bad_request(format!(
+                "Request-Id {rid} already names another request of yours: use a new one for each request"
+            ));
+            return encode(&Response::Error(f), Some(rid), datagram.len());
+        }
+        return Some(kept.to_vec());
+    }
+    if let Ok(Request::Register { id, .. }) = &head.request {
+        // The answer's size is known but for the token's value.
+        let largest = Response::RegAck {
+            id: *id,
+            addr: from,
+            token: Token::from_bytes([0; 16]),
+            expires: state.expires,
+        };
+        if encode(&largest, rid, datagram.len()).is_none() {
+            let f = Failure::bad_request(format!(
+                "request too short for its answer: over UDP an answer is at most {MAX_AMPLIFICATION} times its request; add a Request-Id header"
+            ));
+            return encode(&Response::Error(f), rid, datagram.len());
+        }
     }
     let response = state.answer(&head, from.ip(), now);
     let reply = encode(&response, rid, datagram.len())?;
@@ -133,14 +171,50 @@ fn parse_datagram(datagram: &[u8]) -> Result<RequestHead, Failure> {
         ));
     }
     match parse_request(datagram)? {
-        Parsed::Complete(head) if head.head_len + head.content_length <= datagram.len() => Ok(head),
-        Parsed::Complete(_) => Err(Failure::bad_request(
-            "datagram shorter than its Content-Length",
-        )),
+        Parsed::Complete(head) => {
+            let end = head.head_len + head.content_length;
+            match datagram.get(end..) {
+                None => Err(Failure::bad_request(
+                    "datagram shorter than its Content-Length",
+                )),
+                // A stray line ending is forgiven; a second request is not
+                // dropped unsaid.
+                Some(rest) if rest.iter().all(|b| matches!(b, b'\r' | b'\n')) => Ok(head),
+                Some(rest) => Err(Failure::bad_request(format!(
+                    "{} bytes after the request: send one request per datagram",
+                    rest.len()
+                ))),
+            }
+        }
         Parsed::Partial => Err(Failure::bad_request(
             "incomplete request: send one whole request, ending with a blank line, per datagram",
         )),
     }
+}
+
+/// The reason phrase of a kept `200` (`REGACK` ...), naming the method it
+/// answered.
+fn success_phrase(response: &[u8]) -> Option<&[u8]> {
+    let rest = response.strip_prefix(b"HTTP/1.1 200 ")?;
+    rest.split(|&b| b == b'\r').next()
+}
+
+/// Whether `datagram` starts with `METHOD SP TARGET SP HTTP/d.d`: worth an
+/// answer even when it is wrong. A response starts `HTTP/1.1 200 ...`.
+fn request_line_shaped(datagram: &[u8]) -> bool {
+    let line = datagram.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    !method.is_empty()
+        && method.iter().all(tchar)
+        && !target.is_empty()
+        && matches!(version, [b'H', b'T', b'T', b'P', b'/', d, b'.', e] if d.is_ascii_digit() && e.is_ascii_digit())
 }
 
 fn encode(response: &Response, request_id: Option<&str>, request_len: usize) -> Option<Vec<u8>> {
@@ -247,6 +321,114 @@ mod tests {
             "{}",
             text(&other)
         );
+    }
+
+    #[test]
+    fn a_response_or_garbage_gets_no_answer_so_no_loop_can_start() {
+        let a = state(0);
+        let b = state(0);
+        let mut cache_a = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache_b = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        // A forged datagram makes b answer a, a answer b, and so on, for as
+        // long as each answers the other: it ends at the first answer.
+        for forged in [
+            &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+            b"NOT A REQUEST LINE AT ALL\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"PROBE / HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"\x00\x01\x02garbage from another protocol\r\n\r\n",
+        ] {
+            let mut datagram = forged.to_vec();
+            let mut hops = 0;
+            while let Some(reply) = if hops % 2 == 0 {
+                answer(&b, &mut cache_b, &datagram, from())
+            } else {
+                answer(&a, &mut cache_a, &datagram, from())
+            } {
+                hops += 1;
+                assert!(hops < 3, "a loop: {}", text(&reply));
+                datagram = reply;
+            }
+            assert!(hops <= 1, "{}", text(forged));
+        }
+        // Request-shaped mistakes are still explained.
+        let bad = answer(
+            &a,
+            &mut cache_a,
+            b"PROBE / HTTP/1.1\r\nBad Header\r\n\r\n",
+            from(),
+        );
+        assert!(text(&bad.unwrap()).starts_with("HTTP/1.1 400"));
+        assert!(request_line_shaped(b"register / HTTP/1.1\r\n"));
+        assert!(!request_line_shaped(b"HTTP/1.1 200 PROBEACK\r\n"));
+        assert!(!request_line_shaped(b"PROBE /  HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn forged_datagrams_do_not_spend_an_address_s_tcp_allowance() {
+        let s = state(2);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let now = s.now();
+        for _ in 0..10 {
+            let _ = answer(&s, &mut cache, b"PROBE / HTTP/1.1\r\n\r\n", from());
+        }
+        assert!(s.admit(from().ip(), Via::Udp, now).is_err(), "udp spent");
+        assert!(s.admit(from().ip(), Via::Tcp, now).is_ok(), "tcp untouched");
+    }
+
+    #[test]
+    fn a_register_whose_answer_would_not_fit_is_refused_before_it_runs() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        // A long IPv6 source makes REGACK longer than three times a
+        // minimal REGISTER.
+        let v6: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
+        let short = b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 1\r\n\r\n";
+        let refused = text(&answer(&s, &mut cache, short, v6).unwrap());
+        assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+        // Not executed: the same id registers once asked properly.
+        let padded = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: a\r\nClient-Port: 1\r\nRequest-Id: 1\r\n\r\n";
+        let ok = text(&answer(&s, &mut cache, padded, v6).unwrap());
+        assert!(ok.starts_with("HTTP/1.1 200 REGACK"), "{ok}");
+        // From IPv4 a short one fits, as before.
+        let short = b"REGISTER / HTTP/1.1\r\nClient-Id: b\r\nClient-Port: 1\r\n\r\n";
+        let ok = text(&answer(&s, &mut cache, short, from()).unwrap());
+        assert!(ok.starts_with("HTTP/1.1 200 REGACK"), "{ok}");
+    }
+
+    #[test]
+    fn a_request_id_reused_for_another_method_is_refused_not_replayed() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let reg = b"REGISTER / HTTP/1.1\r\nHost: x\r\nClient-Id: a\r\nClient-Port: 1\r\nRequest-Id: abc\r\n\r\n";
+        let first = text(&answer(&s, &mut cache, reg, from()).unwrap());
+        let token = first
+            .lines()
+            .find_map(|l| l.strip_prefix("Client-Token: "))
+            .unwrap()
+            .to_owned();
+        let quit = format!(
+            "QUIT / HTTP/1.1\r\nHost: x\r\nClient-Id: a\r\nClient-Token: {token}\r\nRequest-Id: abc\r\n\r\n"
+        );
+        let r = text(&answer(&s, &mut cache, quit.as_bytes(), from()).unwrap());
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("Request-Id: abc\r\n"), "{r}");
+        // The retransmitted REGISTER is still replayed.
+        assert_eq!(text(&answer(&s, &mut cache, reg, from()).unwrap()), first);
+    }
+
+    #[test]
+    fn one_request_per_datagram() {
+        let s = state(0);
+        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let two = b"PROBE / HTTP/1.1\r\nHost: x\r\n\r\nPROBE / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let r = text(&answer(&s, &mut cache, two, from()).unwrap());
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        let trailing = b"PROBE / HTTP/1.1\r\nHost: x\r\n\r\n\r\n";
+        let r = text(&answer(&s, &mut cache, trailing, from()).unwrap());
+        assert!(r.starts_with("HTTP/1.1 200 PROBEACK"), "{r}");
     }
 
     #[test]
