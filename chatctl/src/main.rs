@@ -323,8 +323,14 @@ struct Lines {
     total: usize,
     /// Lines written to the daemon (`total` counts those read).
     sent: usize,
+    /// A line is being written, not yet in `in_flight`: chatctl must not
+    /// stop and leave it uncounted.
+    writing: bool,
     /// The daemon left the chat: once nothing is in flight, stop.
     over: bool,
+    /// The first line whose failure ended the chat, and why: the lines in
+    /// flight after it are waited for (each fails too) and counted.
+    stopped: Option<(usize, String)>,
     /// Standard input has ended: the sending side finishes by itself.
     input_done: bool,
 }
@@ -376,8 +382,9 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
                     Err(f) => {
                         printer.undelivered(line, &f.message);
                         lines.failed.push((line, f.message.clone()));
-                        if chat_is_over(f.kind) {
-                            exit_with(&Error::Failed(summary(&lines, Some(line))), json);
+                        if chat_is_over(f.kind) && lines.stopped.is_none() {
+                            lines.stopped = Some((line, f.message.clone()));
+                            lines.over = true;
                         }
                     }
                 }
@@ -405,23 +412,34 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
             continue;
         }
         let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
-        lines.total += 1;
+        if lines.over {
+            break;
+        }
         // Refused here rather than by the frame limit, so the others go.
         if let Some(why) = too_long(&line) {
+            lines.total += 1;
             printer.undelivered(n + 1, &why);
             lines.failed.push((n + 1, why));
             continue;
         }
-        while lines.in_flight.len() >= WINDOW {
+        while lines.in_flight.len() >= WINDOW && !lines.over {
             lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
         }
+        if lines.over {
+            break;
+        }
+        // Counted only now: while this thread waited for room, the answers
+        // may all have come in and chatctl stopped, this line unsent.
+        lines.total += 1;
         // Not written under the lock: a write that blocks must not stop
         // the answers being read.
+        lines.writing = true;
         drop(lines);
         sender.send(Request::Send { text: line }, |id| {
             let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
             lines.in_flight.insert(id, n + 1);
             lines.sent += 1;
+            lines.writing = false;
         })?;
     }
     let mut lines = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -429,7 +447,7 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
     while !lines.in_flight.is_empty() {
         lines = changed.wait(lines).unwrap_or_else(|e| e.into_inner());
     }
-    let failed = (!lines.failed.is_empty()).then(|| summary(&lines, None));
+    let failed = (!lines.failed.is_empty()).then(|| summary(&lines, lines.stopped.as_ref()));
     match (unreadable, failed) {
         (None, None) => Ok(()),
         (Some(why), None) | (None, Some(why)) => Err(Error::Failed(why)),
@@ -440,8 +458,11 @@ fn send_lines(mut conn: Conn, json: bool) -> Result<(), Error> {
 /// Once the daemon has left the chat and every line sent has its answer,
 /// ends chatctl: the rest of the input cannot be delivered.
 fn stop_if_over(lines: &Lines, json: bool) {
-    if !lines.over || lines.input_done || !lines.in_flight.is_empty() {
+    if !lines.over || lines.input_done || lines.writing || !lines.in_flight.is_empty() {
         return;
+    }
+    if let Some(stopped) = &lines.stopped {
+        exit_with(&Error::Failed(summary(lines, Some(stopped))), json);
     }
     let sent = match (lines.failed.is_empty(), lines.sent) {
         (false, _) => summary(lines, None),
@@ -462,7 +483,7 @@ fn chat_is_over(kind: chat_proto::ipc::FailureKind) -> bool {
     )
 }
 
-fn summary(lines: &Lines, stopped_at: Option<usize>) -> String {
+fn summary(lines: &Lines, stopped: Option<&(usize, String)>) -> String {
     let mut failed: Vec<usize> = lines.failed.iter().map(|(l, _)| *l).collect();
     failed.sort_unstable();
     let shown: Vec<String> = failed.iter().take(20).map(usize::to_string).collect();
@@ -471,9 +492,10 @@ fn summary(lines: &Lines, stopped_at: Option<usize>) -> String {
     } else {
         String::new()
     };
-    match stopped_at {
-        Some(line) => format!(
-            "the chat is over: stopped at line {line}; {} of the {} lines sent so far not delivered (lines {}{more})",
+    match stopped {
+        Some((line, why)) => format!(
+            "stopped at line {line} ({}): {} of the {} lines read so far not delivered (lines {}{more}); the rest of the input is not sent",
+            why.strip_prefix("not delivered: ").unwrap_or(why),
             failed.len(),
             lines.total,
             shown.join(", ")

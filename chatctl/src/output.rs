@@ -63,6 +63,8 @@ impl Printer {
     /// A line of `send -` that will not arrive: a JSON object on standard
     /// output for scripts, a warning on standard error for people.
     pub fn undelivered(&self, line: usize, why: &str) {
+        // The daemon's reason may say it already.
+        let why = why.strip_prefix("not delivered: ").unwrap_or(why);
         if self.json {
             self.emit(
                 String::new(),

@@ -572,9 +572,11 @@ fn send_without_a_chat_fails_clearly() {
     let out = alice.ctl_stdin(&["send", "-"], "a\nb\n");
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
+    // Line 2 may have gone before line 1's answer came back, or not.
     assert!(
         err.contains("line 1 not delivered: not chatting")
-            && err.contains("the chat is over: stopped at line 1"),
+            && err.contains("stopped at line 1 (not chatting")
+            && err.contains("lines read so far not delivered (lines 1"),
         "{err}"
     );
     // With --json, that last word is JSON too, as every error is.
@@ -587,9 +589,78 @@ fn send_without_a_chat_fails_clearly() {
     assert!(
         last["error"]
             .as_str()
-            .is_some_and(|e| e.contains("the chat is over")),
+            .is_some_and(|e| e.contains("stopped at line 1")),
         "{err}"
     );
+}
+
+#[test]
+fn every_line_in_flight_when_the_chat_ends_is_counted() {
+    let (_server, alice, bob) = chatting_pair();
+    let mut cmd = alice.ctl_cmd(&["send", "-"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut send = Guard::new(cmd.spawn().unwrap());
+    let mut input = send.stdin.take().unwrap();
+    // Input that outruns the chat, so lines are in flight when it ends.
+    let writer = std::thread::spawn(move || {
+        for i in 0..1_000_000 {
+            if writeln!(input, "line {i}").is_err() {
+                return;
+            }
+        }
+    });
+    eventually("lines to arrive", || texts(&bob).len() >= 50);
+    bob.ok(&["quit"]);
+    let mut status = None;
+    eventually("chatctl send - to stop", || {
+        status = send.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
+    let mut err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let _ = writer.join();
+    // Every line alice's daemon did not deliver is named, one by one and
+    // in the count at the end.
+    let named = err
+        .lines()
+        .filter(|l| l.contains(" not delivered: "))
+        .count();
+    let last = err.lines().last().unwrap_or_default();
+    let words: Vec<usize> = last
+        .split(": ")
+        .nth(2)
+        .map(|s| {
+            s.split(' ')
+                .filter_map(|w| w.parse().ok())
+                .take(2)
+                .collect()
+        })
+        .unwrap_or_default();
+    let [counted, read] = words[..] else {
+        panic!("no count in: {last}");
+    };
+    assert_eq!(named, counted, "{last}");
+    // Each line read was delivered or is named: none is left unsaid.
+    let delivered = texts(&bob)
+        .iter()
+        .filter(|t| t.starts_with("line "))
+        .count();
+    assert_eq!(delivered + named, read, "{last}");
+    // Those alice's daemon had taken in are marked so in its history (the
+    // others it refused, the chat being over).
+    let history = alice.ok(&["history", "--limit", "100000"]);
+    let marked = history
+        .lines()
+        .filter(|l| l.ends_with("(not delivered)"))
+        .count();
+    assert!(marked <= named, "{marked} marked, {named} named");
 }
 
 #[test]
