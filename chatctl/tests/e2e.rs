@@ -594,6 +594,24 @@ fn send_without_a_chat_fails_clearly() {
     );
 }
 
+/// Waits for a running chatctl to exit 1 and returns what it said.
+fn exit_1_and_stderr(chatctl: &mut Guard, what: &str) -> String {
+    let mut status = None;
+    eventually(what, || {
+        status = chatctl.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
+    let mut err = String::new();
+    chatctl
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
 #[test]
 fn every_line_in_flight_when_the_chat_ends_is_counted() {
     let (_server, alice, bob) = chatting_pair();
@@ -613,18 +631,7 @@ fn every_line_in_flight_when_the_chat_ends_is_counted() {
     });
     eventually("lines to arrive", || texts(&bob).len() >= 50);
     bob.ok(&["quit"]);
-    let mut status = None;
-    eventually("chatctl send - to stop", || {
-        status = send.try_wait().unwrap();
-        status.is_some()
-    });
-    assert_eq!(status.and_then(|s| s.code()), Some(1));
-    let mut err = String::new();
-    send.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = exit_1_and_stderr(&mut send, "chatctl send - to stop");
     let _ = writer.join();
     // Every line alice's daemon did not deliver is named, one by one and
     // in the count at the end.
@@ -724,18 +731,7 @@ fn a_stream_into_send_stops_when_the_chat_ends() {
     // chatctl learns that the chat is over from the daemon and stops, its
     // input still open and no other line written (before, it waited for
     // the next line to fail).
-    let mut status = None;
-    eventually("chatctl send - to stop, its input still open", || {
-        status = send.try_wait().unwrap();
-        status.is_some()
-    });
-    assert_eq!(status.and_then(|s| s.code()), Some(1));
-    let mut err = String::new();
-    send.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = exit_1_and_stderr(&mut send, "chatctl send - to stop, its input still open");
     assert!(
         err.contains(
             "the chat is over: the one line sent was delivered; any further input is not sent"
