@@ -1196,3 +1196,36 @@ fn text_from_a_peer_cannot_drive_the_terminal() {
     let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(v["text"], "clear\u{1b}[2Jscreen");
 }
+
+#[test]
+fn a_waiting_daemon_that_died_or_restarted_is_not_handed_out_again() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let mut bob = Daemon::start("bob", server.addr, &[]);
+    let carol = Daemon::start("carol", server.addr, &[]);
+    alice.ok(&["register"]);
+    bob.ok(&["register"]);
+    carol.ok(&["register"]);
+
+    // bob waits, then dies: the server still holds him waiting.
+    assert!(bob.ok(&["bridge"]).contains("waiting"));
+    bob.kill9();
+    assert!(alice.ok(&["bridge"]).contains("bob"));
+    let out = alice.ctl(&["chat"]);
+    fails_with(&out, 1, "its chatd is gone: the server will not hand it out again");
+    // Not handed out again: alice waits instead.
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    alice.ok(&["quit"]);
+    alice.ok(&["register"]);
+
+    // bob waits again, and is restarted: the new run is not waiting, and
+    // the server must not think so (it kept the earlier run's token).
+    bob.spawn();
+    bob.ok(&["register"]);
+    assert!(bob.ok(&["bridge"]).contains("waiting"));
+    bob.kill9();
+    bob.spawn();
+    let registered = bob.ok(&["register"]);
+    assert!(registered.starts_with("registered as"), "{registered}");
+    assert!(carol.ok(&["bridge"]).contains("waiting"), "bob was handed out");
+}

@@ -257,21 +257,27 @@ pub async fn connect(
 ) {
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        // Failures are (the peer's refusal status, if it answered; why).
+        // Failures are (the peer's refusal status, if it answered; why;
+        // whether nothing listens at the address at all).
         let late = || {
             (
                 None,
                 format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                false,
             )
         };
-        let io = |e: std::io::Error| (None, e.to_string());
-        let local = crate::rendezvous::local_for(source, addr).map_err(|e| (None, e))?;
+        let io = |e: std::io::Error| (None, e.to_string(), false);
+        let local = crate::rendezvous::local_for(source, addr).map_err(|e| (None, e, false))?;
         let mut stream = match timeout_at(deadline, crate::rendezvous::connect(local, addr)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) if source.is_some() => {
-                return Err((None, format!("{e} (calling from {}, --bind)", local.ip())));
+            Ok(Err(e)) => {
+                let nobody = e.kind() == std::io::ErrorKind::ConnectionRefused;
+                let why = match source {
+                    Some(_) => format!("{e} (calling from {}, --bind)", local.ip()),
+                    None => e.to_string(),
+                };
+                return Err((None, why, nobody));
             }
-            Ok(Err(e)) => return Err(io(e)),
             Err(_) => return Err(late()),
         };
         let _ = stream.set_nodelay(true);
@@ -289,6 +295,7 @@ pub async fn connect(
                     return Err((
                         None,
                         "the peer closed the connection during the handshake".into(),
+                        false,
                     ));
                 }
                 Ok(Ok(_)) => {}
@@ -300,10 +307,10 @@ pub async fn connect(
                     return Ok((stream, id, buf.split_off(used)));
                 }
                 Ok(Some((Answer::Refused { status, reason }, _))) => {
-                    return Err((Some(status), format!("refused ({status}): {reason}")));
+                    return Err((Some(status), format!("refused ({status}): {reason}"), false));
                 }
                 Ok(None) => {}
-                Err(e) => return Err((None, format!("not a chatd: {e}"))),
+                Err(e) => return Err((None, format!("not a chatd: {e}"), false)),
             }
         }
     };
@@ -314,12 +321,13 @@ pub async fn connect(
                 .send(CoreEvent::Session(Input::LinkUp { link, peer }))
                 .await;
         }
-        Err((refused, reason)) => {
+        Err((refused, reason, nobody_listens)) => {
             let _ = core
                 .send(CoreEvent::Session(Input::LinkFailed {
                     link,
                     refused,
                     reason,
+                    nobody_listens,
                 }))
                 .await;
         }

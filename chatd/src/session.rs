@@ -93,6 +93,8 @@ pub enum Input {
         /// The status the peer refused the call with, if it answered.
         refused: Option<u16>,
         reason: String,
+        /// The connection itself was refused: no daemon listens there.
+        nobody_listens: bool,
     },
     /// A peer connected and asked to chat; answer with Accept or Refuse.
     Incoming {
@@ -185,6 +187,14 @@ enum Purpose {
     },
     /// Rejoin the waiting pool of a server that forgot we were waiting.
     Rejoin,
+    /// Take back, with the token kept from before, a registration this
+    /// daemon does not hold now (an earlier run's, most likely), then
+    /// register anew with `then`. A REGISTER with that token would keep
+    /// whatever the server still holds for it: an earlier run waiting for
+    /// a peer stays in the pool, handed out to callers this run refuses.
+    Reclaim {
+        then: Box<Purpose>,
+    },
     /// Tell the server we chat with `peer` (nobody waits on the answer).
     Chat {
         peer: ClientId,
@@ -418,7 +428,7 @@ impl Session {
         {
             let secs = CROSSING_WAIT.as_secs();
             let reason = format!("{reason} (and no call from {peer} came within {secs} s)");
-            self.call_failed(ticket, peer, addr, &reason);
+            self.call_failed(ticket, peer, addr, &reason, false);
         }
         if let Some(reg) = &self.reg
             && !self.refreshing()
@@ -474,6 +484,7 @@ impl Session {
                 link,
                 refused,
                 reason,
+                nobody_listens,
             } => {
                 if let Phase::Connecting {
                     call: Call::Dialing(l),
@@ -494,7 +505,7 @@ impl Session {
                             ticket,
                         });
                     } else {
-                        self.call_failed(ticket, peer, addr, &reason);
+                        self.call_failed(ticket, peer, addr, &reason, nobody_listens);
                     }
                 }
             }
@@ -705,13 +716,36 @@ impl Session {
     }
 
     /// The call of `chat` command `ticket` to `peer` failed for `reason`.
-    fn call_failed(&mut self, ticket: Ticket, peer: ClientId, addr: SocketAddr, reason: &str) {
+    ///
+    /// When nothing listens at the peer's address, its daemon is gone but
+    /// the server still holds it waiting, and would hand it out again to
+    /// every BRIDGE until its registration lapses. A CHAT takes it out of
+    /// the pool (and this daemon with it, until its next BRIDGE, which
+    /// puts it back): what the server is told is true, a chat with it was
+    /// begun.
+    fn call_failed(
+        &mut self,
+        ticket: Ticket,
+        peer: ClientId,
+        addr: SocketAddr,
+        reason: &str,
+        nobody_listens: bool,
+    ) {
         self.set_phase(Phase::None);
+        let dropped = if nobody_listens && self.reg.is_some() {
+            self.server(Purpose::Chat {
+                peer,
+                retried: false,
+            });
+            " (its chatd is gone: the server will not hand it out again)"
+        } else {
+            ""
+        };
         self.fail(
             ticket,
             FailureKind::Peer,
             format!(
-                "cannot chat with {peer} at {addr}: {reason}; run `chatctl bridge` for another peer"
+                "cannot chat with {peer} at {addr}: {reason}{dropped}; run `chatctl bridge` for another peer"
             ),
         );
     }
@@ -923,6 +957,10 @@ impl Session {
                 "cancelled: the daemon quit (`chatctl quit`, or it is stopping) before the server answered".into(),
             );
         }
+        self.answered(purpose, result, now);
+    }
+
+    fn answered(&mut self, purpose: Purpose, result: Result<Response, String>, now: Instant) {
         let server = self.config.server.clone();
         let unreachable = |why: &str| {
             format!(
@@ -936,6 +974,21 @@ impl Session {
             )
         };
         match (purpose, result) {
+            (Purpose::Reclaim { then }, Ok(Response::QuitAck)) => {
+                self.token = None;
+                self.server(*then);
+            }
+            (Purpose::Reclaim { then }, Ok(Response::Error(f))) if forgot_us(&f) => {
+                // Nothing left to take back.
+                self.token = None;
+                self.server(*then);
+            }
+            // Unreachable, or refused for now: the registration fails as
+            // its own REGISTER would have (retried, or told), the token
+            // kept for the next try.
+            (Purpose::Reclaim { then }, r @ (Ok(Response::Error(_)) | Err(_))) => {
+                self.answered(*then, r, now)
+            }
             (
                 Purpose::AutoRegister,
                 Ok(Response::RegAck {
@@ -1162,7 +1215,9 @@ impl Session {
             Purpose::Register(t) | Purpose::Bridge { ticket: t, .. } | Purpose::Quit(Some(t)) => {
                 self.fail(t, kind, message)
             }
-            Purpose::Reregister { then } => self.fail_purpose(*then, kind, message),
+            Purpose::Reregister { then } | Purpose::Reclaim { then } => {
+                self.fail_purpose(*then, kind, message)
+            }
             // Nobody waits on a CHAT record: the log is where it is told.
             Purpose::Chat { peer, .. } => {
                 tracing::warn!("the server did not record the chat with {peer}: {message}");
@@ -1249,6 +1304,12 @@ impl Session {
 
     fn server(&mut self, purpose: Purpose) {
         let id = self.config.id;
+        let purpose = match (purpose, self.token) {
+            (p @ (Purpose::Register(_) | Purpose::AutoRegister), Some(_)) if self.reg.is_none() => {
+                Purpose::Reclaim { then: Box::new(p) }
+            }
+            (p, _) => p,
+        };
         let request = match &purpose {
             Purpose::Register(_)
             | Purpose::AutoRegister
@@ -1286,6 +1347,10 @@ impl Session {
                     token,
                     peer: *peer,
                 },
+                None => return,
+            },
+            Purpose::Reclaim { .. } => match self.token {
+                Some(token) => Request::Quit { id, token },
                 None => return,
             },
             Purpose::Quit(ticket) => match self.token {
@@ -1706,22 +1771,99 @@ mod tests {
     }
 
     #[test]
-    fn a_saved_token_is_sent_at_the_first_register() {
+    fn a_saved_token_takes_back_the_earlier_runs_registration_first() {
+        let input = |s: &mut Session, input| {
+            s.handle(input, Instant::now());
+            std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()
+        };
+        for quit_answer in [
+            Ok(Response::QuitAck),
+            Ok(Response::Error(HttpFailure::new(
+                ErrorStatus::NotFound,
+                "no client me is registered",
+            ))),
+        ] {
+            let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
+            let register = Input::Command {
+                ticket: 1,
+                command: Command::Register,
+            };
+            // Whatever the server still holds for that run (waiting for a
+            // peer, say) is taken back ...
+            let a = input(&mut s, register);
+            let (op, request) = T::server_op(&a);
+            assert_eq!(
+                request,
+                Request::Quit {
+                    id: id("me"),
+                    token: TOKEN
+                }
+            );
+            // ... and the id registered anew, with nothing carried over.
+            let a = input(
+                &mut s,
+                Input::ServerReply {
+                    op,
+                    result: quit_answer,
+                },
+            );
+            let (op, request) = T::server_op(&a);
+            assert_eq!(
+                request,
+                Request::Register {
+                    id: id("me"),
+                    port: 1,
+                    token: None
+                }
+            );
+            let fresh = Token::from_bytes([9; 16]);
+            let a = input(
+                &mut s,
+                Input::ServerReply {
+                    op,
+                    result: Ok(Response::RegAck {
+                        id: id("me"),
+                        addr: addr(1),
+                        token: fresh,
+                        expires: 300,
+                    }),
+                },
+            );
+            assert!(a.contains(&Action::SaveToken(fresh)), "{a:?}");
+            assert!(reply_of(&a, 1).is_ok(), "{a:?}");
+        }
+        // The server out of reach: the registration fails as it would have,
+        // and the token is kept for the next try.
         let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
-        s.handle(
+        let a = input(
+            &mut s,
             Input::Command {
                 ticket: 1,
                 command: Command::Register,
             },
-            Instant::now(),
         );
-        let a: Vec<_> = std::iter::from_fn(|| s.poll_action()).collect();
+        let (op, _) = T::server_op(&a);
+        let a = input(
+            &mut s,
+            Input::ServerReply {
+                op,
+                result: Err("connection refused".into()),
+            },
+        );
+        let f = reply_of(&a, 1).unwrap_err();
+        assert!(f.message.contains("cannot reach the server"), "{f:?}");
+        let a = input(
+            &mut s,
+            Input::Command {
+                ticket: 2,
+                command: Command::Register,
+            },
+        );
         assert_eq!(
             T::server_op(&a).1,
-            Request::Register {
+            Request::Quit {
                 id: id("me"),
-                port: 1,
-                token: Some(TOKEN)
+                token: TOKEN
             }
         );
     }
@@ -2161,12 +2303,23 @@ mod tests {
             link,
             refused: None,
             reason: "connection refused".into(),
+            nobody_listens: true,
         });
         let told = a.iter().any(|x| {
             matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("connection refused")
+                && text.contains("its chatd is gone")
                 && text.contains("run `chatctl bridge` to wait again"))
         });
         assert!(told, "{a:?}");
+        // The server is told, so that it hands bob to nobody else.
+        assert_eq!(
+            T::server_op(&a).1,
+            Request::Chat {
+                id: id("me"),
+                token: TOKEN,
+                peer: id("bob")
+            }
+        );
     }
 
     #[test]
@@ -2281,6 +2434,7 @@ mod tests {
             link,
             refused: Some(409),
             reason: format!("refused (409): {peer} {why}"),
+            nobody_listens: false,
         });
         (ticket, a)
     }
@@ -2314,6 +2468,7 @@ mod tests {
                 link,
                 refused,
                 reason: why.into(),
+                nobody_listens: false,
             });
             let f = reply_of(&a, ticket).unwrap_err();
             assert!(f.message.contains(why), "{f:?}");
