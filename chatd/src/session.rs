@@ -1004,10 +1004,10 @@ impl Session {
                 self.register_later(now, self.retry_wait(&f), &server_refused(&f));
             }
             (Purpose::AutoRegister, Ok(Response::Error(f))) => {
-                self.notice(&format!(
-                    "cannot register at start-up: {}",
-                    server_refused(&f)
-                ));
+                // Not retried: said where a service's operator looks too.
+                let why = format!("cannot register at start-up: {}", server_refused(&f));
+                tracing::warn!("{why}");
+                self.notice(&why);
             }
             (Purpose::AutoRegister, Err(why)) => {
                 self.register_later(now, self.config.retry_after, &unreachable(&why));
@@ -1194,12 +1194,16 @@ impl Session {
                     if forgot_us(&f) {
                         self.reply(t, Ok(Reply::Quit));
                     } else {
-                        self.fail(t, FailureKind::Server, quit_not_taken(&server_refused(&f)));
+                        let why = format!("refused the QUIT: {}", server_refused(&f));
+                        self.fail(t, FailureKind::Server, quit_not_taken(&why));
                     }
                 }
             }
             (Purpose::Quit(Some(t)), Err(why)) => {
-                self.fail(t, FailureKind::Server, quit_not_taken(&unreachable(&why)));
+                // It may have arrived all the same (a server that was
+                // stopped, then resumed, takes it late).
+                let why = format!("did not answer the QUIT: {}", unreachable(&why));
+                self.fail(t, FailureKind::Server, quit_not_taken(&why));
             }
             (purpose, Err(why)) => {
                 self.fail_purpose(purpose, FailureKind::Server, unreachable(&why))
@@ -1426,7 +1430,7 @@ impl Session {
 /// no longer chats, nor refreshes), which the bare refusal would hide.
 fn quit_not_taken(why: &str) -> String {
     format!(
-        "left, but the server did not take the QUIT: {why}; it forgets this daemon once the registration lapses, or run `chatctl quit` again"
+        "left, but the server {why}; it forgets this daemon once the registration lapses, or run `chatctl quit` again"
     )
 }
 
@@ -2982,7 +2986,7 @@ mod tests {
         });
         let message = reply_of(&a, ticket).unwrap_err().message;
         assert!(
-            message.starts_with("left, but the server did not take the QUIT")
+            message.starts_with("left, but the server refused the QUIT")
                 && message.contains("rate limited")
                 && message.contains("chatctl quit"),
             "{message}"
