@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release --quiet -p chat-server -p chatd -p chatctl
-exec target/release/chatctl demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/chatctl" demo "$@"

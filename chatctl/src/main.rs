@@ -113,7 +113,8 @@ enum Cmd {
     },
     /// Write the man pages of chat-server, chatd and chatctl into DIR
     Man {
-        /// Where to write chat-server.1, chatd.1 and chatctl.1
+        /// Where to write chat-server.1, chatd.1, chatctl.1 and a
+        /// chatctl-COMMAND.1 for each command
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
@@ -303,6 +304,10 @@ fn send(mut conn: Conn, words: Vec<String>, p: &Printer) -> Result<(), Error> {
         let reply = conn.call(Request::Send { text }, |_| {})?;
         p.reply(&reply);
         return Ok(());
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Otherwise a person who typed `chatctl send` sees nothing happen.
+        eprintln!("chatctl: sending each line typed as a message; end with Ctrl-D");
     }
     send_lines(conn, p.is_json())
 }
