@@ -293,6 +293,10 @@ fn a_daemon_restarted_after_a_crash_reclaims_its_id() {
     alice.ok(&["register"]);
     alice.kill9();
     alice.spawn();
+    // The history says the daemon started again, not that it is still
+    // registered.
+    let tail = alice.ok(&["tail", "-n", "1"]);
+    assert!(tail.trim_end().ends_with("[idle]"), "{tail}");
     // The server still holds the registration; the saved token proves
     // it is ours.
     alice.ok(&["register"]);

@@ -125,6 +125,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         events.clone(),
         Some(Box::new(systemd::report_status)),
     );
+    core.started();
     if settings.register {
         core.register_at_start();
     }

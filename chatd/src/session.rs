@@ -303,6 +303,13 @@ impl Session {
         }
     }
 
+    /// Says in the history that the daemon (re)started, in its first
+    /// state: otherwise `tail` after a restart ends with whatever the last
+    /// run was doing (`registered`, or `chatting` after a crash).
+    pub fn started(&mut self) {
+        self.record_state();
+    }
+
     pub fn state(&self) -> State {
         match self.phase {
             Phase::Chatting(_) => State::Chatting,
