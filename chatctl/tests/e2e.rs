@@ -1216,7 +1216,11 @@ fn a_waiting_daemon_that_died_or_restarted_is_not_handed_out_again() {
     bob.kill9();
     assert!(alice.ok(&["bridge"]).contains("bob"));
     let out = alice.ctl(&["chat"]);
-    fails_with(&out, 1, "its chatd is gone: the server will not hand it out again");
+    fails_with(
+        &out,
+        1,
+        "its chatd is gone: the server will not hand it out again",
+    );
     // Not handed out again: alice waits instead.
     assert!(alice.ok(&["bridge"]).contains("waiting"));
     alice.ok(&["quit"]);
@@ -1231,5 +1235,8 @@ fn a_waiting_daemon_that_died_or_restarted_is_not_handed_out_again() {
     bob.spawn();
     let registered = bob.ok(&["register"]);
     assert!(registered.starts_with("registered as"), "{registered}");
-    assert!(carol.ok(&["bridge"]).contains("waiting"), "bob was handed out");
+    assert!(
+        carol.ok(&["bridge"]).contains("waiting"),
+        "bob was handed out"
+    );
 }
