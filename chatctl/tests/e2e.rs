@@ -1116,6 +1116,95 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     assert_eq!(alice.messages().len(), count);
 }
 
+#[test]
+#[cfg(unix)] // speaks to the control socket as a Unix socket
+fn a_shell_that_asks_and_never_reads_is_no_longer_read() {
+    use chat_proto::frame::encode;
+    use chat_proto::ipc::{ClientFrame, Hello, MAX_FRAME, Request};
+    use std::os::unix::net::UnixStream;
+
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let mut flood = UnixStream::connect(&alice.socket).unwrap();
+    flood
+        .set_write_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut out = Vec::new();
+    encode(&Hello::ours("test"), MAX_FRAME, &mut out).unwrap();
+    flood.write_all(&out).unwrap();
+    // Requests answered at once, their answers never read: the daemon
+    // holds at most its window of answers, then stops reading, and the
+    // writes here block (the timeout ends them).
+    let total = 1_000_000;
+    let mut written = 0;
+    let mut batch = Vec::new();
+    while written < total {
+        batch.clear();
+        for id in written..written + 1000 {
+            let frame = ClientFrame {
+                id,
+                request: Request::Status,
+            };
+            encode(&frame, MAX_FRAME, &mut batch).unwrap();
+        }
+        if flood.write_all(&batch).is_err() {
+            break;
+        }
+        written += 1000;
+    }
+    assert!(written < total, "all {total} requests were taken in");
+    // Everyone else is served as before.
+    assert_eq!(alice.state(), "idle");
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", alice.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap();
+    assert!(rss_kib < 64 * 1024, "chatd holds {rss_kib} KiB");
+}
+
+#[test]
+#[cfg(unix)] // speaks to the control socket as a Unix socket
+fn a_shell_that_half_closes_still_gets_its_answers() {
+    use chat_proto::frame::{Decoder, encode};
+    use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};
+    use std::os::unix::net::UnixStream;
+
+    let (_server, alice, bob) = chatting_pair();
+    let mut shell = UnixStream::connect(&alice.socket).unwrap();
+    shell.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    encode(&Hello::ours("test"), MAX_FRAME, &mut out).unwrap();
+    let send = ClientFrame {
+        id: 7,
+        request: Request::Send {
+            text: "sent by a half-closing shell".into(),
+        },
+    };
+    encode(&send, MAX_FRAME, &mut out).unwrap();
+    shell.write_all(&out).unwrap();
+    // As `socat` does at the end of its input.
+    shell.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut bytes = Vec::new();
+    shell.read_to_end(&mut bytes).unwrap();
+    let mut decoder = Decoder::new(MAX_FRAME);
+    decoder.extend(&bytes);
+    assert!(matches!(decoder.decode::<Hello>(), Ok(Some(_))));
+    let reply = decoder.decode::<DaemonFrame>();
+    assert!(
+        matches!(
+            reply,
+            Ok(Some(DaemonFrame::Reply {
+                id: 7,
+                result: Ok(_)
+            }))
+        ),
+        "{reply:?}"
+    );
+    assert!(texts(&bob).contains(&"sent by a half-closing shell".to_owned()));
+}
+
 /// A process stopped with SIGSTOP, continued when this drops (even when a
 /// test fails half-way, so its other end is not left frozen).
 struct Frozen(String);

@@ -311,9 +311,10 @@ impl Core {
         now: std::time::Instant,
     ) {
         let command = match request {
-            ipc::Request::Id => return self.answer(key, id, Ok(Reply::Id { id: self.me })),
+            ipc::Request::Id => return self.reply(key, id, Ok(Reply::Id { id: self.me }), permit),
             ipc::Request::Status => {
-                return self.answer(key, id, Ok(Reply::Status(self.session.status())));
+                let status = Ok(Reply::Status(self.session.status()));
+                return self.reply(key, id, status, permit);
             }
             ipc::Request::Register => Command::Register,
             ipc::Request::Bridge { peer } => Command::Bridge { peer },
@@ -327,7 +328,8 @@ impl Core {
                     "at most {} records per request: ask for fewer (-n, --limit)",
                     crate::ipc::MAX_RECORDS
                 );
-                return self.answer(key, id, Err(Failure::new(FailureKind::Invalid, message)));
+                let invalid = Err(Failure::new(FailureKind::Invalid, message));
+                return self.reply(key, id, invalid, permit);
             }
             // Both run between events, a slice at a time (see
             // `step_search`): reading a long history must not keep this
@@ -346,7 +348,7 @@ impl Core {
             }
             ipc::Request::Wait { state } => {
                 if self.session.state() == state {
-                    return self.answer(key, id, Ok(Reply::Reached { state }));
+                    return self.reply(key, id, Ok(Reply::Reached { state }), permit);
                 }
                 if let Some(c) = self.clients.get_mut(&key) {
                     c.waits.push((id, state, permit));
@@ -514,6 +516,19 @@ impl Core {
         self.push(key, DaemonFrame::Reply { id, result });
     }
 
+    /// Answers a request, its permit given back once the answer is
+    /// written (see [`Queued::permit`]).
+    fn reply(
+        &mut self,
+        key: ClientKey,
+        id: u64,
+        result: Result<Reply, Failure>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let frame = DaemonFrame::Reply { id, result };
+        self.push_queued(key, Queued::reply(frame, Some(permit)));
+    }
+
     /// Queues a frame answering one of a shell's requests.
     fn push(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
         self.push_queued(key, Queued::answer(frame))
@@ -651,10 +666,7 @@ impl Core {
                     }
                 }
                 Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {
-                    Some((key, id, permit)) => {
-                        self.answer(key, id, result);
-                        drop(permit);
-                    }
+                    Some((key, id, permit)) => self.reply(key, id, result, permit),
                     // Asked by the daemon itself (--register).
                     None => match result {
                         Ok(r) => tracing::info!("{r:?}"),

@@ -3,11 +3,15 @@
 //! Each connection states its protocol version first; then its requests go
 //! to the core, and whatever the core has for it (replies, records for
 //! `tail -f`) goes out through a queue drained by a writer task. Answers
-//! are bounded by the requests that asked for them; live records by
-//! [`QUEUE`]: a follower that lets more pile up is dropped with a last
-//! frame saying so, never allowed to hold the daemon or the other shells
-//! up (tailscale's choice). A malformed or oversized frame ends that one
-//! connection with an error frame; nothing else notices.
+//! are bounded by the requests that asked for them, and a request's place
+//! among the [`IN_FLIGHT`] is given back only once its answer is written,
+//! so a shell that asks and never reads stops being read. Live records are
+//! bounded by [`QUEUE`]: a follower that lets more pile up is dropped with
+//! a last frame saying so, never allowed to hold the daemon or the other
+//! shells up (tailscale's choice), and what was queued for it is let go at
+//! once. A shell that leaves output unread for [`WRITE_TIMEOUT`] is let go
+//! too. A malformed or oversized frame ends that one connection with an
+//! error frame; nothing else notices.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +22,7 @@ use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, VERSION};
 use interprocess::local_socket::tokio::{Listener, Stream};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::timeout;
 
 use crate::daemon::CoreEvent;
@@ -30,6 +34,8 @@ pub const QUEUE: usize = 4096;
 pub const IN_FLIGHT: usize = 1024;
 /// Time a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a shell may leave written output unread before it is let go.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Identifies one attached shell.
 pub type ClientKey = u64;
@@ -68,6 +74,11 @@ pub struct Queued {
     pub live: bool,
     /// Bytes counted against [`MAX_ANSWER_BYTES`].
     pub bytes: usize,
+    /// The request's place among the shell's [`IN_FLIGHT`], given back
+    /// only once its reply is written: a shell that sends requests and
+    /// never reads the replies stops being read, instead of piling
+    /// replies up in the daemon's memory.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Queued {
@@ -80,6 +91,15 @@ impl Queued {
             frame,
             live: false,
             bytes,
+            permit: None,
+        }
+    }
+
+    /// A reply that holds its request's permit until written.
+    pub fn reply(frame: DaemonFrame, permit: Option<OwnedSemaphorePermit>) -> Queued {
+        Queued {
+            permit,
+            ..Queued::answer(frame)
         }
     }
 
@@ -88,6 +108,7 @@ impl Queued {
             frame,
             live: true,
             bytes: 0,
+            permit: None,
         }
     }
 }
@@ -195,6 +216,20 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
     };
     tokio::select! {
         reason = reading => {
+            if reason.is_none() {
+                // The end of the shell's input (`socat` half-closes so) is
+                // the end of its requests, not of its interest in their
+                // answers: those still go out, each giving its permit back
+                // once written, before the shell is let go. For a while:
+                // a shell that closed for good cannot be told from one
+                // that only stopped writing, and one that gave up on a
+                // `wait` must not be kept until the state comes.
+                let all = Arc::clone(&permits).acquire_many_owned(IN_FLIGHT as u32);
+                tokio::select! {
+                    _ = timeout(WRITE_TIMEOUT, all) => {}
+                    _ = &mut writer => {}
+                }
+            }
             let _ = core.send(CoreEvent::Detach { key, reason }).await;
             let _ = (&mut writer).await;
         }
@@ -238,7 +273,14 @@ async fn writer(
 ) {
     let mut send = &*stream;
     let mut out = Vec::with_capacity(4096);
+    let mut permits = Vec::new();
     while let Some(first) = rx.recv().await {
+        // Dropped for falling behind: what is still queued is not written
+        // (the shell is not reading it), only a last word, and the memory
+        // goes back now.
+        if lagged.load(Ordering::Acquire) {
+            break;
+        }
         out.clear();
         let mut next = Some(first);
         let mut live_written = 0;
@@ -248,6 +290,7 @@ async fn writer(
             frame,
             live: is_live,
             bytes,
+            permit,
         }) = next.take()
         {
             if let Err(e) = encode(&frame, MAX_FRAME, &mut out) {
@@ -255,22 +298,32 @@ async fn writer(
             }
             live_written += usize::from(is_live);
             bytes_written += bytes;
+            permits.extend(permit);
             if out.len() > 256 * 1024 {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if send.write_all(&out).await.is_err() {
+        // A shell that stops reading for this long is gone as far as the
+        // daemon is concerned: its queue is let go.
+        if !matches!(
+            timeout(WRITE_TIMEOUT, send.write_all(&out)).await,
+            Ok(Ok(()))
+        ) {
+            tracing::debug!("a shell stopped reading for {WRITE_TIMEOUT:?}: dropped");
             return;
         }
+        permits.clear();
         live.fetch_sub(live_written, Ordering::AcqRel);
         answer_bytes.fetch_sub(bytes_written, Ordering::AcqRel);
     }
+    drop(rx);
     if lagged.load(Ordering::Acquire) {
         let reason = format!(
             "dropped: this shell fell more than {QUEUE} events behind; run `chatctl tail` again to catch up from history"
         );
-        let _ = write_frame(&mut send, &DaemonFrame::Dropped { reason }).await;
+        let last = DaemonFrame::Dropped { reason };
+        let _ = timeout(WRITE_TIMEOUT, write_frame(&mut send, &last)).await;
     }
-    let _ = send.flush().await;
+    let _ = timeout(WRITE_TIMEOUT, send.flush()).await;
 }
