@@ -1329,3 +1329,34 @@ fn a_waiting_daemon_that_died_or_restarted_is_not_handed_out_again() {
         "bob was handed out"
     );
 }
+
+#[test]
+fn messages_in_flight_when_the_sender_crashed_are_settled_at_its_restart() {
+    let (_server, mut alice, bob) = chatting_pair();
+    let mut cmd = alice.ctl_cmd(&["send", "-"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut send = Guard::new(cmd.spawn().unwrap());
+    let mut input = send.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..1_000_000 {
+            if writeln!(input, "line {i}").is_err() {
+                return;
+            }
+        }
+    });
+    eventually("lines to arrive", || texts(&bob).len() >= 50);
+    alice.kill9();
+    let _ = writer.join();
+    alice.spawn();
+    // Every message alice sent is now known delivered or not: none is
+    // left unknown, which would read as delivered.
+    let out = alice.ok(&["--json", "history", "--limit", "100000"]);
+    let unknown = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("history JSON"))
+        .filter(|v| v["from"] == "alice" && v["delivered"].is_null())
+        .count();
+    assert_eq!(unknown, 0, "{out}");
+}

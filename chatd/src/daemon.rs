@@ -154,8 +154,8 @@ impl Core {
     /// Registers as soon as the loop runs (`chatd --register`); the outcome
     /// is logged, as no shell asked.
     /// See [`Session::started`].
-    pub fn started(&mut self) {
-        self.session.started();
+    pub fn started(&mut self, unconfirmed: usize) {
+        self.session.started(unconfirmed);
     }
 
     pub fn register_at_start(&mut self) {

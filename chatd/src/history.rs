@@ -227,6 +227,17 @@ impl History {
         Ok(Record { seq, time_ms, kind })
     }
 
+    /// Marks as not delivered the messages an earlier run sent and never
+    /// heard back about (it stopped, or crashed, with them in flight);
+    /// returns how many. Left unknown they would read as delivered.
+    pub fn settle_unconfirmed(&mut self) -> Result<usize, HistoryError> {
+        Ok(self.conn.execute(
+            "UPDATE records SET delivered = 0
+             WHERE kind = 'message' AND outgoing = 1 AND delivered IS NULL",
+            [],
+        )?)
+    }
+
     /// Notes whether the message sent as record `seq` reached the peer.
     pub fn set_delivered(&mut self, seq: u64, delivered: bool) -> Result<(), HistoryError> {
         self.begin()?;
@@ -649,6 +660,29 @@ mod tests {
             })
             .collect();
         assert_eq!(delivered, vec![Some(true), Some(false)]);
+    }
+
+    #[test]
+    fn what_an_earlier_run_never_heard_back_about_is_settled_as_not_delivered() {
+        let mut h = History::in_memory(id("me"));
+        let confirmed = h.append(1, msg("me", "bob", "got it", true)).unwrap();
+        h.append(2, msg("me", "bob", "in flight at a crash", true))
+            .unwrap();
+        h.append(3, msg("bob", "me", "incoming", false)).unwrap();
+        h.set_delivered(confirmed.seq, true).unwrap();
+        h.commit().unwrap();
+        assert_eq!(h.settle_unconfirmed().unwrap(), 1);
+        let delivered: Vec<Option<bool>> = h
+            .last(3, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.kind {
+                RecordKind::Message { delivered, .. } => delivered,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(delivered, vec![Some(true), Some(false), None]);
+        assert_eq!(h.settle_unconfirmed().unwrap(), 0);
     }
 
     #[test]

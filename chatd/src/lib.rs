@@ -91,8 +91,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => default_data_dir(&id)?,
     };
     create_private_dir(&data_dir)?;
-    let history = History::open(&data_dir.join("history.db"), id)?;
+    let mut history = History::open(&data_dir.join("history.db"), id)?;
     let token = history.token(&settings.server)?;
+    let unconfirmed = history.settle_unconfirmed()?;
 
     let (listener, owned_socket) = match activated {
         Some(listener) => {
@@ -125,7 +126,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         events.clone(),
         Some(Box::new(systemd::report_status)),
     );
-    core.started();
+    core.started(unconfirmed);
     if settings.register {
         core.register_at_start();
     }

@@ -306,8 +306,15 @@ impl Session {
     /// Says in the history that the daemon (re)started, in its first
     /// state: otherwise `tail` after a restart ends with whatever the last
     /// run was doing (`registered`, or `chatting` after a crash).
-    pub fn started(&mut self) {
+    pub fn started(&mut self, unconfirmed: usize) {
         self.record_state();
+        if unconfirmed > 0 {
+            let text = format!(
+                "{unconfirmed} message(s) sent before chatd last stopped were never acknowledged: they may not have arrived, and are marked not delivered"
+            );
+            tracing::warn!("{text}");
+            self.notice(&text);
+        }
     }
 
     pub fn state(&self) -> State {
