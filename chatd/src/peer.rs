@@ -23,6 +23,9 @@ use crate::session::{Input, LinkId};
 
 /// Incoming handshakes in progress at once; past it, connections are closed.
 const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one source (an IPv4 address, an IPv6 /64): one host
+/// holding connections open half-way cannot take every place.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 
 /// How long a handshake may take, either way.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,17 +140,29 @@ pub async fn accept_loop(listener: std::net::TcpListener, core: mpsc::Sender<Cor
     // flood of connections that never finish one must not use up the
     // daemon's descriptors (and with them its control socket).
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let sources = std::sync::Arc::new(Sources::default());
+    let mut warned: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                let Ok(permit) = std::sync::Arc::clone(&handshakes).try_acquire_owned() else {
-                    tracing::debug!(%addr, "too many handshakes in progress; closing");
+                let place = sources.enter(addr.ip());
+                let permit = std::sync::Arc::clone(&handshakes).try_acquire_owned();
+                let (Some(place), Ok(permit)) = (place, permit) else {
+                    // Told once a minute: it is what a peer that cannot
+                    // reach this daemon would ask about.
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        warned = Some(Instant::now());
+                        tracing::warn!(
+                            %addr,
+                            "refusing peer connections: too many handshakes in progress (at most {MAX_HANDSHAKES}, {MAX_HANDSHAKES_PER_SOURCE} from one address)"
+                        );
+                    }
                     continue;
                 };
                 let core = core.clone();
                 tokio::spawn(async move {
                     incoming(stream, addr, core).await;
-                    drop(permit);
+                    drop((permit, place));
                 });
             }
             Err(e) => {
@@ -158,6 +173,53 @@ pub async fn accept_loop(listener: std::net::TcpListener, core: mpsc::Sender<Cor
         if core.is_closed() {
             return;
         }
+    }
+}
+
+/// Handshakes in progress per source.
+#[derive(Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One handshake's place in [`Sources`], given back when dropped.
+struct Place(std::sync::Arc<Sources>, IpAddr);
+
+impl Sources {
+    /// A place for a handshake from `ip`, unless its source has all of its.
+    fn enter(self: &std::sync::Arc<Self>, ip: IpAddr) -> Option<Place> {
+        let source = source_of(ip);
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(source).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Place(std::sync::Arc::clone(self), source))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut counts = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// An IPv4 address as it is; an IPv6 one by its /64, the block one host
+/// usually holds.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -441,6 +503,33 @@ async fn writer(mut write: OwnedWriteHalf, queue: LinkQueue) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn one_source_gets_only_its_share_of_handshakes() {
+        let sources = std::sync::Arc::new(Sources::default());
+        let one: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut held: Vec<Place> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|_| sources.enter(one).expect("a place"))
+            .collect();
+        assert!(sources.enter(one).is_none(), "over its share");
+        // Its own IPv4-mapped form is the same source.
+        assert!(sources.enter("::ffff:192.0.2.1".parse().unwrap()).is_none());
+        assert!(sources.enter("192.0.2.2".parse().unwrap()).is_some());
+        held.pop();
+        assert!(sources.enter(one).is_some(), "a place given back");
+        // An IPv6 /64 is one source.
+        let v6: Vec<Place> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .map(|i| {
+                sources
+                    .enter(format!("2001:db8::{i}").parse().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        assert!(sources.enter("2001:db8::ffff".parse().unwrap()).is_none());
+        assert!(sources.enter("2001:db8:0:1::1".parse().unwrap()).is_some());
+        drop((held, v6));
+        assert!(sources.0.lock().unwrap().is_empty(), "nothing kept");
+    }
     use super::*;
     use chat_proto::frame::encode;
     use tokio::net::TcpListener;
