@@ -159,6 +159,11 @@ impl Options {
 
 /// A server address must name a port: `HOST:PORT` or `[IPv6]:PORT`.
 fn check_server(server: &str) -> Result<(), String> {
+    if let Some((scheme, rest)) = server.split_once("://") {
+        return Err(format!(
+            "bad server address {server:?}: no {scheme}:// (chatd speaks to the server itself); give HOST:PORT, such as {rest:?}"
+        ));
+    }
     match server
         .rsplit_once(':')
         .map(|(host, port)| (host, port.parse::<u16>()))
@@ -244,6 +249,12 @@ mod tests {
         for good in ["127.0.0.1:5555", "[::1]:5555", "chat.example.org:1"] {
             assert!(check_server(good).is_ok(), "{good}");
         }
+        // A URL is a likely slip: said so, with what to give instead.
+        let err = check_server("http://127.0.0.1:5555").unwrap_err();
+        assert!(
+            err.contains("no http://") && err.contains("\"127.0.0.1:5555\""),
+            "{err}"
+        );
     }
 
     #[test]
