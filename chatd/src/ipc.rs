@@ -231,11 +231,17 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
                 }
             }
             let _ = core.send(CoreEvent::Detach { key, reason }).await;
-            let _ = (&mut writer).await;
+            // A finished task's handle must not be awaited again.
+            if !writer.is_finished() {
+                let _ = (&mut writer).await;
+            }
         }
-        // The core dropped this shell (it fell behind): the writer has
-        // said so and ended.
-        _ = &mut writer => {}
+        // The writer ended: the core dropped this shell (it fell behind,
+        // and was told), or the shell stopped reading. Either way the core
+        // must forget it, or it would keep it (and its searches) for good.
+        _ = &mut writer => {
+            let _ = core.send(CoreEvent::Detach { key, reason: None }).await;
+        }
     }
 }
 

@@ -283,6 +283,11 @@ pub struct Session {
     next_link: LinkId,
     /// When to try registering at start-up again.
     retry_register_at: Option<Instant>,
+    /// `register` commands that came while a registration was on its way:
+    /// run one after another, each once the one before is answered. Two
+    /// at once would both be fresh REGISTERs after a reclaim, and the
+    /// second would find the id taken by the first.
+    deferred_registers: VecDeque<Ticket>,
     out: VecDeque<Action>,
 }
 
@@ -299,6 +304,7 @@ impl Session {
             next_op: 1,
             next_link: 1,
             retry_register_at: None,
+            deferred_registers: VecDeque::new(),
             out: VecDeque::new(),
         }
     }
@@ -360,7 +366,20 @@ impl Session {
     /// (`chatd --register`).
     pub fn register_automatically(&mut self) {
         self.retry_register_at = None;
-        self.server(Purpose::AutoRegister);
+        // One already on its way (a `register` command) does it.
+        if !self.registering() {
+            self.server(Purpose::AutoRegister);
+        }
+    }
+
+    /// Whether a registration is on its way to the server.
+    fn registering(&self) -> bool {
+        self.ops.values().any(|(p, _)| {
+            matches!(
+                p,
+                Purpose::Register(_) | Purpose::AutoRegister | Purpose::Reclaim { .. }
+            )
+        })
     }
 
     /// The next thing to do.
@@ -402,6 +421,14 @@ impl Session {
         self.set_phase(Phase::None);
         self.epoch += 1;
         self.retry_register_at = None;
+        // Asked before the quit, they must not register after it.
+        for ticket in std::mem::take(&mut self.deferred_registers) {
+            self.fail(
+                ticket,
+                FailureKind::State,
+                "cancelled: the daemon quit (`chatctl quit`, or it is stopping) before this registration was sent",
+            );
+        }
     }
 
     /// When [`Session::handle_timeout`] should next be called.
@@ -556,6 +583,7 @@ impl Session {
 
     fn command(&mut self, ticket: Ticket, command: Command, now: Instant) {
         match command {
+            Command::Register if self.registering() => self.deferred_registers.push_back(ticket),
             Command::Register => self.server(Purpose::Register(ticket)),
             Command::Bridge { peer } => {
                 if let Err(f) = self.can_bridge(peer) {
@@ -972,6 +1000,11 @@ impl Session {
             );
         }
         self.answered(purpose, result, now);
+        if !self.registering()
+            && let Some(ticket) = self.deferred_registers.pop_front()
+        {
+            self.server(Purpose::Register(ticket));
+        }
     }
 
     fn answered(&mut self, purpose: Purpose, result: Result<Response, String>, now: Instant) {
@@ -1884,6 +1917,62 @@ mod tests {
                 token: TOKEN
             }
         );
+    }
+
+    #[test]
+    fn registrations_asked_at_once_go_one_after_another() {
+        let input = |s: &mut Session, input| {
+            s.handle(input, Instant::now());
+            std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()
+        };
+        let register = |ticket| Input::Command {
+            ticket,
+            command: Command::Register,
+        };
+        let regack = |op, token| Input::ServerReply {
+            op,
+            result: Ok(Response::RegAck {
+                id: id("me"),
+                addr: addr(1),
+                token,
+                expires: 300,
+            }),
+        };
+        let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
+        let a = input(&mut s, register(1));
+        let (quit, _) = T::server_op(&a);
+        // A second one, and --register's, wait for the first.
+        let a = input(&mut s, register(2));
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Server { .. })),
+            "{a:?}"
+        );
+        s.register_automatically();
+        assert!(s.poll_action().is_none());
+        let a = input(
+            &mut s,
+            Input::ServerReply {
+                op: quit,
+                result: Ok(Response::QuitAck),
+            },
+        );
+        let (op, _) = T::server_op(&a);
+        let fresh = Token::from_bytes([9; 16]);
+        let a = input(&mut s, regack(op, fresh));
+        assert!(reply_of(&a, 1).is_ok(), "{a:?}");
+        // Then the second, a refresh with the new token: not refused.
+        let (op, request) = T::server_op(&a);
+        assert_eq!(
+            request,
+            Request::Register {
+                id: id("me"),
+                port: 1,
+                token: Some(fresh)
+            }
+        );
+        let a = input(&mut s, regack(op, fresh));
+        assert!(reply_of(&a, 2).is_ok(), "{a:?}");
+        assert_eq!(s.state(), State::Registered);
     }
 
     #[test]

@@ -140,11 +140,19 @@ pub fn answer(
         }
         return Some(kept.to_vec());
     }
-    if let Ok(Request::Register { id, .. }) = &head.request {
-        // The answer's size is known but for the token's value.
+    if let Ok(Request::Register { id, port, .. }) = &head.request {
+        // The answer's size is known but for the token's value: the
+        // address is the one recorded (an IPv4 source as IPv4, with the
+        // port the client gave).
+        let ip = match from.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
         let largest = Response::RegAck {
             id: *id,
-            addr: from,
+            addr: SocketAddr::new(ip, *port),
             token: Token::from_bytes([0; 16]),
             expires: state.expires,
         };
@@ -261,6 +269,10 @@ mod tests {
     }
 
     fn state_trusting(rate: u32, trusted_proxies: TrustedProxies) -> State {
+        state_with(rate, trusted_proxies, 300)
+    }
+
+    fn state_with(rate: u32, trusted_proxies: TrustedProxies, expires: u64) -> State {
         State::new(
             Transports {
                 tcp: false,
@@ -268,7 +280,7 @@ mod tests {
             },
             &Limits {
                 registry: registry::Config {
-                    expires: Duration::from_secs(300),
+                    expires: Duration::from_secs(expires),
                     max_registrations: 0,
                 },
                 per_ip_rate: rate,
@@ -378,11 +390,11 @@ mod tests {
 
     #[test]
     fn a_register_whose_answer_would_not_fit_is_refused_before_it_runs() {
-        let s = state(0);
+        // A long IPv6 source and a ten-digit lifetime make REGACK longer
+        // than three times a minimal REGISTER.
+        let s = state_with(0, TrustedProxies::default(), u64::from(u32::MAX));
         let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
-        // A long IPv6 source makes REGACK longer than three times a
-        // minimal REGISTER.
-        let v6: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+        let v6: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:40000"
             .parse()
             .unwrap();
         let short = b"REGISTER / HTTP/1.1\r\nClient-Id: a\r\nClient-Port: 1\r\n\r\n";
