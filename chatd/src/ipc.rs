@@ -254,7 +254,7 @@ async fn read_frame<T: serde::de::DeserializeOwned>(
         match decoder.decode::<T>() {
             Ok(Some(v)) => return Ok(Some(v)),
             Ok(None) => {}
-            Err(e) => return Err(format!("bad frame from chatctl: {e}")),
+            Err(e) => return Err(format!("bad frame on the control socket: {e}")),
         }
         match recv.read_buf(decoder.buffer()).await {
             Ok(0) => return decoder.finish().map(|()| None).map_err(|e| e.to_string()),
