@@ -643,18 +643,19 @@ fn every_line_in_flight_when_the_chat_ends_is_counted() {
         .lines()
         .filter(|l| l.contains(" not delivered: "))
         .count();
+    // "... (why, which may hold colons): N of the M lines read so far ..."
     let last = err.lines().last().unwrap_or_default();
     let words: Vec<usize> = last
-        .split(": ")
-        .nth(2)
+        .split(" lines read so far")
+        .next()
         .map(|s| {
-            s.split(' ')
+            s.rsplit(' ')
+                .take(4)
                 .filter_map(|w| w.parse().ok())
-                .take(2)
                 .collect()
         })
         .unwrap_or_default();
-    let [counted, read] = words[..] else {
+    let [read, counted] = words[..] else {
         panic!("no count in: {last}");
     };
     assert_eq!(named, counted, "{last}");
