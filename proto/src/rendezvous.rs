@@ -605,9 +605,8 @@ pub struct RequestHead {
     pub content_length: usize,
     /// The client wants the connection closed after the response.
     pub close: bool,
-    /// An HTTP/1.0 client asked to keep the connection: its response must
-    /// say `Connection: keep-alive`, or the client takes it as closing.
-    pub keep_alive_10: bool,
+    /// The request is HTTP/1.0, whose keep-alive must be said.
+    pub http10: bool,
     /// The method, when it was one of ours.
     pub method: Option<Method>,
     /// The UDP `Request-Id`, when present and valid.
@@ -617,6 +616,14 @@ pub struct RequestHead {
     pub forwarded: bool,
     /// The request, or why it cannot be acted on.
     pub request: Result<Request, Failure>,
+}
+
+impl RequestHead {
+    /// An HTTP/1.0 client asked to keep the connection: its response must
+    /// say `Connection: keep-alive`, or the client takes it as closing.
+    pub fn keep_alive_10(&self) -> bool {
+        self.http10 && !self.close
+    }
 }
 
 /// What [`parse_request`] found at the front of a buffer.
@@ -658,7 +665,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
     let http10 = req.version == Some(0);
     // `close` wins over `keep-alive` whichever version asks.
     let close = fields.close || (http10 && !fields.keep_alive);
-    let keep_alive_10 = http10 && !close;
     let request_id = match fields.request_id {
         // Which of two ids to echo is anyone's guess: neither.
         Some(_) if fields.request_id_twice => None,
@@ -669,7 +675,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
                     head_len,
                     content_length,
                     close,
-                    keep_alive_10,
+                    http10,
                     method: None,
                     request_id: None,
                     forwarded: fields.forwarded,
@@ -691,7 +697,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
         head_len,
         content_length,
         close,
-        keep_alive_10,
+        http10,
         method,
         request_id,
         forwarded: fields.forwarded,
@@ -1490,9 +1496,9 @@ mod tests {
     #[test]
     fn http10_closes_unless_keep_alive() {
         let h = complete(b"PROBE / HTTP/1.0\r\n\r\n");
-        assert!(h.close && !h.keep_alive_10);
+        assert!(h.close && !h.keep_alive_10());
         let h = complete(b"PROBE / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
-        assert!(!h.close && h.keep_alive_10);
+        assert!(!h.close && h.keep_alive_10());
         // Close wins, in a list or over two lines, in either version.
         for both in [
             &b"PROBE / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n"[..],
@@ -1501,12 +1507,12 @@ mod tests {
         ] {
             let h = complete(both);
             assert!(
-                h.close && !h.keep_alive_10,
+                h.close && !h.keep_alive_10(),
                 "{}",
                 String::from_utf8_lossy(both)
             );
         }
-        assert!(!complete(b"PROBE / HTTP/1.1\r\n\r\n").keep_alive_10);
+        assert!(!complete(b"PROBE / HTTP/1.1\r\n\r\n").keep_alive_10());
         assert!(complete(b"PROBE / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").close);
         assert!(
             complete(b"PROBE / HTTP/1.1\r\nConnection: foo\r\nConnection: Close\r\n\r\n").close

@@ -102,7 +102,7 @@ pub async fn serve(
                 &mut out,
                 &ResponseFraming {
                     close,
-                    keep_alive: head.keep_alive_10 && !close,
+                    keep_alive: head.keep_alive_10() && !stopping,
                     ..ResponseFraming::default()
                 },
             );

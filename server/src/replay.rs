@@ -5,7 +5,8 @@
 //! it again would turn a lost REGACK into a REGNACK (the id is now held
 //! under the token the client never saw). Responses are kept per
 //! (source address, `Request-Id`) for a fixed time, longer than a client
-//! retransmits. Every entry lives equally long, so insertion order is
+//! retransmits, with the method they answered: as in SIP, a request of
+//! another method under the same id is no retransmission. Every entry lives equally long, so insertion order is
 //! expiry order and a queue is the whole index. Memory is bounded too:
 //! past the cap, the oldest entries go first.
 
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_proto::rendezvous::Method;
 use hashbrown::{Equivalent, HashMap};
 
 /// The map and the queue share one allocation of the id.
@@ -31,13 +33,21 @@ impl Equivalent<Key> for Lookup<'_> {
     }
 }
 
+/// A response kept, and the method of the request it answered (`None`:
+/// not one of ours).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub method: Option<Method>,
+    pub response: Vec<u8>,
+}
+
 /// Responses by (source, Request-Id), for `ttl`.
 pub struct ReplayCache {
     ttl: Duration,
     max_bytes: usize,
     bytes: usize,
     /// Each response with the stamp of its queue entry.
-    map: HashMap<Key, (u64, Vec<u8>), RandomState>,
+    map: HashMap<Key, (u64, Kept), RandomState>,
     /// Expiry order. A key inserted twice has two queue entries; only the
     /// one whose stamp matches the map removes it.
     order: VecDeque<(Duration, u64, Key)>,
@@ -57,19 +67,18 @@ impl ReplayCache {
         }
     }
 
-    /// The response already sent for this request, if still held.
-    pub fn get(&mut self, source: SocketAddr, request_id: &str, now: Duration) -> Option<&[u8]> {
+    /// The response already sent under this id, if still held.
+    pub fn get(&mut self, source: SocketAddr, request_id: &str, now: Duration) -> Option<&Kept> {
         self.expire(now);
-        self.map
-            .get(&Lookup(source, request_id))
-            .map(|(_, v)| v.as_slice())
+        self.map.get(&Lookup(source, request_id)).map(|(_, k)| k)
     }
 
-    /// Remembers the response sent for this request.
+    /// Remembers the response sent for this request, of `method`.
     pub fn insert(
         &mut self,
         source: SocketAddr,
         request_id: &str,
+        method: Option<Method>,
         response: Vec<u8>,
         now: Duration,
     ) {
@@ -82,10 +91,11 @@ impl ReplayCache {
         while self.bytes + cost > self.max_bytes && self.pop_oldest() {}
         let stamp = self.next_stamp;
         self.next_stamp += 1;
-        if let Some((_, old)) = self.map.insert(key.clone(), (stamp, response)) {
+        let kept = Kept { method, response };
+        if let Some((_, old)) = self.map.insert(key.clone(), (stamp, kept)) {
             // Same key again (a client reusing an id): the newer response
             // replaces the older, whose queue entry then expires harmlessly.
-            self.bytes -= Self::map_cost(&key, &old);
+            self.bytes -= Self::map_cost(&key, &old.response);
         }
         self.bytes += cost;
         self.order.push_back((now + self.ttl, stamp, key));
@@ -123,9 +133,9 @@ impl ReplayCache {
         };
         self.bytes -= Self::queue_cost(&key);
         if self.map.get(&key).is_some_and(|(s, _)| *s == stamp)
-            && let Some((_, v)) = self.map.remove(&key)
+            && let Some((_, old)) = self.map.remove(&key)
         {
-            self.bytes -= Self::map_cost(&key, &v);
+            self.bytes -= Self::map_cost(&key, &old.response);
         }
         true
     }
@@ -143,45 +153,55 @@ mod tests {
         Duration::from_secs(n)
     }
 
+    /// The response kept under `id`, as bytes.
+    fn kept<'c>(
+        c: &'c mut ReplayCache,
+        from: SocketAddr,
+        id: &str,
+        now: Duration,
+    ) -> Option<&'c [u8]> {
+        c.get(from, id, now).map(|k| k.response.as_slice())
+    }
+
     #[test]
     fn answers_within_ttl_and_forgets_after() {
         let mut c = ReplayCache::new(s(30), 1 << 20);
-        c.insert(addr(1), "r1", b"resp".to_vec(), s(0));
-        assert_eq!(c.get(addr(1), "r1", s(29)), Some(&b"resp"[..]));
-        assert_eq!(c.get(addr(1), "r1", s(30)), None);
+        c.insert(addr(1), "r1", None, b"resp".to_vec(), s(0));
+        assert_eq!(kept(&mut c, addr(1), "r1", s(29)), Some(&b"resp"[..]));
+        assert_eq!(kept(&mut c, addr(1), "r1", s(30)), None);
         assert_eq!(c.len(), 0);
     }
 
     #[test]
     fn keys_are_per_source_and_id() {
         let mut c = ReplayCache::new(s(30), 1 << 20);
-        c.insert(addr(1), "r1", b"a".to_vec(), s(0));
-        assert_eq!(c.get(addr(2), "r1", s(1)), None);
-        assert_eq!(c.get(addr(1), "r2", s(1)), None);
+        c.insert(addr(1), "r1", None, b"a".to_vec(), s(0));
+        assert_eq!(kept(&mut c, addr(2), "r1", s(1)), None);
+        assert_eq!(kept(&mut c, addr(1), "r2", s(1)), None);
     }
 
     #[test]
     fn byte_cap_evicts_oldest_first() {
         // Each entry costs 8 + 2 + 64 in the map and 2 + 64 in the queue.
         let mut c = ReplayCache::new(s(30), 2 * 140 + 10);
-        c.insert(addr(1), "r1", vec![0; 8], s(0));
-        c.insert(addr(1), "r2", vec![0; 8], s(1));
-        c.insert(addr(1), "r3", vec![0; 8], s(2));
-        assert_eq!(c.get(addr(1), "r1", s(2)), None);
-        assert!(c.get(addr(1), "r2", s(2)).is_some());
-        assert!(c.get(addr(1), "r3", s(2)).is_some());
+        c.insert(addr(1), "r1", None, vec![0; 8], s(0));
+        c.insert(addr(1), "r2", None, vec![0; 8], s(1));
+        c.insert(addr(1), "r3", None, vec![0; 8], s(2));
+        assert_eq!(kept(&mut c, addr(1), "r1", s(2)), None);
+        assert!(kept(&mut c, addr(1), "r2", s(2)).is_some());
+        assert!(kept(&mut c, addr(1), "r3", s(2)).is_some());
         // Larger than the whole cap: not kept, nothing evicted.
-        c.insert(addr(1), "big", vec![0; 300], s(3));
+        c.insert(addr(1), "big", None, vec![0; 300], s(3));
         assert_eq!(c.len(), 2);
     }
 
     #[test]
     fn reused_id_keeps_the_newest_response_for_its_full_ttl() {
         let mut c = ReplayCache::new(s(30), 1 << 20);
-        c.insert(addr(1), "r", b"old".to_vec(), s(0));
-        c.insert(addr(1), "r", b"new".to_vec(), s(20));
-        assert_eq!(c.get(addr(1), "r", s(31)), Some(&b"new"[..]));
-        assert_eq!(c.get(addr(1), "r", s(50)), None);
+        c.insert(addr(1), "r", None, b"old".to_vec(), s(0));
+        c.insert(addr(1), "r", None, b"new".to_vec(), s(20));
+        assert_eq!(kept(&mut c, addr(1), "r", s(31)), Some(&b"new"[..]));
+        assert_eq!(kept(&mut c, addr(1), "r", s(50)), None);
         assert_eq!(c.bytes, 0);
     }
 }

@@ -30,7 +30,7 @@ use chat_proto::rendezvous::{
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::replay::ReplayCache;
+use crate::replay::{Kept, ReplayCache};
 use crate::state::{State, Via};
 
 /// How long responses are kept for retransmissions: longer than the ~8 s a
@@ -121,52 +121,15 @@ pub fn answer(
     if let Some(rid) = rid
         && let Some(kept) = cache.get(from, rid, now)
     {
-        // A true retransmission is as long as the request the response was
-        // sized for; a short datagram reusing its id gets nothing, or the
-        // cache would be an amplifier for anyone who saw the id.
-        if !within_bound(kept, datagram.len()) {
-            return None;
-        }
-        // A success names what it answered (SIP matches the method too): a
-        // QUIT reusing a REGISTER's id is told, not answered REGACK.
-        if let Some(asked) = head.method
-            && let Some(answered) = success_phrase(kept)
-            && answered != asked.ack().as_bytes()
-        {
-            let f = Failure::bad_request(format!(
-                "Request-Id {rid} already names another request of yours: use a new one for each request"
-            ));
-            return encode(&Response::Error(f), Some(rid), datagram.len());
-        }
-        return Some(kept.to_vec());
+        return replayed(kept, rid, &head, datagram.len());
     }
-    if let Ok(Request::Register { id, port, .. }) = &head.request {
-        // The answer's size is known but for the token's value: the
-        // address is the one recorded (an IPv4 source as IPv4, with the
-        // port the client gave).
-        let ip = match from.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-            v4 => v4,
-        };
-        let largest = Response::RegAck {
-            id: *id,
-            addr: SocketAddr::new(ip, *port),
-            token: Token::from_bytes([0; 16]),
-            expires: state.expires,
-        };
-        if encode(&largest, rid, datagram.len()).is_none() {
-            let f = Failure::bad_request(format!(
-                "request too short for its answer: over UDP an answer is at most {MAX_AMPLIFICATION} times its request; add a Request-Id header"
-            ));
-            return encode(&Response::Error(f), rid, datagram.len());
-        }
+    if let Some(refusal) = too_short_to_register(state, &head, from, datagram.len()) {
+        return encode(&Response::Error(refusal), rid, datagram.len());
     }
     let response = state.answer(&head, from.ip(), now);
     let reply = encode(&response, rid, datagram.len())?;
     if let Some(rid) = rid {
-        cache.insert(from, rid, reply.clone(), now);
+        cache.insert(from, rid, head.method, reply.clone(), now);
     }
     Some(reply)
 }
@@ -200,11 +163,60 @@ fn parse_datagram(datagram: &[u8]) -> Result<RequestHead, Failure> {
     }
 }
 
-/// The reason phrase of a kept `200` (`REGACK` ...), naming the method it
-/// answered.
-fn success_phrase(response: &[u8]) -> Option<&[u8]> {
-    let rest = response.strip_prefix(b"HTTP/1.1 200 ")?;
-    rest.split(|&b| b == b'\r').next()
+/// The answer to a request whose `Request-Id` (`rid`) is in the cache: the
+/// kept response, if this is its retransmission.
+fn replayed(kept: &Kept, rid: &str, head: &RequestHead, request_len: usize) -> Option<Vec<u8>> {
+    // A true retransmission is as long as the request the response was
+    // sized for; a short datagram reusing its id gets nothing, or the
+    // cache would be an amplifier for anyone who saw the id.
+    if !within_bound(&kept.response, request_len) {
+        return None;
+    }
+    // Another method under the same id is a client's mistake, told as
+    // such: a QUIT is not answered with an earlier REGISTER's REGACK.
+    if kept.method != head.method {
+        let f = Failure::bad_request(format!(
+            "Request-Id {rid} already names another request of yours: use a new one for each request"
+        ));
+        return encode(&Response::Error(f), Some(rid), request_len);
+    }
+    Some(kept.response.clone())
+}
+
+/// Longer than any REGACK can be: a 32-character id, the longest IPv6
+/// address with a 5-digit port, a 10-digit lifetime, a 64-character
+/// `Request-Id` (a test checks). A REGISTER of a third of this or more
+/// needs no size check.
+const REGACK_AT_MOST: usize = 300;
+
+/// Why a REGISTER must be refused before it runs: its answer, whose size
+/// is known but for the token's value, would not fit the amplification
+/// bound, and a REGISTER executed and unanswered would leave its
+/// retransmission to find the id taken under a token never seen.
+fn too_short_to_register(
+    state: &State,
+    head: &RequestHead,
+    from: SocketAddr,
+    request_len: usize,
+) -> Option<Failure> {
+    let Ok(Request::Register { id, port, .. }) = &head.request else {
+        return None;
+    };
+    if request_len * MAX_AMPLIFICATION >= REGACK_AT_MOST {
+        return None;
+    }
+    let largest = Response::RegAck {
+        id: *id,
+        // As the registry records it: an IPv4 source as IPv4.
+        addr: SocketAddr::new(from.ip().to_canonical(), *port),
+        token: Token::from_bytes([0; 16]),
+        expires: state.expires,
+    };
+    encode(&largest, head.request_id.as_deref(), request_len).is_none().then(|| {
+        Failure::bad_request(format!(
+            "request too short for its answer: over UDP an answer is at most {MAX_AMPLIFICATION} times its request; lengthen it with Host and Request-Id headers"
+        ))
+    })
 }
 
 /// Whether `datagram` starts with `METHOD SP TARGET SP HTTP/d.d`: worth an
@@ -265,11 +277,11 @@ mod tests {
     use chat_proto::rendezvous::Transports;
 
     fn state(rate: u32) -> State {
-        state_trusting(rate, TrustedProxies::default())
+        state_with(rate, TrustedProxies::default(), 300)
     }
 
-    fn state_trusting(rate: u32, trusted_proxies: TrustedProxies) -> State {
-        state_with(rate, trusted_proxies, 300)
+    fn cache() -> ReplayCache {
+        ReplayCache::new(REPLAY_TTL, REPLAY_BYTES)
     }
 
     fn state_with(rate: u32, trusted_proxies: TrustedProxies, expires: u64) -> State {
@@ -305,8 +317,8 @@ mod tests {
         // A datagram's source is easily forged, so even a trusted proxy's
         // address proves nothing over UDP.
         let proxy = "127.0.0.1".parse().unwrap();
-        let s = state_trusting(0, TrustedProxies::new(vec![proxy]));
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let s = state_with(0, TrustedProxies::new(vec![proxy]), 300);
+        let mut cache = cache();
         let req = b"REGISTER / HTTP/1.1\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\nX-Forwarded-For: 127.0.0.77\r\n\r\n";
         let resp = text(&answer(&s, &mut cache, req, from()).unwrap());
         assert!(resp.contains("Client-Addr: 127.0.0.1:4000\r\n"), "{resp}");
@@ -315,7 +327,7 @@ mod tests {
     #[test]
     fn retransmission_is_answered_from_the_cache() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let req = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\n\r\n";
         let first = answer(&s, &mut cache, req, from()).unwrap();
         let again = answer(&s, &mut cache, req, from()).unwrap();
@@ -339,8 +351,8 @@ mod tests {
     fn a_response_or_garbage_gets_no_answer_so_no_loop_can_start() {
         let a = state(0);
         let b = state(0);
-        let mut cache_a = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
-        let mut cache_b = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache_a = cache();
+        let mut cache_b = cache();
         // A forged datagram makes b answer a, a answer b, and so on, for as
         // long as each answers the other: it ends at the first answer.
         for forged in [
@@ -379,7 +391,7 @@ mod tests {
     #[test]
     fn forged_datagrams_do_not_spend_an_address_s_tcp_allowance() {
         let s = state(2);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let now = s.now();
         for _ in 0..10 {
             let _ = answer(&s, &mut cache, b"PROBE / HTTP/1.1\r\n\r\n", from());
@@ -393,7 +405,7 @@ mod tests {
         // A long IPv6 source and a ten-digit lifetime make REGACK longer
         // than three times a minimal REGISTER.
         let s = state_with(0, TrustedProxies::default(), u64::from(u32::MAX));
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let v6: SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:40000"
             .parse()
             .unwrap();
@@ -413,7 +425,7 @@ mod tests {
     #[test]
     fn a_request_id_reused_for_another_method_is_refused_not_replayed() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let reg = b"REGISTER / HTTP/1.1\r\nHost: x\r\nClient-Id: a\r\nClient-Port: 1\r\nRequest-Id: abc\r\n\r\n";
         let first = text(&answer(&s, &mut cache, reg, from()).unwrap());
         let token = first
@@ -429,12 +441,42 @@ mod tests {
         assert!(r.contains("Request-Id: abc\r\n"), "{r}");
         // The retransmitted REGISTER is still replayed.
         assert_eq!(text(&answer(&s, &mut cache, reg, from()).unwrap()), first);
+        // An earlier refusal is no answer to another method either.
+        let bridge = b"BRIDGE / HTTP/1.1\r\nHost: x\r\nClient-Id: nobody\r\nClient-Token: 00000000000000000000000000000000\r\nRequest-Id: def\r\n\r\n";
+        let refused = text(&answer(&s, &mut cache, bridge, from()).unwrap());
+        assert!(refused.starts_with("HTTP/1.1 404"), "{refused}");
+        let quit = quit.replace("abc", "def");
+        let r = text(&answer(&s, &mut cache, quit.as_bytes(), from()).unwrap());
+        assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+        assert!(r.contains("already names another request"), "{r}");
+    }
+
+    #[test]
+    fn no_regack_is_longer_than_regack_at_most() {
+        let largest = Response::RegAck {
+            id: "a".repeat(32).parse().unwrap(),
+            addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
+            token: Token::from_bytes([0xff; 16]),
+            expires: u32::MAX,
+        };
+        let mut out = Vec::new();
+        largest.encode(
+            &mut out,
+            &ResponseFraming {
+                datagram: true,
+                request_id: Some(&"r".repeat(chat_proto::rendezvous::MAX_REQUEST_ID)),
+                ..ResponseFraming::default()
+            },
+        );
+        assert!(out.len() <= REGACK_AT_MOST, "{} bytes", out.len());
     }
 
     #[test]
     fn one_request_per_datagram() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let two = b"PROBE / HTTP/1.1\r\nHost: x\r\n\r\nPROBE / HTTP/1.1\r\nHost: x\r\n\r\n";
         let r = text(&answer(&s, &mut cache, two, from()).unwrap());
         assert!(r.starts_with("HTTP/1.1 400"), "{r}");
@@ -446,7 +488,7 @@ mod tests {
     #[test]
     fn responses_stay_within_three_times_the_request() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let mut answered = Vec::new();
         for req in [
             &b"PROBE / HTTP/1.1\r\n\r\n"[..],
@@ -493,7 +535,7 @@ mod tests {
     #[test]
     fn a_refused_datagram_still_carries_its_request_id() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         for (req, status) in [
             (
                 &b"PROBE / HTTP/1.1\r\nRequest-Id: 5\r\nContent-Length: 10\r\n\r\nab"[..],
@@ -526,7 +568,7 @@ mod tests {
     #[test]
     fn a_short_datagram_reusing_an_id_gets_no_kept_response() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let req = b"REGISTER / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\nClient-Id: alice\r\nClient-Port: 4000\r\nRequest-Id: 1\r\n\r\n";
         let first = answer(&s, &mut cache, req, from()).unwrap();
         let short = b"X / HTTP/1.1\r\nRequest-Id:1\r\n\r\n";
@@ -539,7 +581,7 @@ mod tests {
     #[test]
     fn minimal_form_is_used_when_the_full_one_is_too_big() {
         let s = state(0);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let resp = answer(&s, &mut cache, b"PROBE / HTTP/1.1\r\n\r\n", from()).unwrap();
         assert_eq!(
             text(&resp),
@@ -557,7 +599,7 @@ mod tests {
     #[test]
     fn over_the_rate_limit_is_silent() {
         let s = state(2);
-        let mut cache = ReplayCache::new(REPLAY_TTL, REPLAY_BYTES);
+        let mut cache = cache();
         let req = b"PROBE / HTTP/1.1\r\nHost: 127.0.0.1:5555\r\n\r\n";
         assert!(answer(&s, &mut cache, req, from()).is_some());
         assert!(answer(&s, &mut cache, req, from()).is_some());
