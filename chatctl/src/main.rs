@@ -500,7 +500,7 @@ fn summary(lines: &Lines, stopped: Option<&(usize, String)>) -> String {
     match stopped {
         Some((line, why)) => format!(
             "stopped at line {line} ({}): {} of the {} lines read so far not delivered (lines {}{more}); the rest of the input is not sent",
-            why.strip_prefix("not delivered: ").unwrap_or(why),
+            output::undelivered_because(why),
             failed.len(),
             lines.total,
             shown.join(", ")

@@ -63,8 +63,7 @@ impl Printer {
     /// A line of `send -` that will not arrive: a JSON object on standard
     /// output for scripts, a warning on standard error for people.
     pub fn undelivered(&self, line: usize, why: &str) {
-        // The daemon's reason may say it already.
-        let why = why.strip_prefix("not delivered: ").unwrap_or(why);
+        let why = undelivered_because(why);
         if self.json {
             self.emit(
                 String::new(),
@@ -82,6 +81,12 @@ impl Printer {
 }
 
 /// What a reply says to a person (the demo prints the same).
+/// Why a line was not delivered, without the "not delivered: " the
+/// daemon's reason may open with, for a sentence that says it already.
+pub fn undelivered_because(why: &str) -> &str {
+    why.strip_prefix("not delivered: ").unwrap_or(why)
+}
+
 pub fn reply_text(reply: &Reply) -> String {
     match reply {
         Reply::Id { id } => id.to_string(),

@@ -160,6 +160,7 @@ impl Options {
 /// A server address must name a port: `HOST:PORT` or `[IPv6]:PORT`.
 fn check_server(server: &str) -> Result<(), String> {
     if let Some((scheme, rest)) = server.split_once("://") {
+        let rest = rest.trim_end_matches('/');
         return Err(format!(
             "bad server address {server:?}: no {scheme}:// (chatd speaks to the server itself); give HOST:PORT, such as {rest:?}"
         ));
@@ -250,7 +251,7 @@ mod tests {
             assert!(check_server(good).is_ok(), "{good}");
         }
         // A URL is a likely slip: said so, with what to give instead.
-        let err = check_server("http://127.0.0.1:5555").unwrap_err();
+        let err = check_server("http://127.0.0.1:5555/").unwrap_err();
         assert!(
             err.contains("no http://") && err.contains("\"127.0.0.1:5555\""),
             "{err}"

@@ -512,8 +512,9 @@ impl Core {
         })
     }
 
+    /// Answers a request whose permit a search holds (and gives back).
     fn answer(&mut self, key: ClientKey, id: u64, result: Result<Reply, Failure>) {
-        self.push(key, DaemonFrame::Reply { id, result });
+        self.push_queued(key, Queued::answer(DaemonFrame::Reply { id, result }));
     }
 
     /// Answers a request, its permit given back once the answer is
@@ -526,12 +527,7 @@ impl Core {
         permit: OwnedSemaphorePermit,
     ) {
         let frame = DaemonFrame::Reply { id, result };
-        self.push_queued(key, Queued::reply(frame, Some(permit)));
-    }
-
-    /// Queues a frame answering one of a shell's requests.
-    fn push(&mut self, key: ClientKey, frame: DaemonFrame) -> bool {
-        self.push_queued(key, Queued::answer(frame))
+        self.push_queued(key, Queued::reply(frame, permit));
     }
 
     fn push_queued(&mut self, key: ClientKey, frame: Queued) -> bool {
@@ -829,23 +825,17 @@ impl Core {
         }
         let keys: Vec<ClientKey> = self.clients.keys().copied().collect();
         for key in keys {
-            let reached: Vec<u64> = match self.clients.get_mut(&key) {
+            let reached = match self.clients.get_mut(&key) {
                 Some(c) => {
                     let (hit, keep): (Vec<_>, Vec<_>) =
                         c.waits.drain(..).partition(|(_, s, _)| *s == status.state);
                     c.waits = keep;
-                    hit.into_iter().map(|(id, _, _)| id).collect()
+                    hit
                 }
                 None => continue,
             };
-            for id in reached {
-                self.answer(
-                    key,
-                    id,
-                    Ok(Reply::Reached {
-                        state: status.state,
-                    }),
-                );
+            for (id, state, permit) in reached {
+                self.reply(key, id, Ok(Reply::Reached { state }), permit);
             }
         }
     }

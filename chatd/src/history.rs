@@ -640,6 +640,18 @@ mod tests {
         ));
     }
 
+    /// Whether each of the last `n` messages was delivered, oldest first.
+    fn delivered(h: &History, n: u32) -> Vec<Option<bool>> {
+        h.last(n, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| match r.kind {
+                RecordKind::Message { delivered, .. } => delivered,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
     fn delivery_is_noted_on_the_message() {
         let mut h = History::in_memory(id("me"));
@@ -650,16 +662,7 @@ mod tests {
         h.set_delivered(sent.seq, true).unwrap();
         h.set_delivered(lost.seq, false).unwrap();
         h.commit().unwrap();
-        let delivered: Vec<Option<bool>> = h
-            .last(2, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|r| match r.kind {
-                RecordKind::Message { delivered, .. } => delivered,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(delivered, vec![Some(true), Some(false)]);
+        assert_eq!(delivered(&h, 2), vec![Some(true), Some(false)]);
     }
 
     #[test]
@@ -672,16 +675,7 @@ mod tests {
         h.set_delivered(confirmed.seq, true).unwrap();
         h.commit().unwrap();
         assert_eq!(h.settle_unconfirmed().unwrap(), 1);
-        let delivered: Vec<Option<bool>> = h
-            .last(3, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|r| match r.kind {
-                RecordKind::Message { delivered, .. } => delivered,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(delivered, vec![Some(true), Some(false), None]);
+        assert_eq!(delivered(&h, 3), vec![Some(true), Some(false), None]);
         assert_eq!(h.settle_unconfirmed().unwrap(), 0);
     }
 

@@ -96,9 +96,9 @@ impl Queued {
     }
 
     /// A reply that holds its request's permit until written.
-    pub fn reply(frame: DaemonFrame, permit: Option<OwnedSemaphorePermit>) -> Queued {
+    pub fn reply(frame: DaemonFrame, permit: OwnedSemaphorePermit) -> Queued {
         Queued {
-            permit,
+            permit: Some(permit),
             ..Queued::answer(frame)
         }
     }
@@ -214,7 +214,7 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
             }
         }
     };
-    tokio::select! {
+    let reason = tokio::select! {
         reason = reading => {
             if reason.is_none() {
                 // The end of the shell's input (`socat` half-closes so) is
@@ -230,18 +230,17 @@ async fn serve(stream: Stream, key: ClientKey, core: mpsc::Sender<CoreEvent>) {
                     _ = &mut writer => {}
                 }
             }
-            let _ = core.send(CoreEvent::Detach { key, reason }).await;
-            // A finished task's handle must not be awaited again.
-            if !writer.is_finished() {
-                let _ = (&mut writer).await;
-            }
+            reason
         }
         // The writer ended: the core dropped this shell (it fell behind,
         // and was told), or the shell stopped reading. Either way the core
         // must forget it, or it would keep it (and its searches) for good.
-        _ = &mut writer => {
-            let _ = core.send(CoreEvent::Detach { key, reason: None }).await;
-        }
+        _ = &mut writer => None,
+    };
+    let _ = core.send(CoreEvent::Detach { key, reason }).await;
+    // A finished task's handle must not be awaited again.
+    if !writer.is_finished() {
+        let _ = writer.await;
     }
 }
 
@@ -312,12 +311,16 @@ async fn writer(
         }
         // A shell that stops reading for this long is gone as far as the
         // daemon is concerned: its queue is let go.
-        if !matches!(
-            timeout(WRITE_TIMEOUT, send.write_all(&out)).await,
-            Ok(Ok(()))
-        ) {
-            tracing::debug!("a shell stopped reading for {WRITE_TIMEOUT:?}: dropped");
-            return;
+        match timeout(WRITE_TIMEOUT, send.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!("a shell went away: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("a shell read nothing for {WRITE_TIMEOUT:?}: dropped");
+                return;
+            }
         }
         permits.clear();
         live.fetch_sub(live_written, Ordering::AcqRel);

@@ -209,16 +209,11 @@ impl Drop for Place {
     }
 }
 
-/// An IPv4 address as it is; an IPv6 one by its /64, the block one host
-/// usually holds.
+/// An IPv4 address (IPv4-mapped too) as it is; an IPv6 one by its /64,
+/// the block one host usually holds.
 fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-        },
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,
     }
 }
@@ -319,26 +314,33 @@ pub async fn connect(
 ) {
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        // Failures are (the peer's refusal status, if it answered; why;
-        // whether nothing listens at the address at all).
-        let late = || {
-            (
-                None,
-                format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
-                false,
-            )
+        let failed = |reason: String| Input::LinkFailed {
+            link,
+            refused: None,
+            reason,
+            nobody_listens: false,
         };
-        let io = |e: std::io::Error| (None, e.to_string(), false);
-        let local = crate::rendezvous::local_for(source, addr).map_err(|e| (None, e, false))?;
+        let late = || {
+            failed(format!(
+                "no answer within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        };
+        let io = |e: std::io::Error| failed(e.to_string());
+        let local = crate::rendezvous::local_for(source, addr).map_err(failed)?;
         let mut stream = match timeout_at(deadline, crate::rendezvous::connect(local, addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                let nobody = e.kind() == std::io::ErrorKind::ConnectionRefused;
                 let why = match source {
                     Some(_) => format!("{e} (calling from {}, --bind)", local.ip()),
                     None => e.to_string(),
                 };
-                return Err((None, why, nobody));
+                return Err(Input::LinkFailed {
+                    link,
+                    refused: None,
+                    reason: why,
+                    nobody_listens: e.kind() == std::io::ErrorKind::ConnectionRefused,
+                });
             }
             Err(_) => return Err(late()),
         };
@@ -354,10 +356,8 @@ pub async fn connect(
         loop {
             match timeout_at(deadline, stream.read_buf(&mut buf)).await {
                 Ok(Ok(0)) => {
-                    return Err((
-                        None,
+                    return Err(failed(
                         "the peer closed the connection during the handshake".into(),
-                        false,
                     ));
                 }
                 Ok(Ok(_)) => {}
@@ -369,10 +369,15 @@ pub async fn connect(
                     return Ok((stream, id, buf.split_off(used)));
                 }
                 Ok(Some((Answer::Refused { status, reason }, _))) => {
-                    return Err((Some(status), format!("refused ({status}): {reason}"), false));
+                    return Err(Input::LinkFailed {
+                        link,
+                        refused: Some(status),
+                        reason: format!("refused ({status}): {reason}"),
+                        nobody_listens: false,
+                    });
                 }
                 Ok(None) => {}
-                Err(e) => return Err((None, format!("not a chatd: {e}"), false)),
+                Err(e) => return Err(failed(format!("not a chatd: {e}"))),
             }
         }
     };
@@ -383,15 +388,8 @@ pub async fn connect(
                 .send(CoreEvent::Session(Input::LinkUp { link, peer }))
                 .await;
         }
-        Err((refused, reason, nobody_listens)) => {
-            let _ = core
-                .send(CoreEvent::Session(Input::LinkFailed {
-                    link,
-                    refused,
-                    reason,
-                    nobody_listens,
-                }))
-                .await;
+        Err(failure) => {
+            let _ = core.send(CoreEvent::Session(failure)).await;
         }
     }
 }

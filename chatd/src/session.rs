@@ -1569,10 +1569,19 @@ mod tests {
 
     impl T {
         fn new(turns: bool) -> T {
+            T::started(turns, None)
+        }
+
+        /// A session whose earlier run saved `token`.
+        fn with_saved_token(token: Token) -> T {
+            T::started(false, Some(token))
+        }
+
+        fn started(turns: bool, token: Option<Token>) -> T {
             T {
                 s: Session::new(
                     Config::new(id("me"), 4000, "server:5555".into(), turns),
-                    None,
+                    token,
                 ),
                 now: Instant::now(),
                 next_ticket: 1,
@@ -1634,12 +1643,17 @@ mod tests {
 
         /// The server's REGACK to request `op`, with the usual token.
         fn regack(&mut self, op: OpId) -> Vec<Action> {
+            self.regack_with(op, TOKEN)
+        }
+
+        /// The server's REGACK to request `op`, issuing `token`.
+        fn regack_with(&mut self, op: OpId, token: Token) -> Vec<Action> {
             self.input(Input::ServerReply {
                 op,
                 result: Ok(Response::RegAck {
                     id: id("me"),
                     addr: addr(4000),
-                    token: TOKEN,
+                    token,
                     expires: 300,
                 }),
             })
@@ -1648,15 +1662,7 @@ mod tests {
         fn register(&mut self) {
             let (_, a) = self.command(Command::Register);
             let (op, _) = T::server_op(&a);
-            self.input(Input::ServerReply {
-                op,
-                result: Ok(Response::RegAck {
-                    id: id("me"),
-                    addr: addr(4000),
-                    token: TOKEN,
-                    expires: 300,
-                }),
-            });
+            self.regack(op);
             assert_eq!(self.s.state(), State::Registered);
         }
 
@@ -1808,13 +1814,7 @@ mod tests {
         let mut t = T::new(false);
         t.s.register_automatically();
         let (op, _) = T::server_op(&t.drain());
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::RegNack,
-                "taken",
-            ))),
-        });
+        let a = t.refused(op, HttpFailure::new(ErrorStatus::RegNack, "taken"));
         assert!(a.iter().any(
             |x| matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("another client holds this id"))
         ));
@@ -1823,10 +1823,6 @@ mod tests {
 
     #[test]
     fn a_saved_token_takes_back_the_earlier_runs_registration_first() {
-        let input = |s: &mut Session, input| {
-            s.handle(input, Instant::now());
-            std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()
-        };
         for quit_answer in [
             Ok(Response::QuitAck),
             Ok(Response::Error(HttpFailure::new(
@@ -1834,14 +1830,10 @@ mod tests {
                 "no client me is registered",
             ))),
         ] {
-            let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
-            let register = Input::Command {
-                ticket: 1,
-                command: Command::Register,
-            };
+            let mut t = T::with_saved_token(TOKEN);
             // Whatever the server still holds for that run (waiting for a
             // peer, say) is taken back ...
-            let a = input(&mut s, register);
+            let (ticket, a) = t.command(Command::Register);
             let (op, request) = T::server_op(&a);
             assert_eq!(
                 request,
@@ -1851,65 +1843,36 @@ mod tests {
                 }
             );
             // ... and the id registered anew, with nothing carried over.
-            let a = input(
-                &mut s,
-                Input::ServerReply {
-                    op,
-                    result: quit_answer,
-                },
-            );
+            let a = t.input(Input::ServerReply {
+                op,
+                result: quit_answer,
+            });
             let (op, request) = T::server_op(&a);
             assert_eq!(
                 request,
                 Request::Register {
                     id: id("me"),
-                    port: 1,
+                    port: 4000,
                     token: None
                 }
             );
             let fresh = Token::from_bytes([9; 16]);
-            let a = input(
-                &mut s,
-                Input::ServerReply {
-                    op,
-                    result: Ok(Response::RegAck {
-                        id: id("me"),
-                        addr: addr(1),
-                        token: fresh,
-                        expires: 300,
-                    }),
-                },
-            );
+            let a = t.regack_with(op, fresh);
             assert!(a.contains(&Action::SaveToken(fresh)), "{a:?}");
-            assert!(reply_of(&a, 1).is_ok(), "{a:?}");
+            assert!(reply_of(&a, ticket).is_ok(), "{a:?}");
         }
         // The server out of reach: the registration fails as it would have,
         // and the token is kept for the next try.
-        let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
-        let a = input(
-            &mut s,
-            Input::Command {
-                ticket: 1,
-                command: Command::Register,
-            },
-        );
+        let mut t = T::with_saved_token(TOKEN);
+        let (ticket, a) = t.command(Command::Register);
         let (op, _) = T::server_op(&a);
-        let a = input(
-            &mut s,
-            Input::ServerReply {
-                op,
-                result: Err("connection refused".into()),
-            },
-        );
-        let f = reply_of(&a, 1).unwrap_err();
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Err("connection refused".into()),
+        });
+        let f = reply_of(&a, ticket).unwrap_err();
         assert!(f.message.contains("cannot reach the server"), "{f:?}");
-        let a = input(
-            &mut s,
-            Input::Command {
-                ticket: 2,
-                command: Command::Register,
-            },
-        );
+        let (_, a) = t.command(Command::Register);
         assert_eq!(
             T::server_op(&a).1,
             Request::Quit {
@@ -1921,58 +1884,38 @@ mod tests {
 
     #[test]
     fn registrations_asked_at_once_go_one_after_another() {
-        let input = |s: &mut Session, input| {
-            s.handle(input, Instant::now());
-            std::iter::from_fn(|| s.poll_action()).collect::<Vec<_>>()
-        };
-        let register = |ticket| Input::Command {
-            ticket,
-            command: Command::Register,
-        };
-        let regack = |op, token| Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(1),
-                token,
-                expires: 300,
-            }),
-        };
-        let mut s = Session::new(Config::new(id("me"), 1, "s".into(), false), Some(TOKEN));
-        let a = input(&mut s, register(1));
+        let mut t = T::with_saved_token(TOKEN);
+        let (first, a) = t.command(Command::Register);
         let (quit, _) = T::server_op(&a);
         // A second one, and --register's, wait for the first.
-        let a = input(&mut s, register(2));
+        let (second, a) = t.command(Command::Register);
         assert!(
             !a.iter().any(|x| matches!(x, Action::Server { .. })),
             "{a:?}"
         );
-        s.register_automatically();
-        assert!(s.poll_action().is_none());
-        let a = input(
-            &mut s,
-            Input::ServerReply {
-                op: quit,
-                result: Ok(Response::QuitAck),
-            },
-        );
+        t.s.register_automatically();
+        assert!(t.drain().is_empty());
+        let a = t.input(Input::ServerReply {
+            op: quit,
+            result: Ok(Response::QuitAck),
+        });
         let (op, _) = T::server_op(&a);
         let fresh = Token::from_bytes([9; 16]);
-        let a = input(&mut s, regack(op, fresh));
-        assert!(reply_of(&a, 1).is_ok(), "{a:?}");
+        let a = t.regack_with(op, fresh);
+        assert!(reply_of(&a, first).is_ok(), "{a:?}");
         // Then the second, a refresh with the new token: not refused.
         let (op, request) = T::server_op(&a);
         assert_eq!(
             request,
             Request::Register {
                 id: id("me"),
-                port: 1,
+                port: 4000,
                 token: Some(fresh)
             }
         );
-        let a = input(&mut s, regack(op, fresh));
-        assert!(reply_of(&a, 2).is_ok(), "{a:?}");
-        assert_eq!(s.state(), State::Registered);
+        let a = t.regack_with(op, fresh);
+        assert!(reply_of(&a, second).is_ok(), "{a:?}");
+        assert_eq!(t.s.state(), State::Registered);
     }
 
     #[test]
@@ -1980,13 +1923,13 @@ mod tests {
         let mut t = T::new(false);
         let (ticket, a) = t.command(Command::Register);
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
+        let a = t.refused(
             op,
-            result: Ok(Response::Error(HttpFailure::new(
+            HttpFailure::new(
                 ErrorStatus::RegNack,
                 "id me is registered by another client",
-            ))),
-        });
+            ),
+        );
         let f = reply_of(&a, ticket).unwrap_err();
         assert_eq!(f.kind, FailureKind::Server);
         // Told as a daemon's user can act on it, not as the server's HTTP
@@ -2089,13 +2032,10 @@ mod tests {
         t.register();
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
+        let a = t.refused(
             op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::NotFound,
-                "me is not registered",
-            ))),
-        });
+            HttpFailure::new(ErrorStatus::NotFound, "me is not registered"),
+        );
         let (op, req) = T::server_op(&a);
         assert_eq!(
             req,
@@ -2135,13 +2075,10 @@ mod tests {
             peer: Some(id("ghost")),
         });
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
+        let a = t.refused(
             op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::NotFound,
-                "no client ghost",
-            ))),
-        });
+            HttpFailure::new(ErrorStatus::NotFound, "no client ghost"),
+        );
         let (op, _) = T::server_op(&a);
         let a = t.input(Input::ServerReply {
             op,
@@ -2153,13 +2090,10 @@ mod tests {
             }),
         });
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
+        let a = t.refused(
             op,
-            result: Ok(Response::Error(HttpFailure::new(
-                ErrorStatus::NotFound,
-                "no client ghost",
-            ))),
-        });
+            HttpFailure::new(ErrorStatus::NotFound, "no client ghost"),
+        );
         assert!(
             reply_of(&a, ticket)
                 .unwrap_err()

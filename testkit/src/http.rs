@@ -53,7 +53,11 @@ impl Reply {
 
 /// Opens a TCP connection with read and write timeouts.
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    bounded(TcpStream::connect_timeout(&addr, WAIT).expect("connect"))
+}
+
+/// `s`, its reads and writes bounded by [`WAIT`].
+fn bounded(s: TcpStream) -> TcpStream {
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_write_timeout(Some(WAIT)).unwrap();
     s
@@ -68,10 +72,7 @@ pub fn connect_from(addr: SocketAddr, source: IpAddr) -> TcpStream {
     s.bind(&SocketAddr::new(source, 0).into())
         .unwrap_or_else(|e| panic!("bind to {source}: {e}"));
     s.connect_timeout(&addr.into(), WAIT).expect("connect");
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
+    bounded(s.into())
 }
 
 /// One transient exchange: send `raw`, read until the server closes.

@@ -223,12 +223,17 @@ pub fn first_line(child: &mut Child) -> String {
 /// (with its process group, when it leads one: see [`run_bounded`]) and
 /// fails the test if it takes longer than `WAIT`.
 pub fn output_bounded(child: Child) -> Output {
+    output_within(child, WAIT)
+}
+
+/// [`output_bounded`], for a child given `limit` rather than `WAIT`.
+pub fn output_within(child: Child, limit: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(WAIT) {
+    match rx.recv_timeout(limit) {
         Ok(out) => out.expect("wait for the child"),
         Err(_) => {
             for target in [format!("-{pid}"), pid.to_string()] {
@@ -237,7 +242,7 @@ pub fn output_bounded(child: Child) -> Output {
                     .stderr(Stdio::null())
                     .status();
             }
-            panic!("child {pid} did not finish within {WAIT:?}");
+            panic!("child {pid} did not finish within {limit:?}");
         }
     }
 }
