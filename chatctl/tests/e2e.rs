@@ -433,15 +433,83 @@ fn peer_port(d: &Daemon) -> u16 {
     d.status()["port"].as_u64().expect("a peer port") as u16
 }
 
-/// A peer's opening call, as `id`.
+/// A peer's opening call, as `id`, with a key no server gave.
 fn peer_hello(id: &str) -> Vec<u8> {
+    let key = chat_proto::crypto::PeerKey::from_bytes([0x11; 16]);
+    call_with(&key, id, "alice").1
+}
+
+/// A call to `callee` as `caller`, proving the introduction with `key`:
+/// the caller's handshake and the opening request.
+fn call_with(
+    key: &chat_proto::crypto::PeerKey,
+    caller: &str,
+    callee: &str,
+) -> (chat_proto::crypto::Calling, Vec<u8>) {
+    let parties = chat_proto::crypto::Parties {
+        caller: caller.parse().unwrap(),
+        callee: callee.parse().unwrap(),
+        turns: false,
+    };
+    let (calling, first) = chat_proto::crypto::Calling::start(key, &parties).unwrap();
     let mut v = Vec::new();
     chat_proto::peer::Hello {
-        id: id.parse().unwrap(),
+        id: parties.caller,
         turns: false,
     }
-    .encode("127.0.0.1", &mut v);
-    v
+    .encode("127.0.0.1", &first, &mut v);
+    (calling, v)
+}
+
+/// `me` registers with the server at `server` and is handed `to` (which
+/// must be waiting): the key the server gives for calling it.
+fn introduction(server: std::net::SocketAddr, me: &str, to: &str) -> chat_proto::crypto::PeerKey {
+    let r = request(
+        server,
+        "REGISTER",
+        &[("Client-Id", me), ("Client-Port", "9")],
+    );
+    let token = r.header("Client-Token").expect("registered").to_owned();
+    let r = request(
+        server,
+        "BRIDGE",
+        &[("Client-Id", me), ("Client-Token", &token), ("Peer-Id", to)],
+    );
+    r.header("Peer-Key")
+        .unwrap_or_else(|| panic!("{to} handed out with a key: {r:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// A raw caller the server introduced: `me` is introduced to `to` and
+/// completes the handshake at its peer port. The open connection and the
+/// means to write records on it.
+fn introduced_call(
+    server: std::net::SocketAddr,
+    me: &str,
+    to: &Daemon,
+) -> (std::net::TcpStream, chat_proto::crypto::Sealer) {
+    use chat_proto::peer::{Answer, parse_answer};
+    let callee = to.status()["id"].as_str().expect("an id").to_owned();
+    let key = introduction(server, me, &callee);
+    let (calling, hello) = call_with(&key, me, &callee);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port(to))).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&hello).unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte, so that nothing after the head is read.
+    let handshake = loop {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed: {buf:?}");
+        buf.push(byte[0]);
+        match parse_answer(&buf).unwrap() {
+            Some((Answer::Accepted { handshake, .. }, _)) => break handshake,
+            Some((other, _)) => panic!("{other:?}"),
+            None => {}
+        }
+    };
+    let (sealer, _) = calling.finish(&handshake).unwrap().split();
+    (s, sealer)
 }
 
 #[test]
@@ -458,10 +526,11 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
         (vec![0xff; 64], "400"),
         (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "400"),
         (oversized, "431"),
-        // A well-formed call while alice chats with bob.
-        (peer_hello("mallory"), "503"),
-        // A call in bob's name while bob holds the link.
-        (peer_hello("bob"), "503"),
+        // A well-formed call, but with a key the server did not give: it
+        // is refused before alice's state is even looked at.
+        (peer_hello("mallory"), "401"),
+        // A call in bob's name while bob holds the link: the same.
+        (peer_hello("bob"), "401"),
     ];
     // Silence, held open while everything else goes on.
     let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -489,35 +558,83 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
 
 #[test]
 fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
-    use std::net::TcpStream;
     let server = Server::start(&[]);
     let alice = Daemon::start("alice", server.addr, &[]);
     let bob = Daemon::start("bob", server.addr, &[]);
     alice.ok(&["register"]);
-    assert!(alice.ok(&["bridge"]).contains("waiting"));
     let (follower, records) = follow(&alice, "1000");
-    let mut s = TcpStream::connect(("127.0.0.1", peer_port(&alice))).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&peer_hello("mallory")).unwrap();
-    // A frame whose length prefix is past the limit.
-    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
-    let answer = read_to_close(&mut s);
-    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer:?}");
     let lost = |v: &serde_json::Value| {
         v["text"]
             .as_str()
             .is_some_and(|t| t.contains("lost mallory"))
     };
-    let got = records_until(&records, |got| got.iter().any(lost));
-    assert!(got.iter().any(lost), "{got:?}");
+    // Introduced by the server, so the handshake passes; then a frame
+    // whose length prefix is past the limit, sealed as it should be, and
+    // a record that does not open.
+    type Garbage = fn(&mut chat_proto::crypto::Sealer) -> Vec<u8>;
+    let cases: [Garbage; 2] = [
+        |sealer| {
+            let mut out = Vec::new();
+            sealer.seal(&u32::MAX.to_le_bytes(), &mut out).unwrap();
+            out
+        },
+        |_| {
+            let mut out = vec![0, 40];
+            out.extend([0x5a; 40]);
+            out
+        },
+    ];
+    for (i, garbage) in cases.into_iter().enumerate() {
+        assert!(alice.ok(&["bridge"]).contains("waiting"));
+        let (mut s, mut sealer) = introduced_call(server.addr, &format!("mallory{i}"), &alice);
+        s.write_all(&garbage(&mut sealer)).unwrap();
+        // The daemon closes the link (its pings, sealed, may come first).
+        read_to_close(&mut s);
+        let got = records_until(&records, |got| got.iter().any(lost));
+        assert!(got.iter().any(lost), "{got:?}");
+        // alice is free again.
+        alice.wait_for("registered");
+    }
     drop(follower);
-    // alice is free again, and a real caller gets through.
-    assert_eq!(alice.state(), "registered");
+    // And a real caller gets through.
     assert!(alice.ok(&["bridge"]).contains("waiting"));
     bob.ok(&["register"]);
     assert!(bob.ok(&["bridge"]).contains("alice"));
     bob.ok(&["chat"]);
     assert!(bob.ok(&["send", "hi"]).contains("delivered"));
+}
+
+/// A caller with the key the server gave someone else, or in another's
+/// name, is refused and changes nothing: alice still waits, and the real
+/// caller gets through.
+#[test]
+fn a_call_without_the_servers_introduction_is_refused() {
+    let server = Server::start(&[]);
+    let alice = Daemon::start("alice", server.addr, &[]);
+    let bob = Daemon::start("bob", server.addr, &[]);
+    alice.ok(&["register"]);
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    // mallory is introduced to alice, then calls as bob with her key.
+    let key = introduction(server.addr, "mallory", "alice");
+    let (_, hello) = call_with(&key, "bob", "alice");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port(&alice))).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&hello).unwrap();
+    let answer = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 401 "), "{answer:?}");
+    assert!(
+        answer.contains("cannot verify that the server introduced you"),
+        "{answer:?}"
+    );
+    assert_eq!(alice.state(), "waiting");
+    bob.ok(&["register"]);
+    assert!(bob.ok(&["bridge"]).contains("alice"));
+    bob.ok(&["chat"]);
+    assert!(bob.ok(&["send", "hi"]).contains("delivered"));
+    assert_eq!(
+        alice.messages().last().map(|m| m.2.clone()).as_deref(),
+        Some("hi")
+    );
 }
 
 #[cfg(unix)]

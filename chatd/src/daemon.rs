@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chat_proto::ClientId;
+use chat_proto::crypto::{self, CryptoError, Link, Parties, PeerKey};
 use chat_proto::frame::encode;
 use chat_proto::ipc::{self, DaemonFrame, Failure, FailureKind, Record, RecordKind, Reply, State};
 use chat_proto::peer::{Hello, MAX_FRAME, PeerFrame};
@@ -38,9 +39,11 @@ const QUIT_WAIT: Duration = Duration::from_secs(2);
 /// What the IO tasks tell the core.
 pub enum CoreEvent {
     Session(Input),
-    /// A peer connected and asks to chat.
+    /// A peer connected and asks to chat; `handshake` is its first
+    /// handshake message.
     Incoming {
         hello: Hello,
+        handshake: Vec<u8>,
         addr: SocketAddr,
         decide: oneshot::Sender<Decision>,
     },
@@ -102,7 +105,9 @@ pub struct Core {
     closing: Vec<LinkId>,
     /// Closed links whose writers may still be sending their last frames.
     draining: Vec<LinkHandle>,
-    deciders: HashMap<LinkId, oneshot::Sender<Decision>>,
+    /// Incoming calls the session is deciding on, with the link's keys
+    /// and the handshake answer, made when the call was checked.
+    deciders: HashMap<LinkId, (oneshot::Sender<Decision>, Link, Vec<u8>)>,
     clients: HashMap<ClientKey, Client>,
     /// `history` and `tail` requests being answered a slice at a time, in
     /// turn.
@@ -265,13 +270,22 @@ impl Core {
             }
             CoreEvent::Incoming {
                 hello,
+                handshake,
                 addr,
                 decide,
             } => {
-                let link = self.session.next_link();
                 tracing::info!(peer = %hello.id, %addr, "peer asks to chat");
-                self.deciders.insert(link, decide);
-                self.session.handle(Input::Incoming { link, hello }, now);
+                match self.check_call(&hello, &handshake) {
+                    Ok((keys, answer)) => {
+                        let link = self.session.next_link();
+                        self.deciders.insert(link, (decide, keys, answer));
+                        self.session.handle(Input::Incoming { link, hello }, now);
+                    }
+                    Err((status, reason)) => {
+                        tracing::info!(peer = %hello.id, %addr, "call refused: {reason}");
+                        let _ = decide.send(Decision::Refuse { status, reason });
+                    }
+                }
             }
             CoreEvent::Attach { key, handle } => {
                 self.clients.insert(
@@ -561,6 +575,39 @@ impl Core {
         true
     }
 
+    /// Checks an incoming call's handshake message against the key the
+    /// server gives a caller it introduces to us: only then is the call
+    /// the session's to decide, so a caller that cannot prove who it is
+    /// learns nothing of our state and changes none of it. Returns the
+    /// link's keys and the answer, or the refusal.
+    fn check_call(
+        &self,
+        hello: &Hello,
+        handshake: &[u8],
+    ) -> Result<(Link, Vec<u8>), (u16, String)> {
+        let (me, caller) = (self.me, hello.id);
+        let Some(token) = self.session.token() else {
+            return Err((
+                403,
+                format!("{me} is not registered with a server, so it is not waiting for a chat"),
+            ));
+        };
+        let parties = Parties {
+            caller,
+            callee: me,
+            turns: hello.turns,
+        };
+        crypto::answer(&PeerKey::derive(&token, &caller), &parties, handshake).map_err(|e| match e {
+            CryptoError::Handshake => (
+                401,
+                format!(
+                    "{me} cannot verify that the server introduced you to it as {caller}: the key does not match its registration; run `chatctl bridge` again for a fresh introduction"
+                ),
+            ),
+            other => (500, format!("{me} cannot check the call: {other}")),
+        })
+    }
+
     /// Carries out the session's actions; returns the server requests it
     /// started.
     fn execute(&mut self) -> Vec<OpId> {
@@ -581,23 +628,36 @@ impl Core {
                             .await;
                     });
                 }
-                Action::Connect { link, addr, hello } => {
+                Action::Connect {
+                    link,
+                    addr,
+                    hello,
+                    peer,
+                    key,
+                } => {
                     tracing::info!(%addr, "connecting to peer");
                     let (handle, queue) = peer::queue();
                     self.links.insert(link, handle);
                     let source = self.rendezvous.source();
                     let events = self.events.clone();
-                    tokio::spawn(peer::connect(link, addr, source, hello, events, queue));
+                    let to = peer::Callee {
+                        addr,
+                        id: peer,
+                        key,
+                    };
+                    tokio::spawn(peer::connect(link, to, source, hello, events, queue));
                 }
                 Action::Accept { link } => {
                     let (handle, queue) = peer::queue();
                     self.links.insert(link, handle);
                     let accepted = match self.deciders.remove(&link) {
-                        Some(d) => d
+                        Some((d, keys, handshake)) => d
                             .send(Decision::Accept {
                                 link,
                                 me: self.me,
                                 out: queue,
+                                handshake,
+                                keys,
                             })
                             .is_ok(),
                         None => false,
@@ -621,7 +681,7 @@ impl Core {
                     status,
                     reason,
                 } => {
-                    if let Some(d) = self.deciders.remove(&link) {
+                    if let Some((d, ..)) = self.deciders.remove(&link) {
                         let _ = d.send(Decision::Refuse { status, reason });
                     }
                 }

@@ -10,6 +10,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use chat_proto::ClientId;
+use chat_proto::crypto::{Calling, Link, Opener, Parties, PeerKey, Sealer};
 use chat_proto::frame::Decoder;
 use chat_proto::peer::{Answer, Hello, MAX_FRAME, Opening, PeerFrame, parse_answer, parse_hello};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,13 +64,16 @@ pub struct LinkQueue {
 
 /// The core's answer to an incoming handshake. On accepting, the core has
 /// already made the link's queue (frames may be queued at once); `out` is
-/// the writer's end of it.
+/// the writer's end of it. It has checked the caller's handshake message
+/// too: `handshake` is the answer to send, `keys` the link's.
 #[derive(Debug)]
 pub enum Decision {
     Accept {
         link: LinkId,
-        me: chat_proto::ClientId,
+        me: ClientId,
         out: LinkQueue,
+        handshake: Vec<u8>,
+        keys: Link,
     },
     Refuse {
         status: u16,
@@ -222,13 +227,17 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
-    let (hello, used) = loop {
+    let (hello, handshake, used) = loop {
         match timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
         match parse_hello(&buf) {
-            Ok(Some(Opening { hello, used })) => break (hello, used),
+            Ok(Some(Opening {
+                hello,
+                handshake,
+                used,
+            })) => break (hello, handshake, used),
             Ok(None) => continue,
             Err(e) => return refuse(stream, e.status(), e.to_string()).await,
         }
@@ -242,6 +251,7 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
     if core
         .send(CoreEvent::Incoming {
             hello,
+            handshake,
             addr,
             decide,
         })
@@ -258,9 +268,11 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
             link,
             me,
             out: queue,
+            handshake,
+            keys,
         })) => {
             let mut out = Vec::new();
-            Answer::Accepted { id: me }.encode(&mut out);
+            Answer::Accepted { id: me, handshake }.encode(&mut out);
             if stream.write_all(&out).await.is_err() {
                 let _ = core
                     .send(CoreEvent::Session(Input::LinkClosed {
@@ -270,7 +282,7 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
                     .await;
                 return;
             }
-            start(stream, link, buf.split_off(used), core.clone(), queue);
+            start(stream, link, keys, buf.split_off(used), core.clone(), queue);
         }
         Ok(Ok(Decision::Refuse { status, reason })) => refuse(stream, status, reason).await,
         // The core, deciding later, finds this end gone and ends the link.
@@ -301,17 +313,26 @@ async fn refuse(mut stream: TcpStream, status: u16, reason: String) {
     }
 }
 
-/// Opens link `link` to `addr`, from `source` if `--bind` named one (as
+/// Whom a call is for, and how it proves the server introduced it.
+#[derive(Debug)]
+pub struct Callee {
+    pub addr: SocketAddr,
+    pub id: ClientId,
+    pub key: PeerKey,
+}
+
+/// Opens link `link` to `to`, from `source` if `--bind` named one (as
 /// requests to the server leave from it), and reports the outcome to the
 /// core; `queue` is the writer's end of the link's queue.
 pub async fn connect(
     link: LinkId,
-    addr: SocketAddr,
+    to: Callee,
     source: Option<IpAddr>,
     hello: Hello,
     core: mpsc::Sender<CoreEvent>,
     queue: LinkQueue,
 ) {
+    let addr = to.addr;
     let outcome = async {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let failed = |reason: String| Input::LinkFailed {
@@ -345,8 +366,15 @@ pub async fn connect(
             Err(_) => return Err(late()),
         };
         let _ = stream.set_nodelay(true);
+        let parties = Parties {
+            caller: hello.id,
+            callee: to.id,
+            turns: hello.turns,
+        };
+        let (calling, first) =
+            Calling::start(&to.key, &parties).map_err(|e| failed(e.to_string()))?;
         let mut out = Vec::new();
-        hello.encode(&addr.to_string(), &mut out);
+        hello.encode(&addr.to_string(), &first, &mut out);
         match timeout_at(deadline, stream.write_all(&out)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(io(e)),
@@ -365,8 +393,14 @@ pub async fn connect(
                 Err(_) => return Err(late()),
             }
             match parse_answer(&buf) {
-                Ok(Some((Answer::Accepted { id }, used))) => {
-                    return Ok((stream, id, buf.split_off(used)));
+                Ok(Some((Answer::Accepted { id, handshake }, used))) => {
+                    let keys = calling.finish(&handshake).map_err(|_| {
+                        failed(format!(
+                            "{addr} answered as {id} but could not prove it holds {}'s registration (its answer does not match the key the server gave): not the peer the server introduced, or it registered anew since; run `chatctl bridge` again",
+                            to.id
+                        ))
+                    })?;
+                    return Ok((stream, id, keys, buf.split_off(used)));
                 }
                 Ok(Some((Answer::Refused { status, reason }, _))) => {
                     return Err(Input::LinkFailed {
@@ -382,8 +416,8 @@ pub async fn connect(
         }
     };
     match outcome.await {
-        Ok((stream, peer, leftover)) => {
-            start(stream, link, leftover, core.clone(), queue);
+        Ok((stream, peer, keys, leftover)) => {
+            start(stream, link, keys, leftover, core.clone(), queue);
             let _ = core
                 .send(CoreEvent::Session(Input::LinkUp { link, peer }))
                 .await;
@@ -394,29 +428,35 @@ pub async fn connect(
     }
 }
 
-/// Starts the reader and writer of an open link.
+/// Starts the reader and writer of an open link; `leftover` is what was
+/// read past the handshake.
 fn start(
     stream: TcpStream,
     link: LinkId,
+    keys: Link,
     leftover: Vec<u8>,
     core: mpsc::Sender<CoreEvent>,
     queue: LinkQueue,
 ) {
     let (read, write) = stream.into_split();
-    tokio::spawn(reader(read, link, leftover, core, queue.alive.clone()));
-    tokio::spawn(writer(write, queue));
+    let (sealer, mut opener) = keys.split();
+    opener.extend(&leftover);
+    tokio::spawn(reader(read, link, opener, core, queue.alive.clone()));
+    tokio::spawn(writer(write, sealer, queue));
 }
 
 async fn reader(
     mut read: OwnedReadHalf,
     link: LinkId,
-    leftover: Vec<u8>,
+    mut opener: Opener,
     core: mpsc::Sender<CoreEvent>,
     mut alive: watch::Receiver<()>,
 ) {
     let mut decoder = Decoder::new(MAX_FRAME);
-    decoder.extend(&leftover);
     let reason = 'read: loop {
+        if let Err(e) = opener.open(decoder.buffer()) {
+            break format!("the link failed: {e}");
+        }
         loop {
             match decoder.decode::<PeerFrame>() {
                 Ok(Some(frame)) => {
@@ -433,14 +473,15 @@ async fn reader(
             }
         }
         let read = tokio::select! {
-            read = read.read_buf(decoder.buffer()) => read,
+            read = read.read_buf(opener.buffer()) => read,
             // The core has let the link go: nobody is left to tell.
             _ = alive.changed() => return,
         };
         match read {
             Ok(0) => {
-                break match decoder.finish() {
-                    Ok(()) => "connection closed".to_owned(),
+                break match opener.finish().map(|()| decoder.finish()) {
+                    Ok(Ok(())) => "connection closed".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
                     Err(e) => e.to_string(),
                 };
             }
@@ -453,12 +494,13 @@ async fn reader(
         .await;
 }
 
-async fn writer(mut write: OwnedWriteHalf, queue: LinkQueue) {
+async fn writer(mut write: OwnedWriteHalf, mut sealer: Sealer, queue: LinkQueue) {
     let LinkQueue {
         frames: mut rx,
         mut alive,
     } = queue;
     let mut batch = Vec::new();
+    let mut sealed = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut close = false;
         let mut next = Some(first);
@@ -479,9 +521,15 @@ async fn writer(mut write: OwnedWriteHalf, queue: LinkQueue) {
             }
             next = rx.try_recv().ok();
         }
+        sealed.clear();
+        if let Err(e) = sealer.seal(&batch, &mut sealed) {
+            // The reader finds the link closed and tells the core.
+            tracing::error!("cannot encrypt for the peer: {e}");
+            return;
+        }
         let written = async {
-            if !batch.is_empty() {
-                write.write_all(&batch).await?;
+            if !sealed.is_empty() {
+                write.write_all(&sealed).await?;
             }
             if close {
                 write.shutdown().await?;
@@ -544,13 +592,18 @@ mod tests {
         };
         let (core, mut events) = mpsc::channel(16);
         let bound: IpAddr = "127.0.0.2".parse().unwrap();
+        let to = || Callee {
+            addr,
+            id: "you".parse().unwrap(),
+            key: PeerKey::from_bytes([1; 16]),
+        };
         let (_handle, q) = queue();
-        tokio::spawn(connect(1, addr, Some(bound), hello(), core.clone(), q));
+        tokio::spawn(connect(1, to(), Some(bound), hello(), core.clone(), q));
         let (_callee, from) = listener.accept().await.unwrap();
         assert_eq!(from.ip(), bound);
 
         let (_handle, q) = queue();
-        connect(2, addr, Some("::1".parse().unwrap()), hello(), core, q).await;
+        connect(2, to(), Some("::1".parse().unwrap()), hello(), core, q).await;
         match events.recv().await {
             Some(CoreEvent::Session(Input::LinkFailed {
                 link: 2, reason, ..
@@ -572,9 +625,20 @@ mod tests {
         let (ours, _) = listener.accept().await.unwrap();
         let (core, mut events) = mpsc::channel(16);
         let (handle, queue) = queue();
-        start(ours, 7, Vec::new(), core, queue);
+        let key = PeerKey::from_bytes([1; 16]);
+        let parties = Parties {
+            caller: "a".parse().unwrap(),
+            callee: "b".parse().unwrap(),
+            turns: false,
+        };
+        let (calling, first) = Calling::start(&key, &parties).unwrap();
+        let (keys, reply) = chat_proto::crypto::answer(&key, &parties, &first).unwrap();
+        let (mut remote_sealer, _) = calling.finish(&reply).unwrap().split();
+        start(ours, 7, keys, Vec::new(), core, queue);
+        let mut frame = Vec::new();
+        encode(&PeerFrame::Ping, MAX_FRAME, &mut frame).unwrap();
         let mut ping = Vec::new();
-        encode(&PeerFrame::Ping, MAX_FRAME, &mut ping).unwrap();
+        remote_sealer.seal(&frame, &mut ping).unwrap();
         remote.write_all(&ping).await.unwrap();
         let first = events.recv().await;
         assert!(matches!(

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use chat_proto::crypto::PeerKey;
 use chat_proto::ipc::{Failure, FailureKind, RecordKind, Reply, State, Status, Turn};
 use chat_proto::peer::{Hello, MAX_TEXT, PeerFrame};
 use chat_proto::rendezvous::{ErrorStatus, IN_A_CHAT, Request, Response};
@@ -121,10 +122,13 @@ pub enum Action {
         op: OpId,
         request: Request,
     },
+    /// Call `peer` at `addr`, proving the introduction with `key`.
     Connect {
         link: LinkId,
         addr: SocketAddr,
         hello: Hello,
+        peer: ClientId,
+        key: PeerKey,
     },
     Accept {
         link: LinkId,
@@ -217,6 +221,8 @@ enum Phase {
     Ready {
         peer: ClientId,
         addr: SocketAddr,
+        /// What the server gave to prove the introduction to `peer`.
+        key: PeerKey,
     },
     Connecting {
         peer: ClientId,
@@ -352,6 +358,12 @@ impl Session {
             turn,
             addr: self.reg.as_ref().map(|r| r.addr),
         }
+    }
+
+    /// The client token of the registration the server knows us by, from
+    /// which it made the keys of the callers it introduced to us.
+    pub fn token(&self) -> Option<Token> {
+        self.token
     }
 
     /// A new link id for an incoming connection (the driver names links so
@@ -596,7 +608,7 @@ impl Session {
                 });
             }
             Command::Chat => match self.phase.clone() {
-                Phase::Ready { peer, addr } => {
+                Phase::Ready { peer, addr, key } => {
                     let link = self.next_link();
                     self.set_phase(Phase::Connecting {
                         peer,
@@ -608,7 +620,13 @@ impl Session {
                         id: self.config.id,
                         turns: self.config.turns,
                     };
-                    self.out.push_back(Action::Connect { link, addr, hello });
+                    self.out.push_back(Action::Connect {
+                        link,
+                        addr,
+                        hello,
+                        peer,
+                        key,
+                    });
                 }
                 Phase::Waiting => self.fail(
                     ticket,
@@ -1161,9 +1179,9 @@ impl Session {
                 Ok(resp),
             ) => match resp {
                 Response::BridgeAck {
-                    peer: Some((p, addr)),
+                    peer: Some((p, addr, key)),
                 } => {
-                    self.set_phase(Phase::Ready { peer: p, addr });
+                    self.set_phase(Phase::Ready { peer: p, addr, key });
                     self.reply(
                         ticket,
                         Ok(Reply::Bridged {
@@ -1192,7 +1210,7 @@ impl Session {
             (
                 Purpose::Rejoin,
                 Ok(Response::BridgeAck {
-                    peer: Some((p, addr)),
+                    peer: Some((p, addr, key)),
                 }),
             ) => {
                 if matches!(self.phase, Phase::Waiting) {
@@ -1202,7 +1220,7 @@ impl Session {
                     // called, as we do. Whoever is handed a peer calls it,
                     // so this daemon calls, as its user would have been
                     // called: otherwise both wait for ever.
-                    self.set_phase(Phase::Ready { peer: p, addr });
+                    self.set_phase(Phase::Ready { peer: p, addr, key });
                     self.notice(&format!(
                         "the server, which had forgotten this daemon, handed out {p} on rejoining the pool: calling it"
                     ));
@@ -1559,6 +1577,7 @@ mod tests {
     }
 
     const TOKEN: Token = Token::from_bytes([7; 16]);
+    const KEY: PeerKey = PeerKey::from_bytes([8; 16]);
 
     /// A session with a virtual clock.
     struct T {
@@ -1666,7 +1685,6 @@ mod tests {
             assert_eq!(self.s.state(), State::Registered);
         }
 
-        /// Registered, bridged to `peer`, chatting (as initiator or not).
         /// Registered, then bridged: handed `peer`, or waiting (`None`).
         fn bridged(&mut self, peer: Option<(ClientId, SocketAddr)>) {
             self.register();
@@ -1674,7 +1692,9 @@ mod tests {
             let (op, _) = T::server_op(&a);
             self.input(Input::ServerReply {
                 op,
-                result: Ok(Response::BridgeAck { peer }),
+                result: Ok(Response::BridgeAck {
+                    peer: peer.map(|(p, a)| (p, a, KEY)),
+                }),
             });
         }
 
@@ -2005,7 +2025,7 @@ mod tests {
         let a = t.input(Input::ServerReply {
             op,
             result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
+                peer: Some((id("bob"), addr(5000), KEY)),
             }),
         });
         assert_eq!(
@@ -2300,7 +2320,7 @@ mod tests {
         let a = t.input(Input::ServerReply {
             op,
             result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
+                peer: Some((id("bob"), addr(5000), KEY)),
             }),
         });
         let Some(Action::Connect { link, addr: to, .. }) = a
@@ -2330,7 +2350,7 @@ mod tests {
         let a = t.input(Input::ServerReply {
             op,
             result: Ok(Response::BridgeAck {
-                peer: Some((id("bob"), addr(5000))),
+                peer: Some((id("bob"), addr(5000), KEY)),
             }),
         });
         let Some(Action::Connect { link, .. }) = a
@@ -2884,7 +2904,7 @@ mod tests {
         let a = t.input(Input::ServerReply {
             op,
             result: Ok(Response::BridgeAck {
-                peer: Some((id("carol"), addr(6000))),
+                peer: Some((id("carol"), addr(6000), KEY)),
             }),
         });
         assert_eq!(reply_of(&a, ticket).unwrap_err().kind, FailureKind::State);

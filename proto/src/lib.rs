@@ -10,7 +10,8 @@
 //! - [`rendezvous`]: HTTP/1.1 requests and responses between a client and
 //!   `chat-server`, over TCP or one per UDP datagram.
 //! - [`peer`]: the link between two daemons, an HTTP `CHAT` request
-//!   upgraded to a stream of [`frame`]s.
+//!   upgraded to a stream of [`frame`]s, encrypted and authenticated by
+//!   [`crypto`].
 //! - [`ipc`]: the control socket between `chatctl` and `chatd`, also
 //!   [`frame`]d; [`local`] says where that socket lives.
 //! - Behind features, what two binaries share beside messages: `config`
@@ -18,6 +19,7 @@
 
 #[cfg(feature = "config")]
 pub mod config;
+pub mod crypto;
 pub mod frame;
 pub mod id;
 pub mod ipc;

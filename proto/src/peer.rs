@@ -1,10 +1,12 @@
 //! The peer link between two chatd daemons.
 //!
 //! It opens the way WebSocket does: the initiator sends an HTTP/1.1 `CHAT`
-//! request naming itself, asking to upgrade to `chat-peer/1`; the other side
+//! request naming itself, asking to upgrade to `chat-peer/2`; the other side
 //! answers `101 Switching Protocols` (or an error status with a reason, and
-//! closes). From then on both sides exchange length-prefixed postcard
-//! [`PeerFrame`]s (see [`crate::frame`]).
+//! closes). The two carry the handshake of [`crate::crypto`] in
+//! `Chat-Handshake` headers. From then on both sides exchange
+//! length-prefixed postcard [`PeerFrame`]s (see [`crate::frame`]), sealed
+//! in that module's records.
 //!
 //! Messages carry ids and are acknowledged by the receiving daemon once it
 //! has stored them; either side sends pings when it has nothing else to
@@ -13,13 +15,16 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ClientId;
+use crate::crypto;
 use crate::rendezvous::{
     ErrorStatus, Failure, HeadError, MAX_HEAD, MAX_HEADERS, Method, Response, ResponseFraming,
     Writer, headers_body_length,
 };
 
 /// The protocol named in `Upgrade`.
-pub const UPGRADE: &str = "chat-peer/1";
+pub const UPGRADE: &str = "chat-peer/2";
+/// The header carrying a handshake message, as hex.
+pub const HANDSHAKE_HEADER: &str = "Chat-Handshake";
 /// The largest frame on the link.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest message text, in bytes of UTF-8.
@@ -48,7 +53,9 @@ pub struct Hello {
 }
 
 impl Hello {
-    pub fn encode(&self, host: &str, out: &mut Vec<u8>) {
+    /// The request, with `handshake`, the caller's first handshake
+    /// message ([`crate::crypto::Calling::start`]).
+    pub fn encode(&self, host: &str, handshake: &[u8], out: &mut Vec<u8>) {
         let mut w = Writer(out);
         w.request_line(Method::Chat.as_str());
         w.header("Host", host);
@@ -58,6 +65,7 @@ impl Hello {
         if self.turns {
             w.header("Chat-Turns", "on");
         }
+        w.header(HANDSHAKE_HEADER, &crypto::to_hex(handshake));
         w.end_head();
     }
 }
@@ -65,8 +73,9 @@ impl Hello {
 /// The answer to a [`Hello`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
-    /// `101`: the link is open; `id` is the responder.
-    Accepted { id: ClientId },
+    /// `101`: the link is open; `id` is the responder, `handshake` its
+    /// answer to the caller's handshake message.
+    Accepted { id: ClientId, handshake: Vec<u8> },
     /// Any other status, with its reason.
     Refused { status: u16, reason: String },
 }
@@ -74,12 +83,13 @@ pub enum Answer {
 impl Answer {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Answer::Accepted { id } => {
+            Answer::Accepted { id, handshake } => {
                 let mut w = Writer(out);
                 w.status(101, "Switching Protocols");
                 w.header("Connection", "Upgrade");
                 w.header("Upgrade", UPGRADE);
                 w.header("Client-Id", id);
+                w.header(HANDSHAKE_HEADER, &crypto::to_hex(handshake));
                 w.end_head();
             }
             // Written as the server writes its errors: one format, one
@@ -126,6 +136,8 @@ pub type Refusal = (u16, String);
 pub struct Opening {
     /// The hello, or why to refuse it.
     pub hello: Result<Hello, Refusal>,
+    /// The caller's handshake message (empty when refused).
+    pub handshake: Vec<u8>,
     /// Bytes of `buf` the request took.
     pub used: usize,
 }
@@ -172,16 +184,46 @@ pub fn parse_hello(buf: &[u8]) -> Result<Option<Opening>, HandshakeError> {
         }
         let upgrade = get("Upgrade").unwrap_or("");
         if !upgrade.eq_ignore_ascii_case(UPGRADE) {
-            return Err((426, format!("send Upgrade: {UPGRADE}")));
+            return Err((
+                426,
+                format!(
+                    "send Upgrade: {UPGRADE}; this chatd speaks only the encrypted peer link (is the caller's chatd older?)"
+                ),
+            ));
         }
         let id = get("Client-Id")
             .ok_or((400, "missing Client-Id header".to_owned()))?
             .parse::<ClientId>()
             .map_err(|e| (400, format!("bad Client-Id: {e}")))?;
         let turns = get("Chat-Turns").is_some_and(|v| v.eq_ignore_ascii_case("on"));
-        Ok(Hello { id, turns })
+        let handshake = handshake_of(get(HANDSHAKE_HEADER)).ok_or_else(|| {
+            (
+                400,
+                format!(
+                    "missing or bad {HANDSHAKE_HEADER} header: {} hex digits",
+                    2 * crypto::HANDSHAKE_LEN
+                ),
+            )
+        })?;
+        Ok((Hello { id, turns }, handshake))
     })();
-    Ok(Some(Opening { hello, used }))
+    Ok(Some(match hello {
+        Ok((hello, handshake)) => Opening {
+            hello: Ok(hello),
+            handshake,
+            used,
+        },
+        Err(refusal) => Opening {
+            hello: Err(refusal),
+            handshake: Vec::new(),
+            used,
+        },
+    }))
+}
+
+/// A handshake message from its header, if it is one.
+fn handshake_of(value: Option<&str>) -> Option<Vec<u8>> {
+    crypto::from_hex(value?).filter(|h| h.len() == crypto::HANDSHAKE_LEN)
 }
 
 /// Parses the responder's answer from the front of `buf`.
@@ -197,7 +239,10 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<(Answer, usize)>, HandshakeErro
         let id = get("Client-Id")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| HandshakeError::Malformed("101 without a valid Client-Id".into()))?;
-        return Ok(Some((Answer::Accepted { id }, head)));
+        let handshake = handshake_of(get(HANDSHAKE_HEADER)).ok_or_else(|| {
+            HandshakeError::Malformed(format!("101 without a valid {HANDSHAKE_HEADER}"))
+        })?;
+        return Ok(Some((Answer::Accepted { id, handshake }, head)));
     }
     let len = headers_body_length(resp.headers)
         .map_err(|e| HandshakeError::Malformed(e.to_string()))?
@@ -216,7 +261,7 @@ mod tests {
 
     #[test]
     fn a_handshake_head_is_held_to_the_limit_even_when_whole() {
-        let mut buf = b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/1\r\nClient-Id: a\r\n".to_vec();
+        let mut buf = b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/2\r\nClient-Id: a\r\n".to_vec();
         buf.extend_from_slice(format!("X-Pad: {}\r\n\r\n", "p".repeat(MAX_HEAD)).as_bytes());
         assert!(matches!(parse_hello(&buf), Err(HandshakeError::TooLarge)));
         // A refusal's body is read by the same rule as the server's.
@@ -234,15 +279,22 @@ mod tests {
             turns: true,
         };
         let mut buf = Vec::new();
-        hello.encode("127.0.0.1:4000", &mut buf);
+        let handshake = [7u8; crypto::HANDSHAKE_LEN];
+        hello.encode("127.0.0.1:4000", &handshake, &mut buf);
         buf.extend_from_slice(b"\x05\x00"); // the first frame may follow at once
-        let Opening { hello: got, used } = parse_hello(&buf).unwrap().unwrap();
+        let Opening {
+            hello: got,
+            handshake: got_handshake,
+            used,
+        } = parse_hello(&buf).unwrap().unwrap();
         assert_eq!(got, Ok(hello));
+        assert_eq!(got_handshake, handshake);
         assert_eq!(&buf[used..], b"\x05\x00");
 
         for answer in [
             Answer::Accepted {
                 id: "bob".parse().unwrap(),
+                handshake: vec![9; crypto::HANDSHAKE_LEN],
             },
             Answer::Refused {
                 status: 409,
@@ -262,12 +314,12 @@ mod tests {
         let mut out = Vec::new();
         Answer::Refused {
             status: 426,
-            reason: "send Upgrade: chat-peer/1".into(),
+            reason: "send Upgrade: chat-peer/2".into(),
         }
         .encode(&mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "HTTP/1.1 426 Upgrade Required\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 26\r\n\r\nsend Upgrade: chat-peer/1\n"
+            "HTTP/1.1 426 Upgrade Required\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 26\r\n\r\nsend Upgrade: chat-peer/2\n"
         );
     }
 
@@ -289,10 +341,25 @@ mod tests {
             .unwrap();
         assert_eq!(r.unwrap_err().0, 426);
         let Opening { hello: r, .. } =
-            parse_hello(b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/1\r\nClient-Id: a b\r\n\r\n")
+            parse_hello(b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/2\r\nClient-Id: a b\r\n\r\n")
                 .unwrap()
                 .unwrap();
         assert_eq!(r.unwrap_err().0, 400);
+        // An older caller, and one without a whole handshake message.
+        let Opening { hello: r, .. } =
+            parse_hello(b"CHAT / HTTP/1.1\r\nUpgrade: chat-peer/1\r\nClient-Id: a\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(r.unwrap_err().0, 426);
+        for value in ["", "abc", &"ab".repeat(47), &"zz".repeat(48)] {
+            let head = format!(
+                "CHAT / HTTP/1.1\r\nUpgrade: chat-peer/2\r\nClient-Id: a\r\nChat-Handshake: {value}\r\n\r\n"
+            );
+            let Opening { hello: r, .. } = parse_hello(head.as_bytes()).unwrap().unwrap();
+            let (status, reason) = r.unwrap_err();
+            assert_eq!(status, 400);
+            assert!(reason.contains("Chat-Handshake"), "{reason}");
+        }
         assert!(parse_hello(b"\x00\x01garbage\r\n\r\n").is_err());
         assert!(parse_hello(b"CHAT / HTTP/1.1\r\n").unwrap().is_none());
         let long = vec![b'a'; MAX_HEAD + 1];

@@ -15,6 +15,7 @@
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, SocketAddr};
 
+use crate::crypto::PeerKey;
 use crate::{ClientId, Token};
 
 /// The largest request or response head (request line and headers).
@@ -354,9 +355,11 @@ pub enum Response {
         /// Seconds until the registration lapses unless refreshed.
         expires: u32,
     },
-    /// `peer` is `None` when the caller now waits for one.
+    /// `peer` is `None` when the caller now waits for one; otherwise its
+    /// id, its address and the key to call it with
+    /// ([`crate::crypto::PeerKey`]).
     BridgeAck {
-        peer: Option<(ClientId, SocketAddr)>,
+        peer: Option<(ClientId, SocketAddr, PeerKey)>,
     },
     ChatAck,
     QuitAck,
@@ -427,9 +430,10 @@ impl Response {
             }
             Response::BridgeAck { peer } => {
                 w.status(200, Method::Bridge.ack());
-                if let Some((id, addr)) = peer {
+                if let Some((id, addr, key)) = peer {
                     w.header("Peer-Id", id);
                     w.header("Peer-Addr", addr);
+                    w.header("Peer-Key", key);
                 }
             }
             Response::ChatAck => w.status(200, Method::Chat.ack()),
@@ -529,6 +533,12 @@ impl HeaderValue for &ClientId {
 impl HeaderValue for &Token {
     fn append(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.to_hex());
+    }
+}
+
+impl HeaderValue for &PeerKey {
+    fn append(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hex());
     }
 }
 
@@ -1165,28 +1175,25 @@ pub fn parse_response(
                     expires: expires.parse().map_err(|_| bad("Expires"))?,
                 }
             }
-            Method::Bridge => match (get("Peer-Id"), get("Peer-Addr")) {
-                (Some(id), Some(addr)) => {
+            Method::Bridge => match (get("Peer-Id"), get("Peer-Addr"), get("Peer-Key")) {
+                (None, None, None) => Response::BridgeAck { peer: None },
+                (Some(id), Some(addr), Some(key)) => {
                     let bad = |header| ResponseError::MissingHeader { ack, header };
                     Response::BridgeAck {
                         peer: Some((
                             id.parse().map_err(|_| bad("Peer-Id"))?,
                             addr.parse().map_err(|_| bad("Peer-Addr"))?,
+                            key.parse().map_err(|_| bad("Peer-Key"))?,
                         )),
                     }
                 }
-                (None, None) => Response::BridgeAck { peer: None },
-                (None, Some(_)) => {
-                    return Err(ResponseError::MissingHeader {
-                        ack,
-                        header: "Peer-Id",
-                    });
-                }
-                (Some(_), None) => {
-                    return Err(ResponseError::MissingHeader {
-                        ack,
-                        header: "Peer-Addr",
-                    });
+                (id, addr, _) => {
+                    let header = match (id, addr) {
+                        (None, _) => "Peer-Id",
+                        (_, None) => "Peer-Addr",
+                        _ => "Peer-Key",
+                    };
+                    return Err(ResponseError::MissingHeader { ack, header });
                 }
             },
             Method::Chat => Response::ChatAck,
@@ -1396,7 +1403,11 @@ mod tests {
             (
                 Method::Bridge,
                 Response::BridgeAck {
-                    peer: Some((id("y"), "10.0.0.1:5".parse().unwrap())),
+                    peer: Some((
+                        id("y"),
+                        "10.0.0.1:5".parse().unwrap(),
+                        PeerKey::from_bytes([9; 16]),
+                    )),
                 },
             ),
             (Method::Chat, Response::ChatAck),

@@ -32,6 +32,11 @@ impl Token {
         Token(bytes)
     }
 
+    /// The secret's bits, for deriving keys from it ([`crate::crypto`]).
+    pub(crate) fn bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
     /// The 32 lower-case hex digits, without allocating.
     pub fn to_hex(self) -> [u8; 32] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use chat_proto::crypto::{self, Calling, HANDSHAKE_LEN, Parties, PeerKey};
 use chat_proto::frame::{Decoder, encode};
 use chat_proto::ipc::{self, ClientFrame, DaemonFrame};
 use chat_proto::peer::{self, Answer, PeerFrame, parse_answer, parse_hello};
@@ -142,7 +143,11 @@ fn responses() -> Vec<(Response, Method)> {
         ),
         (
             Response::BridgeAck {
-                peer: Some((id("bob"), addr("127.0.0.2:9"))),
+                peer: Some((
+                    id("bob"),
+                    addr("127.0.0.2:9"),
+                    chat_proto::crypto::PeerKey::from_bytes([5; 16]),
+                )),
             },
             Method::Bridge,
         ),
@@ -342,11 +347,14 @@ fn mutated_peer_handshakes_never_panic() {
             id: id("alice"),
             turns,
         }
-        .encode("127.0.0.1:4000", &mut out);
+        .encode("127.0.0.1:4000", &[0x5a; HANDSHAKE_LEN], &mut out);
         inputs.push(out);
     }
     for answer in [
-        Answer::Accepted { id: id("bob") },
+        Answer::Accepted {
+            id: id("bob"),
+            handshake: vec![0xa5; HANDSHAKE_LEN],
+        },
         Answer::Refused {
             status: 503,
             reason: "bob is busy in another chat".into(),
@@ -372,6 +380,43 @@ fn mutated_peer_handshakes_never_panic() {
                 }
             });
         }
+    }
+}
+
+/// Whatever is done to a link's records on the way (bits flipped, bytes
+/// cut, added or moved), the reader neither panics nor yields a byte that
+/// was not sent: what opens is a prefix of what was sealed.
+#[test]
+fn mutated_records_never_open_to_anything_but_what_was_sent() {
+    let key = PeerKey::from_bytes([0x42; 16]);
+    let parties = Parties {
+        caller: id("alice"),
+        callee: id("bob"),
+        turns: false,
+    };
+    let seed = seed(0x5eed_0005);
+    let mut rng = Rng(seed);
+    let sent: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    for _ in 0..rounds() / 10 {
+        let (calling, first) = Calling::start(&key, &parties).unwrap();
+        let (callee, reply) = crypto::answer(&key, &parties, &first).unwrap();
+        let (mut sealer, _) = calling.finish(&reply).unwrap().split();
+        let (_, mut opener) = callee.split();
+        let mut wire = Vec::new();
+        for piece in sent.chunks(1 + rng.below(1000)) {
+            sealer.seal(piece, &mut wire).unwrap();
+        }
+        let bytes = mutate(&mut rng, &wire);
+        survive("Opener::open", seed, &bytes, |b| {
+            let mut plain = Vec::new();
+            for piece in b.chunks(1 + rng.below(500)) {
+                opener.extend(piece);
+                if opener.open(&mut plain).is_err() {
+                    break;
+                }
+            }
+            assert!(sent.starts_with(&plain), "opened bytes never sent");
+        });
     }
 }
 

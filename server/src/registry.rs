@@ -29,6 +29,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chat_proto::crypto::PeerKey;
 use chat_proto::rendezvous::{ErrorStatus, Failure, IN_A_CHAT, Request, Response};
 use chat_proto::{ClientId, Token};
 
@@ -417,17 +418,15 @@ impl Registry {
                         format!("{p} {why}: ask it to BRIDGE, or BRIDGE without Peer-Id"),
                     ));
                 }
-                Some((p, e.addr()))
+                Some((p, e.addr(), PeerKey::derive(&e.token, &id)))
             }
             None => self.longest_waiting_other(id, now),
         };
         match found {
-            Some((p, addr)) => {
+            Some(peer) => {
                 // The caller has its peer, so it stops waiting for one.
                 self.set_seq(me, IDLE);
-                Ok(Response::BridgeAck {
-                    peer: Some((p, addr)),
-                })
+                Ok(Response::BridgeAck { peer: Some(peer) })
             }
             None => {
                 if !in_queue(self.queue[me].seq) {
@@ -447,7 +446,7 @@ impl Registry {
         &mut self,
         id: ClientId,
         now: Duration,
-    ) -> Option<(ClientId, SocketAddr)> {
+    ) -> Option<(ClientId, SocketAddr, PeerKey)> {
         let mut lapsed = Vec::new();
         let mut found = None;
         for (&seq, candidate) in self.waiting.iter() {
@@ -456,7 +455,7 @@ impl Registry {
             }
             match self.live(candidate, now) {
                 Some(e) => {
-                    found = Some((*candidate, e.addr()));
+                    found = Some((*candidate, e.addr(), PeerKey::derive(&e.token, &id)));
                     break;
                 }
                 None => lapsed.push((seq, *candidate)),
@@ -835,7 +834,7 @@ mod tests {
 
     fn peer_of(r: &Response) -> Option<String> {
         match r {
-            Response::BridgeAck { peer } => peer.map(|(p, _)| p.to_string()),
+            Response::BridgeAck { peer } => peer.map(|(p, _, _)| p.to_string()),
             other => panic!("not a BRIDGEACK: {other:?}"),
         }
     }
@@ -1007,12 +1006,15 @@ mod tests {
         // b is handed a, the one waiting longest, and does not wait itself.
         let r = h.bridge("b", b, None, secs(2.0));
         let Response::BridgeAck {
-            peer: Some((p, addr)),
+            peer: Some((p, addr, key)),
         } = r
         else {
             panic!("{r:?}")
         };
         assert_eq!((p, addr), (id("a"), "192.0.2.1:1".parse().unwrap()));
+        // The key a holds the registration for, made for b alone.
+        assert_eq!(key, PeerKey::derive(&a, &id("b")));
+        assert_ne!(key, PeerKey::derive(&b, &id("b")));
         assert_eq!(
             h.reg.state(&id("b"), secs(2.0)),
             Some(ClientState::Registered)
@@ -1069,10 +1071,15 @@ mod tests {
         assert!(f.reason.starts_with("b is not waiting"), "{}", f.reason);
         assert_eq!(status(&h.bridge("a", a, Some("a"), secs(1.0))), 400);
         assert_eq!(peer_of(&h.bridge("b", b, None, secs(1.0))), None);
-        assert_eq!(
-            peer_of(&h.bridge("a", a, Some("b"), secs(2.0))).as_deref(),
-            Some("b")
-        );
+        let r = h.bridge("a", a, Some("b"), secs(2.0));
+        assert_eq!(peer_of(&r).as_deref(), Some("b"));
+        let Response::BridgeAck {
+            peer: Some((_, _, key)),
+        } = r
+        else {
+            unreachable!()
+        };
+        assert_eq!(key, PeerKey::derive(&b, &id("a")));
     }
 
     #[test]
@@ -1557,7 +1564,10 @@ mod tests {
                             Some(_) => 200,
                         };
                         assert_eq!(status(&r), want, "{ctx}");
-                        if let Response::BridgeAck { peer: Some((p, _)) } = r {
+                        if let Response::BridgeAck {
+                            peer: Some((p, _, _)),
+                        } = r
+                        {
                             let p = p.to_string();
                             assert!(model.get(&p).is_some_and(|(_, at)| now < *at), "{ctx}: {p}");
                         }

@@ -485,6 +485,52 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 PROBEACK"), "{r}");
     }
 
+    /// The largest BRIDGEACK, a 32-character peer at an IPv6 address with
+    /// its key, answers the smallest BRIDGE that can get it, within the
+    /// bound and whole.
+    #[test]
+    fn the_largest_bridgeack_stays_within_three_times_the_request() {
+        let s = state(0);
+        let mut cache = cache();
+        let long = "p".repeat(32);
+        let far: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535"
+            .parse()
+            .unwrap();
+        let token_of = |resp: &[u8]| {
+            let resp = text(resp);
+            let line = resp.lines().find(|l| l.starts_with("Client-Token: "));
+            line.map(|l| l["Client-Token: ".len()..].to_owned())
+                .unwrap()
+        };
+        let reg = |id: &str, rid: &str| {
+            format!(
+                "REGISTER / HTTP/1.1\r\nClient-Id: {id}\r\nClient-Port: 65535\r\nRequest-Id: {rid}\r\n\r\n"
+            )
+        };
+        let waiting = answer(&s, &mut cache, reg(&long, "1").as_bytes(), far).unwrap();
+        let t = token_of(&waiting);
+        let bridge = |id: &str, t: &str, rid: &str| {
+            format!(
+                "BRIDGE / HTTP/1.1\r\nClient-Id: {id}\r\nClient-Token: {t}\r\nRequest-Id: {rid}\r\n\r\n"
+            )
+        };
+        let r = answer(&s, &mut cache, bridge(&long, &t, "2").as_bytes(), far).unwrap();
+        assert!(text(&r).starts_with("HTTP/1.1 200 BRIDGEACK"));
+        let caller = answer(&s, &mut cache, reg("a", "3").as_bytes(), from()).unwrap();
+        let t = token_of(&caller);
+        let req = bridge("a", &t, "4");
+        let resp = answer(&s, &mut cache, req.as_bytes(), from()).unwrap();
+        let resp = text(&resp);
+        assert!(resp.contains(&format!("Peer-Id: {long}\r\n")), "{resp}");
+        assert!(resp.contains("Peer-Key: "), "{resp}");
+        assert!(
+            resp.len() <= 3 * req.len(),
+            "{} bytes for {}",
+            resp.len(),
+            req.len()
+        );
+    }
+
     #[test]
     fn responses_stay_within_three_times_the_request() {
         let s = state(0);

@@ -84,6 +84,7 @@ fn the_whole_seed_flow_over_tcp() {
     assert_eq!((r.status, r.phrase.as_str()), (200, "BRIDGEACK"));
     assert_eq!(r.header("Peer-Id"), None);
     assert_eq!(r.header("Peer-Addr"), None);
+    assert_eq!(r.header("Peer-Key"), None);
 
     // bob BRIDGEs and is handed alice.
     let bob = register(s.addr, "bob", 5000);
@@ -95,6 +96,10 @@ fn the_whole_seed_flow_over_tcp() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("Peer-Id"), Some("alice"));
     assert_eq!(r.header("Peer-Addr"), Some("127.0.0.1:4000"));
+    // The key bob proves himself to alice with: made from alice's token,
+    // for bob alone.
+    let key = chat_proto::crypto::PeerKey::derive(&alice.parse().unwrap(), &"bob".parse().unwrap());
+    assert_eq!(r.header("Peer-Key"), Some(key.to_string().as_str()));
 
     // CHAT: both leave the pool; carol then waits instead of getting alice.
     let r = request(
