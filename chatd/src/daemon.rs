@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chat_proto::ClientId;
-use chat_proto::crypto::{self, CryptoError, Link, Parties, PeerKey};
+use chat_proto::crypto::{self, Checked, CryptoError, Parties, PeerKey};
 use chat_proto::frame::encode;
 use chat_proto::ipc::{self, DaemonFrame, Failure, FailureKind, Record, RecordKind, Reply, State};
 use chat_proto::peer::{Hello, MAX_FRAME, PeerFrame};
@@ -105,9 +105,9 @@ pub struct Core {
     closing: Vec<LinkId>,
     /// Closed links whose writers may still be sending their last frames.
     draining: Vec<LinkHandle>,
-    /// Incoming calls the session is deciding on, with the link's keys
-    /// and the handshake answer, made when the call was checked.
-    deciders: HashMap<LinkId, (oneshot::Sender<Decision>, Link, Vec<u8>)>,
+    /// Incoming calls the session is deciding on, with their checked
+    /// handshakes.
+    deciders: HashMap<LinkId, (oneshot::Sender<Decision>, Checked)>,
     clients: HashMap<ClientKey, Client>,
     /// `history` and `tail` requests being answered a slice at a time, in
     /// turn.
@@ -276,9 +276,9 @@ impl Core {
             } => {
                 tracing::info!(peer = %hello.id, %addr, "peer asks to chat");
                 match self.check_call(&hello, &handshake) {
-                    Ok((keys, answer)) => {
+                    Ok(checked) => {
                         let link = self.session.next_link();
-                        self.deciders.insert(link, (decide, keys, answer));
+                        self.deciders.insert(link, (decide, checked));
                         self.session.handle(Input::Incoming { link, hello }, now);
                     }
                     Err((status, reason)) => {
@@ -578,13 +578,12 @@ impl Core {
     /// Checks an incoming call's handshake message against the key the
     /// server gives a caller it introduces to us: only then is the call
     /// the session's to decide, so a caller that cannot prove who it is
-    /// learns nothing of our state and changes none of it. Returns the
-    /// link's keys and the answer, or the refusal.
-    fn check_call(
-        &self,
-        hello: &Hello,
-        handshake: &[u8],
-    ) -> Result<(Link, Vec<u8>), (u16, String)> {
+    /// learns nothing of our state and changes none of it. (A handshake
+    /// replayed from one seen on the network passes; the session holds
+    /// such a call as unconfirmed until the caller's first frame, which a
+    /// replayer cannot make.) Returns the checked handshake, or the
+    /// refusal.
+    fn check_call(&self, hello: &Hello, handshake: &[u8]) -> Result<Checked, (u16, String)> {
         let (me, caller) = (self.me, hello.id);
         let Some(token) = self.session.token() else {
             return Err((
@@ -597,7 +596,7 @@ impl Core {
             callee: me,
             turns: hello.turns,
         };
-        crypto::answer(&PeerKey::derive(&token, &caller), &parties, handshake).map_err(|e| match e {
+        crypto::check(&PeerKey::derive(&token, &caller), &parties, handshake).map_err(|e| match e {
             CryptoError::Handshake => (
                 401,
                 format!(
@@ -651,15 +650,26 @@ impl Core {
                     let (handle, queue) = peer::queue();
                     self.links.insert(link, handle);
                     let accepted = match self.deciders.remove(&link) {
-                        Some((d, keys, handshake)) => d
-                            .send(Decision::Accept {
-                                link,
-                                me: self.me,
-                                out: queue,
-                                handshake,
-                                keys,
-                            })
-                            .is_ok(),
+                        Some((d, checked)) => match checked.answer() {
+                            Ok((keys, handshake)) => d
+                                .send(Decision::Accept {
+                                    link,
+                                    me: self.me,
+                                    out: queue,
+                                    handshake,
+                                    keys,
+                                })
+                                .is_ok(),
+                            Err(e) => {
+                                let reason = format!("{} cannot answer the call: {e}", self.me);
+                                tracing::error!("{reason}");
+                                let _ = d.send(Decision::Refuse {
+                                    status: 500,
+                                    reason,
+                                });
+                                false
+                            }
+                        },
                         None => false,
                     };
                     if !accepted {

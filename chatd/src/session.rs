@@ -227,11 +227,38 @@ enum Phase {
     Connecting {
         peer: ClientId,
         addr: SocketAddr,
+        /// The introduction's key, kept to go back to `Ready`.
+        key: PeerKey,
         call: Call,
         ticket: Ticket,
     },
+    /// An incoming call accepted, not yet confirmed (see [`Answering`]).
+    Answering(Box<Answering>),
     Chatting(Chat),
 }
+
+/// An incoming call whose handshake passed but whose caller has not yet
+/// sent a record on the link. Only the caller holding the handshake's
+/// fresh key can send one, so a handshake replayed by someone who saw it
+/// on the network gets this far and no further: until the caller's first
+/// frame, no chat has begun for the user to see, and if none comes the
+/// daemon goes back to what it was doing, as if no call had come.
+#[derive(Clone, Debug)]
+struct Answering {
+    peer: ClientId,
+    link: LinkId,
+    turns: bool,
+    /// Given up on, past this.
+    until: Instant,
+    /// A `chat` command whose own call gave way to this one.
+    ticket: Option<Ticket>,
+    /// The phase to go back to if the call does not complete.
+    back: Phase,
+}
+
+/// How long an accepted caller has to send its first frame: it sends one
+/// at once, so this only bounds a call that will never complete.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the call of a `chat` command stands.
 #[derive(Clone, Debug)]
@@ -330,7 +357,14 @@ impl Session {
     }
 
     pub fn state(&self) -> State {
-        match self.phase {
+        // An unconfirmed call is not shown: the state is the one the
+        // daemon goes back to should the call not complete.
+        let phase = match &self.phase {
+            Phase::Answering(a) => &a.back,
+            p => p,
+        };
+        match phase {
+            Phase::Answering(_) => State::Waiting,
             Phase::Chatting(_) => State::Chatting,
             Phase::Ready { .. } | Phase::Connecting { .. } => State::Ready,
             Phase::Waiting => State::Waiting,
@@ -340,7 +374,11 @@ impl Session {
     }
 
     pub fn status(&self) -> Status {
-        let (peer, turn) = match &self.phase {
+        let phase = match &self.phase {
+            Phase::Answering(a) => &a.back,
+            p => p,
+        };
+        let (peer, turn) = match phase {
             Phase::Ready { peer, .. } | Phase::Connecting { peer, .. } => (Some(*peer), None),
             Phase::Chatting(c) => (
                 Some(c.peer),
@@ -428,6 +466,12 @@ impl Session {
                 }
                 self.reply(ticket, Err(connecting));
             }
+            Phase::Answering(ref a) => {
+                self.out.push_back(Action::Close { link: a.link });
+                if let Some(ticket) = a.ticket {
+                    self.reply(ticket, Err(connecting));
+                }
+            }
             _ => {}
         }
         self.set_phase(Phase::None);
@@ -459,6 +503,7 @@ impl Session {
                 call: Call::Crossed { until, .. },
                 ..
             } => Some(*until),
+            Phase::Answering(a) => Some(a.until),
             _ => None,
         };
         [refresh, link, self.retry_register_at]
@@ -471,11 +516,20 @@ impl Session {
         if self.retry_register_at.is_some_and(|t| now >= t) {
             self.register_automatically();
         }
+        if let Phase::Answering(a) = &self.phase
+            && now >= a.until
+        {
+            let link = a.link;
+            self.out.push_back(Action::Close { link });
+            let secs = ANSWER_WAIT.as_secs();
+            self.answer_failed(&format!("no frame within {secs} s of the handshake"));
+        }
         if let Phase::Connecting {
             call: Call::Crossed { until, ref reason },
             ticket,
             peer,
             addr,
+            ..
         } = self.phase
             && now >= until
         {
@@ -544,6 +598,7 @@ impl Session {
                     ticket,
                     peer,
                     addr,
+                    key,
                 } = self.phase
                     && l == link
                 {
@@ -551,6 +606,7 @@ impl Session {
                         self.set_phase(Phase::Connecting {
                             peer,
                             addr,
+                            key,
                             call: Call::Crossed {
                                 until: now + CROSSING_WAIT,
                                 reason,
@@ -565,6 +621,11 @@ impl Session {
             Input::Incoming { link, hello } => self.incoming(link, hello, now),
             Input::Frame { link, frame } => self.frame(link, frame, now),
             Input::LinkClosed { link, reason } => {
+                if let Phase::Answering(a) = &self.phase
+                    && a.link == link
+                {
+                    self.answer_failed(&reason);
+                }
                 if let Phase::Chatting(c) = &self.phase
                     && c.link == link
                 {
@@ -613,6 +674,7 @@ impl Session {
                     self.set_phase(Phase::Connecting {
                         peer,
                         addr,
+                        key,
                         call: Call::Dialing(link),
                         ticket,
                     });
@@ -637,6 +699,11 @@ impl Session {
                     ticket,
                     FailureKind::State,
                     format!("already connecting to {peer}"),
+                ),
+                Phase::Answering(a) => self.fail(
+                    ticket,
+                    FailureKind::State,
+                    format!("{} is calling: the chat begins in a moment", a.peer),
                 ),
                 Phase::Chatting(c) => self.fail(
                     ticket,
@@ -708,7 +775,9 @@ impl Session {
         let me = self.config.id;
         let Phase::Chatting(c) = &mut self.phase else {
             let why = match self.phase {
-                Phase::Waiting => "not chatting yet: waiting for a peer to connect",
+                Phase::Waiting | Phase::Answering(_) => {
+                    "not chatting yet: waiting for a peer to connect"
+                }
                 Phase::Ready { .. } | Phase::Connecting { .. } => {
                     "not chatting yet: run `chatctl chat` to connect to your peer"
                 }
@@ -816,6 +885,7 @@ impl Session {
             ticket,
             peer: expected,
             addr,
+            ..
         } = self.phase
         else {
             // A link the session gave up on: close it.
@@ -836,6 +906,12 @@ impl Session {
             );
         }
         self.start_chat(peer, link, true, self.config.turns, now);
+        // At once: the callee waits for a first frame before it believes
+        // the call (see `Answering`).
+        self.out.push_back(Action::Send {
+            link,
+            frame: PeerFrame::Ping,
+        });
         self.reply(ticket, Ok(Reply::Chatting { peer }));
         self.server(Purpose::Chat {
             peer,
@@ -855,6 +931,24 @@ impl Session {
                 .out
                 .push_back(refuse(400, format!("{me} cannot chat with itself")));
         }
+        if let Phase::Answering(a) = &self.phase {
+            // Another call while one is unconfirmed: the pending one goes,
+            // so that a replayed handshake cannot hold the door, and this
+            // one is decided as the pending one was.
+            let pending = a.link;
+            self.out.push_back(Action::Close { link: pending });
+            self.answer_failed("another call came before its first frame");
+        }
+        let answering = |ticket, back| {
+            Phase::Answering(Box::new(Answering {
+                peer: hello.id,
+                link,
+                turns: hello.turns,
+                until: now + ANSWER_WAIT,
+                ticket,
+                back,
+            }))
+        };
         match &self.phase {
             // Both ran `chat` at once, each calling the other. One link
             // must win, the same one at both ends: the call of the lower
@@ -862,7 +956,11 @@ impl Session {
             // own refused already); the lower refuses this one and keeps
             // its own, which the other end takes.
             Phase::Connecting {
-                peer, call, ticket, ..
+                peer,
+                addr,
+                key,
+                call,
+                ticket,
             } if *peer == hello.id => {
                 let (own, ticket) = (call.clone(), *ticket);
                 if self.their_call_wins(&hello.id) {
@@ -870,8 +968,12 @@ impl Session {
                         self.out.push_back(Action::Close { link: own });
                     }
                     self.out.push_back(Action::Accept { link });
-                    self.start_chat(hello.id, link, false, hello.turns, now);
-                    self.reply(ticket, Ok(Reply::Chatting { peer: hello.id }));
+                    let back = Phase::Ready {
+                        peer: *peer,
+                        addr: *addr,
+                        key: *key,
+                    };
+                    self.set_phase(answering(Some(ticket), back));
                 } else {
                     self.out.push_back(refuse(
                         409,
@@ -881,18 +983,19 @@ impl Session {
             }
             // 503, not 409: a 409 says "I am calling you", so that the
             // caller waits for that call (see `Call::Crossed`) only then.
-            Phase::Chatting(_) | Phase::Connecting { .. } => {
+            Phase::Chatting(_) | Phase::Connecting { .. } | Phase::Answering(_) => {
                 self.out
                     .push_back(refuse(503, format!("{me} is busy in another chat")));
             }
             Phase::Waiting => {
                 self.out.push_back(Action::Accept { link });
-                self.start_chat(hello.id, link, false, hello.turns, now);
+                self.set_phase(answering(None, Phase::Waiting));
             }
             Phase::Ready { peer, .. } if *peer == hello.id => {
                 // Both were handed each other; whoever connects first wins.
                 self.out.push_back(Action::Accept { link });
-                self.start_chat(hello.id, link, false, hello.turns, now);
+                let back = self.phase.clone();
+                self.set_phase(answering(None, back));
             }
             // Handed another peer: about to call it, not waiting for anyone.
             Phase::Ready { .. } => self.out.push_back(refuse(
@@ -927,7 +1030,48 @@ impl Session {
         }));
     }
 
+    /// The caller's first frame confirms an answered call: the chat
+    /// begins.
+    fn confirmed(&mut self, link: LinkId, now: Instant) {
+        let Phase::Answering(a) = &self.phase else {
+            return;
+        };
+        if a.link != link {
+            return;
+        }
+        let (peer, turns, ticket) = (a.peer, a.turns, a.ticket);
+        self.start_chat(peer, link, false, turns, now);
+        if let Some(ticket) = ticket {
+            self.reply(ticket, Ok(Reply::Chatting { peer }));
+        }
+    }
+
+    /// The answered call did not complete: back to what the daemon was
+    /// doing. Nothing was shown, so nothing is said but to a `chat` whose
+    /// own call had given way to this one.
+    fn answer_failed(&mut self, reason: &str) {
+        let Phase::Answering(a) = std::mem::replace(&mut self.phase, Phase::None) else {
+            return;
+        };
+        let Answering {
+            peer, ticket, back, ..
+        } = *a;
+        tracing::info!("the call from {peer} did not complete: {reason}");
+        // Straight back: the state shown never left `back`.
+        self.phase = back;
+        if let Some(ticket) = ticket {
+            self.fail(
+                ticket,
+                FailureKind::Peer,
+                format!(
+                    "the call from {peer}, taken instead of ours, did not complete ({reason}); run `chatctl chat` again"
+                ),
+            );
+        }
+    }
+
     fn frame(&mut self, link: LinkId, frame: PeerFrame, now: Instant) {
+        self.confirmed(link, now);
         let me = self.config.id;
         let timeout = self.config.peer_timeout;
         let Phase::Chatting(c) = &mut self.phase else {
@@ -1161,7 +1305,10 @@ impl Session {
                 self.refresh_later(now, self.config.retry_after, &unreachable(&why));
             }
             (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
-                if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
+                if matches!(
+                    self.phase,
+                    Phase::Chatting(_) | Phase::Connecting { .. } | Phase::Answering(_)
+                ) =>
             {
                 // A chat began while the request was in flight: it wins.
                 self.fail(
@@ -1365,8 +1512,12 @@ impl Session {
 
     /// Without a registration there is no waiting and no handed-out peer.
     fn phase_lost_with_registration(&mut self) {
-        if matches!(self.phase, Phase::Waiting | Phase::Ready { .. }) {
-            self.phase = Phase::None;
+        let phase = match &mut self.phase {
+            Phase::Answering(a) => &mut a.back,
+            p => p,
+        };
+        if matches!(phase, Phase::Waiting | Phase::Ready { .. }) {
+            *phase = Phase::None;
         }
         self.record_state();
     }
@@ -1633,6 +1784,17 @@ mod tests {
             (link, self.input(Input::Incoming { link, hello }))
         }
 
+        /// A call from `peer`, accepted, then confirmed by its first frame
+        /// (a ping): the actions of both.
+        fn answered(&mut self, peer: &str, turns: bool) -> (LinkId, Vec<Action>) {
+            let (link, mut a) = self.call_from(peer, turns);
+            a.extend(self.input(Input::Frame {
+                link,
+                frame: PeerFrame::Ping,
+            }));
+            (link, a)
+        }
+
         fn command(&mut self, c: Command) -> (Ticket, Vec<Action>) {
             let ticket = self.next_ticket;
             self.next_ticket += 1;
@@ -1725,6 +1887,13 @@ mod tests {
                 let turns = self.s.config.turns;
                 let (link, a) = self.call_from("bob", turns);
                 assert!(a.contains(&Action::Accept { link }), "{a:?}");
+                // Not a chat until the caller's first frame confirms it.
+                assert_eq!(self.s.state(), State::Waiting);
+                self.input(Input::Frame {
+                    link,
+                    frame: PeerFrame::Ping,
+                });
+                assert_eq!(self.s.state(), State::Chatting);
                 link
             }
         }
@@ -2555,7 +2724,7 @@ mod tests {
             "{a:?}"
         );
         // ... and bob's call is taken, on bob's rule for turns.
-        let (theirs, a) = t.call_from("bob", true);
+        let (theirs, a) = t.answered("bob", true);
         assert!(a.contains(&Action::Accept { link: theirs }), "{a:?}");
         assert!(
             !a.iter().any(|x| matches!(x, Action::Close { .. })),
@@ -2567,6 +2736,107 @@ mod tests {
         );
         assert_eq!(t.s.state(), State::Chatting);
         assert_eq!(t.s.status().turn, Some(Turn::Peers));
+    }
+
+    /// What a handshake replayed by an eavesdropper gets: accepted, since
+    /// it passes the key check, but never confirmed, as only the real
+    /// caller can send a frame. Nothing is shown, and the daemon goes on
+    /// waiting, whether the link times out, closes, or another call comes.
+    #[test]
+    fn an_answered_call_without_a_first_frame_changes_nothing() {
+        for how in ["timeout", "closed", "another call"] {
+            let mut t = T::new(false);
+            t.bridged(None);
+            let (link, a) = t.call_from("bob", false);
+            assert!(a.contains(&Action::Accept { link }), "{a:?}");
+            let mut seen = a;
+            assert_eq!(t.s.state(), State::Waiting);
+            assert_eq!(t.s.status().peer, None);
+            assert_eq!(t.s.poll_timeout(), Some(t.now + ANSWER_WAIT), "{how}");
+            let (_, sent) = t.command(Command::Send { text: "hi".into() });
+            seen.extend(sent);
+            match how {
+                "timeout" => {
+                    t.advance(ANSWER_WAIT - Duration::from_millis(1));
+                    assert_eq!(t.drain(), [], "not yet");
+                    t.advance(Duration::from_millis(1));
+                    let a = t.drain();
+                    assert_eq!(a, [Action::Close { link }]);
+                }
+                "closed" => seen.extend(t.input(Input::LinkClosed {
+                    link,
+                    reason: "connection closed".into(),
+                })),
+                _ => {
+                    let (next, a) = t.call_from("bob", false);
+                    assert!(a.contains(&Action::Close { link }), "{a:?}");
+                    assert!(a.contains(&Action::Accept { link: next }), "{a:?}");
+                    // The newer call, confirmed, is the chat.
+                    let a = t.input(Input::Frame {
+                        link: next,
+                        frame: PeerFrame::Ping,
+                    });
+                    assert!(a.contains(&Action::Record(RecordKind::State {
+                        state: State::Chatting,
+                        peer: Some(id("bob")),
+                    })));
+                    assert_eq!(t.s.state(), State::Chatting, "{how}");
+                    continue;
+                }
+            }
+            assert_eq!(t.s.state(), State::Waiting, "{how}");
+            assert!(
+                !seen.iter().any(|x| matches!(
+                    x,
+                    Action::Record(RecordKind::State { .. } | RecordKind::Notice { .. })
+                )),
+                "{how}: {seen:?}"
+            );
+            // Still in the pool: the next real caller gets through.
+            let (link, _) = t.answered("carol", false);
+            assert_eq!(t.s.state(), State::Chatting, "{how}");
+            assert!(matches!(&t.s.phase, Phase::Chatting(c) if c.link == link));
+        }
+    }
+
+    /// A caller speaks at once, so that the callee can believe its call.
+    #[test]
+    fn a_caller_sends_a_frame_as_soon_as_the_link_is_up() {
+        let mut t = T::new(false);
+        let (_, link) = calling(&mut t, "bob");
+        let a = t.input(Input::LinkUp {
+            link,
+            peer: id("bob"),
+        });
+        assert!(a.contains(&Action::Send {
+            link,
+            frame: PeerFrame::Ping
+        }));
+    }
+
+    /// Our call gave way to a crossing one that then did not complete: the
+    /// `chat` is told, and the introduction is kept to call again.
+    #[test]
+    fn a_crossing_call_that_does_not_complete_fails_the_chat_and_keeps_the_peer() {
+        let mut t = T::new(false);
+        let (chat, own) = calling(&mut t, "bob");
+        let (theirs, a) = t.call_from("bob", false);
+        assert!(a.contains(&Action::Close { link: own }), "{a:?}");
+        assert!(a.contains(&Action::Accept { link: theirs }), "{a:?}");
+        assert!(!replied(&a, chat));
+        let a = t.input(Input::LinkClosed {
+            link: theirs,
+            reason: "connection reset".into(),
+        });
+        let f = reply_of(&a, chat).unwrap_err();
+        assert!(f.message.contains("did not complete"), "{f:?}");
+        assert!(f.message.contains("chatctl chat"), "{f:?}");
+        assert_eq!(t.s.state(), State::Ready);
+        let (_, a) = t.command(Command::Chat);
+        assert!(
+            matches!(a.last(), Some(Action::Connect { key, .. }) if *key == KEY),
+            "{a:?}"
+        );
     }
 
     #[test]
@@ -2701,7 +2971,7 @@ mod tests {
         for (peer, mine_wins) in [("bob", false), ("zed", true)] {
             let mut t = T::new(false);
             let (chat, own) = calling(&mut t, peer);
-            let (theirs, a) = t.call_from(peer, false);
+            let (theirs, a) = t.answered(peer, false);
             if mine_wins {
                 assert!(
                     matches!(&a[..], [Action::Refuse { status: 409, reason, .. }] if reason.contains("at the same time")),
@@ -2731,7 +3001,7 @@ mod tests {
         for (mine, theirs) in [(false, true), (true, false)] {
             let mut r = T::new(mine);
             r.bridged(None);
-            r.call_from("bob", theirs);
+            r.answered("bob", theirs);
             let (t, a) = r.command(Command::Send {
                 text: "first?".into(),
             });
@@ -2899,7 +3169,7 @@ mod tests {
         // Waiting; a second bridge goes out, and a peer connects meanwhile.
         let (ticket, a) = t.command(Command::Bridge { peer: None });
         let (op, _) = T::server_op(&a);
-        t.call_from("bob", false);
+        t.answered("bob", false);
         assert_eq!(t.s.state(), State::Chatting);
         let a = t.input(Input::ServerReply {
             op,

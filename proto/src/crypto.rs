@@ -81,15 +81,14 @@ impl PeerKey {
         // BLAKE2s keyed with the token is a MAC: without the token, no key
         // for any id can be made, and one id's key says nothing of
         // another's.
-        let mac = <Blake2sMac<U16> as Mac>::new_from_slice(token.bytes()).map(|m| {
-            m.chain_update(b"chat-peer key\0")
-                .chain_update(caller.as_str())
-        });
+        // BLAKE2s takes keys of 1 to 32 bytes, so a 16-byte token is
+        // always one: this cannot fail.
+        let mac = <Blake2sMac<U16> as Mac>::new_from_slice(token.bytes())
+            .expect("a 16-byte key is a valid BLAKE2s key")
+            .chain_update(b"chat-peer key\0")
+            .chain_update(caller.as_str());
         let mut out = [0u8; 16];
-        // A 16-byte key is always of a valid length for BLAKE2s (1 to 32).
-        if let Ok(mac) = mac {
-            out.copy_from_slice(&mac.finalize().into_bytes());
-        }
+        out.copy_from_slice(&mac.finalize().into_bytes());
         PeerKey(Token::from_bytes(out))
     }
 
@@ -204,15 +203,11 @@ impl fmt::Debug for Calling {
     }
 }
 
-/// The callee's side: checks the caller's first message against `key` and
-/// returns the open link and the answer to send with `101`. Checking costs
-/// hashing only (the X25519 work comes after), so callers without the key
-/// are turned away cheaply.
-pub fn answer(
-    key: &PeerKey,
-    parties: &Parties,
-    call: &[u8],
-) -> Result<(Link, Vec<u8>), CryptoError> {
+/// The callee's side, first half: checks the caller's first message
+/// against `key`. That costs hashing only, so callers without the key are
+/// turned away cheaply; the X25519 work is left to [`Checked::answer`],
+/// for a call the callee takes.
+pub fn check(key: &PeerKey, parties: &Parties, call: &[u8]) -> Result<Checked, CryptoError> {
     let (psk, prologue) = (key.psk(), parties.prologue());
     let mut state = parties
         .builder(&psk, &prologue)?
@@ -222,10 +217,35 @@ pub fn answer(
     state
         .read_message(call, &mut payload)
         .map_err(|_| CryptoError::Handshake)?;
-    let mut reply = vec![0u8; HANDSHAKE_LEN];
-    let n = state.write_message(&[], &mut reply).map_err(internal)?;
-    reply.truncate(n);
-    Ok((Link::from_handshake(state)?, reply))
+    Ok(Checked(state))
+}
+
+/// A caller's first message that passed [`check`].
+pub struct Checked(HandshakeState);
+
+impl Checked {
+    /// Takes the call: the open link, and the answer to send with `101`.
+    pub fn answer(mut self) -> Result<(Link, Vec<u8>), CryptoError> {
+        let mut reply = vec![0u8; HANDSHAKE_LEN];
+        let n = self.0.write_message(&[], &mut reply).map_err(internal)?;
+        reply.truncate(n);
+        Ok((Link::from_handshake(self.0)?, reply))
+    }
+}
+
+impl fmt::Debug for Checked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Checked(..)")
+    }
+}
+
+/// Both halves of the callee's side at once.
+pub fn answer(
+    key: &PeerKey,
+    parties: &Parties,
+    call: &[u8],
+) -> Result<(Link, Vec<u8>), CryptoError> {
+    check(key, parties, call)?.answer()
 }
 
 /// An open link's keys, to split between its writer and its reader.

@@ -518,7 +518,9 @@ mod tests {
         assert!(text(&r).starts_with("HTTP/1.1 200 BRIDGEACK"));
         let caller = answer(&s, &mut cache, reg("a", "3").as_bytes(), from()).unwrap();
         let t = token_of(&caller);
-        let req = bridge("a", &t, "4");
+        // Bare line feeds, no spaces, no Request-Id: as small as a BRIDGE
+        // can be.
+        let req = format!("BRIDGE / HTTP/1.1\nClient-Id:a\nClient-Token:{t}\n\n");
         let resp = answer(&s, &mut cache, req.as_bytes(), from()).unwrap();
         let resp = text(&resp);
         assert!(resp.contains(&format!("Peer-Id: {long}\r\n")), "{resp}");
