@@ -7,10 +7,12 @@
 //!
 //! - With a waiting peer's address the server hands the caller a
 //!   [`PeerKey`]: a MAC of the caller's id under the waiting peer's client
-//!   token. Only the server and the waiting peer know that token, so only
-//!   the caller the server introduced, under that id, knows the key, and
-//!   only the daemon holding the registration can check it. Each side
-//!   proves itself to the other with no long-term key to manage.
+//!   token. Only the server and the waiting peer are meant to hold that
+//!   token (it crosses the network in plain HTTP, which the README's
+//!   Security section weighs), so only the caller the server introduced,
+//!   under that id, knows the key, and only the daemon holding the
+//!   registration can check it. Each side proves itself to the other with
+//!   no long-term key to manage.
 //! - The handshake is Noise `NNpsk0` with that key (through `snow`): two
 //!   messages, carried in the upgrade's request and its `101` answer, so a
 //!   link opens in as many round trips as before. Each side adds a fresh
@@ -20,7 +22,11 @@
 //!   a big-endian `u16` length, then that many bytes of ChaCha20-Poly1305
 //!   ciphertext whose nonce counts the records sent that way. A record
 //!   altered, dropped, replayed or reordered fails to open, and the link
-//!   is closed.
+//!   is closed. (A stream cut between records is a close like any other:
+//!   only a `Bye` frame ends a chat cleanly.)
+//! - The first handshake message carries nothing fresh, so a replay of it
+//!   passes the check; the callee takes the call only once a frame from
+//!   the caller opens (chatd's session holds it as `Answering` till then).
 //!
 //! The server derives the key, so it could stand in the middle: the server
 //! is trusted with introductions, as docs/PROTOCOL.md says.
