@@ -274,15 +274,18 @@ impl Core {
                 addr,
                 decide,
             } => {
-                tracing::info!(peer = %hello.id, %addr, "peer asks to chat");
                 match self.check_call(&hello, &handshake) {
                     Ok(checked) => {
+                        // Logged once checked: a claimed id is anyone's to
+                        // make up, and a flood of them must not fill the
+                        // log.
+                        tracing::info!(peer = %hello.id, %addr, "peer asks to chat");
                         let link = self.session.next_link();
                         self.deciders.insert(link, (decide, checked));
                         self.session.handle(Input::Incoming { link, hello }, now);
                     }
                     Err((status, reason)) => {
-                        tracing::info!(peer = %hello.id, %addr, "call refused: {reason}");
+                        tracing::debug!(claimed = %hello.id, %addr, status, "call refused before it was looked at: {reason}");
                         let _ = decide.send(Decision::Refuse { status, reason });
                     }
                 }
@@ -600,7 +603,7 @@ impl Core {
             CryptoError::Handshake => (
                 401,
                 format!(
-                    "{me} cannot verify that the server introduced you to it as {caller}: the key does not match its registration; run `chatctl bridge` again for a fresh introduction"
+                    "{me} cannot verify that the server introduced you to it as {caller}: the key does not match its registration"
                 ),
             ),
             other => (500, format!("{me} cannot check the call: {other}")),

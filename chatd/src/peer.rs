@@ -396,7 +396,7 @@ pub async fn connect(
                 Ok(Some((Answer::Accepted { id, handshake }, used))) => {
                     let keys = calling.finish(&handshake).map_err(|_| {
                         failed(format!(
-                            "{addr} answered as {id} but could not prove it holds {}'s registration (its answer does not match the key the server gave): not the peer the server introduced, or it registered anew since; run `chatctl bridge` again",
+                            "{addr} answered as {id} but could not prove it holds {}'s registration (its answer does not match the key the server gave): not the peer the server introduced, or it registered anew since",
                             to.id
                         ))
                     })?;

@@ -535,7 +535,7 @@ impl Session {
         {
             let secs = CROSSING_WAIT.as_secs();
             let reason = format!("{reason} (and no call from {peer} came within {secs} s)");
-            self.call_failed(ticket, peer, addr, &reason, false);
+            self.call_failed(ticket, peer, addr, &reason, Some(409), false);
         }
         if let Some(reg) = &self.reg
             && !self.refreshing()
@@ -614,7 +614,7 @@ impl Session {
                             ticket,
                         });
                     } else {
-                        self.call_failed(ticket, peer, addr, &reason, nobody_listens);
+                        self.call_failed(ticket, peer, addr, &reason, refused, nobody_listens);
                     }
                 }
             }
@@ -858,25 +858,38 @@ impl Session {
         peer: ClientId,
         addr: SocketAddr,
         reason: &str,
+        refused: Option<u16>,
         nobody_listens: bool,
     ) {
         self.set_phase(Phase::None);
-        let dropped = if nobody_listens && self.reg.is_some() {
+        // A peer that is gone, or that says it is not waiting (a daemon
+        // restarted, whose earlier run's registration still waits on the
+        // server), is taken out of the pool: otherwise the next `bridge`
+        // hands it out again, until its registration lapses.
+        let dropped = match (nobody_listens, refused) {
+            _ if self.reg.is_none() => "",
+            (true, _) => " (its chatd is gone: the server will not hand it out again)",
+            (_, Some(403)) => {
+                " (it is not waiting: the server will not hand it out again until it bridges)"
+            }
+            _ => "",
+        };
+        if !dropped.is_empty() {
             self.server(Purpose::Chat {
                 peer,
                 retried: false,
             });
-            " (its chatd is gone: the server will not hand it out again)"
-        } else {
-            ""
+        }
+        let next = match refused {
+            Some(401) => "run `chatctl bridge` again for a fresh introduction",
+            _ => "run `chatctl bridge` for another peer",
         };
-        self.fail(
-            ticket,
-            FailureKind::Peer,
-            format!(
-                "cannot chat with {peer} at {addr}: {reason}{dropped}; run `chatctl bridge` for another peer"
-            ),
-        );
+        let message = format!("cannot chat with {peer} at {addr}: {reason}{dropped}; {next}");
+        // Told to every shell, not only to the one that ran `chat`.
+        if ticket != OWN {
+            self.notice(&message);
+        }
+        self.fail(ticket, FailureKind::Peer, message);
     }
 
     fn link_up(&mut self, link: LinkId, peer: ClientId, now: Instant) {
@@ -1670,6 +1683,16 @@ fn bridge_refused(f: &chat_proto::rendezvous::Failure, peer: Option<ClientId>) -
             };
             format!(
                 "{p} {why}: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
+                f.status.code(),
+                f.status.phrase()
+            )
+        }
+        // The server names the id it does not know: the peer, after a
+        // retry has registered us again.
+        Some(p) if f.status == ErrorStatus::NotFound && f.reason.contains(&format!(" {p} ")) => {
+            format!(
+                "{}: ask {p} to run `chatctl register` and `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
+                f.reason,
                 f.status.code(),
                 f.status.phrase()
             )
@@ -2837,6 +2860,55 @@ mod tests {
             matches!(a.last(), Some(Action::Connect { key, .. }) if *key == KEY),
             "{a:?}"
         );
+    }
+
+    /// A peer that says it is not waiting (403: a daemon restarted whose
+    /// earlier run still waits on the server) is taken out of the pool,
+    /// as one that is gone is; a 401 asks for a fresh introduction. Every
+    /// shell is told, not only the one that ran `chat`.
+    #[test]
+    fn a_refused_call_says_what_next_and_drops_a_peer_that_is_not_waiting() {
+        for (status, dropped, next) in [
+            (403, true, "run `chatctl bridge` for another peer"),
+            (
+                401,
+                false,
+                "run `chatctl bridge` again for a fresh introduction",
+            ),
+            (503, false, "run `chatctl bridge` for another peer"),
+        ] {
+            let mut t = T::new(false);
+            let (ticket, link) = calling(&mut t, "bob");
+            let a = t.input(Input::LinkFailed {
+                link,
+                refused: Some(status),
+                reason: format!("refused ({status}): bob says no"),
+                nobody_listens: false,
+            });
+            let f = reply_of(&a, ticket).unwrap_err();
+            assert!(f.message.ends_with(next), "{status}: {}", f.message);
+            assert_eq!(
+                f.message.matches("chatctl bridge").count(),
+                1,
+                "{}",
+                f.message
+            );
+            assert!(a.contains(&Action::Record(RecordKind::Notice {
+                text: f.message.clone()
+            })));
+            let told_server = a.iter().any(|x| {
+                matches!(
+                    x,
+                    Action::Server {
+                        request: Request::Chat { .. },
+                        ..
+                    }
+                )
+            });
+            assert_eq!(told_server, dropped, "{status}: {a:?}");
+            assert_eq!(f.message.contains("it is not waiting"), dropped);
+            assert_eq!(t.s.state(), State::Registered);
+        }
     }
 
     #[test]

@@ -447,6 +447,9 @@ mod tests {
         assert_eq!(k.to_string().parse::<PeerKey>(), Ok(k));
         assert_eq!(k.to_string().len(), 32);
         assert_eq!(format!("{k:?}"), "PeerKey(..)");
+        // Pinned, as other clients derive it too: the value docs/PROTOCOL.md's
+        // Python line gives.
+        assert_eq!(k.to_string(), "8b90af5603f466e57221490b377199f7");
     }
 
     #[test]

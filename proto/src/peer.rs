@@ -149,7 +149,9 @@ fn head_length(
 ) -> Result<Option<usize>, HandshakeError> {
     crate::rendezvous::head_length(parsed, buf).map_err(|e| match e {
         HeadError::TooLarge => HandshakeError::TooLarge,
-        HeadError::Malformed(e) => HandshakeError::Malformed(e.to_string()),
+        HeadError::Malformed(e) => {
+            HandshakeError::Malformed(crate::rendezvous::malformed(e).into())
+        }
     })
 }
 

@@ -667,7 +667,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<RequestHead>, Failure> {
             ));
         }
         Err(HeadError::Malformed(e)) => {
-            return Err(Failure::bad_request(format!("malformed HTTP request: {e}")));
+            return Err(Failure::bad_request(format!(
+                "malformed HTTP request: {}",
+                malformed(e)
+            )));
         }
     };
     let fields = Fields::collect(req.headers)?;
@@ -849,6 +852,20 @@ fn text(v: &[u8]) -> Option<&str> {
 pub(crate) enum HeadError {
     TooLarge,
     Malformed(httparse::Error),
+}
+
+/// What httparse found wrong, in words a person reads: its own ("invalid
+/// token") mean something else to a user of client tokens.
+pub(crate) fn malformed(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::Token => "a byte not allowed in the method or the target",
+        httparse::Error::HeaderName => "a malformed header name",
+        httparse::Error::HeaderValue => "a malformed header value",
+        httparse::Error::NewLine => "a malformed line ending",
+        httparse::Error::Version => "not HTTP/1.0 or HTTP/1.1",
+        httparse::Error::Status => "a malformed status line",
+        httparse::Error::TooManyHeaders => "too many header fields",
+    }
 }
 
 /// The length of a head httparse has looked at: `None` while it is still
