@@ -676,8 +676,9 @@ impl Core {
                         None => false,
                     };
                     if !accepted {
-                        // The connection gave up waiting: end the chat the
-                        // session just began.
+                        // The connection gave up waiting, or the answer
+                        // could not be made: the session drops the call it
+                        // just took.
                         self.links.remove(&link);
                         self.session.handle(
                             Input::LinkClosed {

@@ -260,6 +260,10 @@ struct Answering {
 /// at once, so this only bounds a call that will never complete.
 const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
+/// Least time between two returns to the pool after answered calls that
+/// did not complete.
+const REJOIN_AFTER_ANSWER: Duration = Duration::from_secs(30);
+
 /// Where the call of a `chat` command stands.
 #[derive(Clone, Debug)]
 enum Call {
@@ -321,6 +325,9 @@ pub struct Session {
     /// at once would both be fresh REGISTERs after a reclaim, and the
     /// second would find the id taken by the first.
     deferred_registers: VecDeque<Ticket>,
+    /// When an answered call that did not complete last sent us back to
+    /// the pool.
+    rejoined_after_answer: Option<Instant>,
     out: VecDeque<Action>,
 }
 
@@ -338,6 +345,7 @@ impl Session {
             next_link: 1,
             retry_register_at: None,
             deferred_registers: VecDeque::new(),
+            rejoined_after_answer: None,
             out: VecDeque::new(),
         }
     }
@@ -522,7 +530,7 @@ impl Session {
             let link = a.link;
             self.out.push_back(Action::Close { link });
             let secs = ANSWER_WAIT.as_secs();
-            self.answer_failed(&format!("no frame within {secs} s of the handshake"));
+            self.answer_failed(&format!("no frame within {secs} s of the handshake"), now);
         }
         if let Phase::Connecting {
             call: Call::Crossed { until, ref reason },
@@ -624,7 +632,7 @@ impl Session {
                 if let Phase::Answering(a) = &self.phase
                     && a.link == link
                 {
-                    self.answer_failed(&reason);
+                    self.answer_failed(&reason, now);
                 }
                 if let Phase::Chatting(c) = &self.phase
                     && c.link == link
@@ -700,10 +708,17 @@ impl Session {
                     FailureKind::State,
                     format!("already connecting to {peer}"),
                 ),
+                // Nothing is shown of a call not yet confirmed: the command
+                // waits on it, and gets what `chat` would have got had the
+                // call not come, should it not complete.
+                Phase::Answering(mut a) if a.ticket.is_none() => {
+                    a.ticket = Some(ticket);
+                    self.phase = Phase::Answering(a);
+                }
                 Phase::Answering(a) => self.fail(
                     ticket,
                     FailureKind::State,
-                    format!("{} is calling: the chat begins in a moment", a.peer),
+                    format!("already connecting to {}", a.peer),
                 ),
                 Phase::Chatting(c) => self.fail(
                     ticket,
@@ -944,21 +959,29 @@ impl Session {
                 .out
                 .push_back(refuse(400, format!("{me} cannot chat with itself")));
         }
+        // Another call while one is unconfirmed: the pending one goes, so
+        // that a replayed handshake cannot hold the door, and this one is
+        // decided as the pending one was. A `chat` that waited on the
+        // pending call waits on this one if it is from the same peer, and
+        // goes on as if asked now otherwise.
+        let mut waiting_chat = None;
         if let Phase::Answering(a) = &self.phase {
-            // Another call while one is unconfirmed: the pending one goes,
-            // so that a replayed handshake cannot hold the door, and this
-            // one is decided as the pending one was.
-            let pending = a.link;
+            let (pending, same) = (a.link, a.peer == hello.id);
             self.out.push_back(Action::Close { link: pending });
-            self.answer_failed("another call came before its first frame");
+            if let Some((Some(ticket), _)) =
+                self.unanswer("another call came before its first frame")
+            {
+                waiting_chat = Some((ticket, same));
+            }
         }
-        let answering = |ticket, back| {
+        let carried = waiting_chat.and_then(|(t, same)| same.then_some(t));
+        let answering = |ticket: Option<Ticket>, back| {
             Phase::Answering(Box::new(Answering {
                 peer: hello.id,
                 link,
                 turns: hello.turns,
                 until: now + ANSWER_WAIT,
-                ticket,
+                ticket: ticket.or(carried),
                 back,
             }))
         };
@@ -1020,6 +1043,9 @@ impl Session {
                 format!("{me} is not waiting for a chat: it must run `chatctl bridge` first"),
             )),
         }
+        if let Some((ticket, false)) = waiting_chat {
+            self.command(ticket, Command::Chat, now);
+        }
     }
 
     fn start_chat(
@@ -1059,27 +1085,44 @@ impl Session {
         }
     }
 
-    /// The answered call did not complete: back to what the daemon was
-    /// doing. Nothing was shown, so nothing is said but to a `chat` whose
-    /// own call had given way to this one.
-    fn answer_failed(&mut self, reason: &str) {
+    /// Leaves an answered call: back to the phase the daemon was in, as
+    /// if no call had come. Returns the `chat` command that was waiting
+    /// on the call, if any, and whether the daemon is back to waiting.
+    fn unanswer(&mut self, reason: &str) -> Option<(Option<Ticket>, bool)> {
         let Phase::Answering(a) = std::mem::replace(&mut self.phase, Phase::None) else {
-            return;
+            return None;
         };
         let Answering {
             peer, ticket, back, ..
         } = *a;
         tracing::info!("the call from {peer} did not complete: {reason}");
+        let waiting = matches!(back, Phase::Waiting);
         // Straight back: the state shown never left `back`.
         self.phase = back;
+        Some((ticket, waiting))
+    }
+
+    /// The answered call did not complete. Back in the pool: a real
+    /// caller told the server we chat when its link came up. (At most
+    /// once per `REJOIN_AFTER_ANSWER`, so that replayed handshakes cannot
+    /// make a stream of requests of it.) A `chat` that waited on the call
+    /// goes on as if asked now: our own call if we still hold the peer,
+    /// its usual answer otherwise.
+    fn answer_failed(&mut self, reason: &str, now: Instant) {
+        let Some((ticket, waiting)) = self.unanswer(reason) else {
+            return;
+        };
+        if waiting
+            && self.reg.is_some()
+            && self
+                .rejoined_after_answer
+                .is_none_or(|t| now >= t + REJOIN_AFTER_ANSWER)
+        {
+            self.rejoined_after_answer = Some(now);
+            self.server(Purpose::Rejoin);
+        }
         if let Some(ticket) = ticket {
-            self.fail(
-                ticket,
-                FailureKind::Peer,
-                format!(
-                    "the call from {peer}, taken instead of ours, did not complete ({reason}); run `chatctl chat` again"
-                ),
-            );
+            self.command(ticket, Command::Chat, now);
         }
     }
 
@@ -1318,10 +1361,7 @@ impl Session {
                 self.refresh_later(now, self.config.retry_after, &unreachable(&why));
             }
             (Purpose::Bridge { ticket, .. }, Ok(Response::BridgeAck { .. }))
-                if matches!(
-                    self.phase,
-                    Phase::Chatting(_) | Phase::Connecting { .. } | Phase::Answering(_)
-                ) =>
+                if matches!(self.phase, Phase::Chatting(_) | Phase::Connecting { .. }) =>
             {
                 // A chat began while the request was in flight: it wins.
                 self.fail(
@@ -1341,7 +1381,7 @@ impl Session {
                 Response::BridgeAck {
                     peer: Some((p, addr, key)),
                 } => {
-                    self.set_phase(Phase::Ready { peer: p, addr, key });
+                    self.set_resting(Phase::Ready { peer: p, addr, key });
                     self.reply(
                         ticket,
                         Ok(Reply::Bridged {
@@ -1350,7 +1390,7 @@ impl Session {
                     );
                 }
                 Response::BridgeAck { peer: None } => {
-                    self.set_phase(Phase::Waiting);
+                    self.set_resting(Phase::Waiting);
                     self.reply(ticket, Ok(Reply::Bridged { peer: None }));
                 }
                 Response::Error(f) if forgot_us(&f) && !retried => {
@@ -1600,6 +1640,15 @@ impl Session {
         self.next_op += 1;
         self.ops.insert(op, (purpose, self.epoch));
         self.out.push_back(Action::Server { op, request });
+    }
+
+    /// `phase`, or, while a call is being answered, the phase to go back
+    /// to should it not complete: a bridge answered meanwhile still holds.
+    fn set_resting(&mut self, phase: Phase) {
+        match &mut self.phase {
+            Phase::Answering(a) => a.back = phase,
+            _ => self.set_phase(phase),
+        }
     }
 
     fn set_phase(&mut self, phase: Phase) {
@@ -2784,7 +2833,8 @@ mod tests {
                     assert_eq!(t.drain(), [], "not yet");
                     t.advance(Duration::from_millis(1));
                     let a = t.drain();
-                    assert_eq!(a, [Action::Close { link }]);
+                    assert_eq!(a[0], Action::Close { link });
+                    seen.extend(a);
                 }
                 "closed" => seen.extend(t.input(Input::LinkClosed {
                     link,
@@ -2815,6 +2865,18 @@ mod tests {
                 )),
                 "{how}: {seen:?}"
             );
+            // A real caller that got this far told the server we chat: the
+            // daemon bridges again to be back in the pool.
+            let (op, request) = T::server_op(&seen);
+            assert!(
+                matches!(request, Request::Bridge { peer: None, .. }),
+                "{request:?}"
+            );
+            t.input(Input::ServerReply {
+                op,
+                result: Ok(Response::BridgeAck { peer: None }),
+            });
+            assert_eq!(t.s.state(), State::Waiting, "{how}");
             // Still in the pool: the next real caller gets through.
             let (link, _) = t.answered("carol", false);
             assert_eq!(t.s.state(), State::Chatting, "{how}");
@@ -2838,9 +2900,10 @@ mod tests {
     }
 
     /// Our call gave way to a crossing one that then did not complete: the
-    /// `chat` is told, and the introduction is kept to call again.
+    /// `chat` goes on with our own call, the introduction kept; a second
+    /// call from the same peer meanwhile takes the `chat` over instead.
     #[test]
-    fn a_crossing_call_that_does_not_complete_fails_the_chat_and_keeps_the_peer() {
+    fn a_crossing_call_that_does_not_complete_leaves_the_chat_to_our_own_call() {
         let mut t = T::new(false);
         let (chat, own) = calling(&mut t, "bob");
         let (theirs, a) = t.call_from("bob", false);
@@ -2851,64 +2914,143 @@ mod tests {
             link: theirs,
             reason: "connection reset".into(),
         });
-        let f = reply_of(&a, chat).unwrap_err();
-        assert!(f.message.contains("did not complete"), "{f:?}");
-        assert!(f.message.contains("chatctl chat"), "{f:?}");
-        assert_eq!(t.s.state(), State::Ready);
-        let (_, a) = t.command(Command::Chat);
-        assert!(
-            matches!(a.last(), Some(Action::Connect { key, .. }) if *key == KEY),
-            "{a:?}"
-        );
+        assert!(!replied(&a, chat), "{a:?}");
+        let Some(Action::Connect {
+            link: again, key, ..
+        }) = a.last().cloned()
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(key, KEY, "the introduction is kept");
+        let a = t.input(Input::LinkUp {
+            link: again,
+            peer: id("bob"),
+        });
+        assert_eq!(reply_of(&a, chat), Ok(Reply::Chatting { peer: id("bob") }));
+
+        // Bob calls twice while our `chat` waits: the second call is the
+        // one it waits on.
+        let mut t = T::new(false);
+        let (chat, _) = calling(&mut t, "bob");
+        let (first, _) = t.call_from("bob", false);
+        let (second, a) = t.answered("bob", false);
+        assert!(a.contains(&Action::Close { link: first }), "{a:?}");
+        assert_eq!(reply_of(&a, chat), Ok(Reply::Chatting { peer: id("bob") }));
+        assert!(matches!(&t.s.phase, Phase::Chatting(c) if c.link == second));
     }
 
-    /// A peer that says it is not waiting (403: a daemon restarted whose
-    /// earlier run still waits on the server) is taken out of the pool,
-    /// as one that is gone is; a 401 asks for a fresh introduction. Every
-    /// shell is told, not only the one that ran `chat`.
+    /// Replayed handshakes, one after another, send the daemon back to the
+    /// pool once per `REJOIN_AFTER_ANSWER`, not once each.
     #[test]
-    fn a_refused_call_says_what_next_and_drops_a_peer_that_is_not_waiting() {
-        for (status, dropped, next) in [
-            (403, true, "run `chatctl bridge` for another peer"),
-            (
-                401,
-                false,
-                "run `chatctl bridge` again for a fresh introduction",
-            ),
-            (503, false, "run `chatctl bridge` for another peer"),
-        ] {
-            let mut t = T::new(false);
-            let (ticket, link) = calling(&mut t, "bob");
-            let a = t.input(Input::LinkFailed {
+    fn failed_answers_rejoin_the_pool_at_most_so_often() {
+        let mut t = T::new(false);
+        t.bridged(None);
+        let mut bridges = 0;
+        for _ in 0..10 {
+            let (link, _) = t.call_from("bob", false);
+            let a = t.input(Input::LinkClosed {
                 link,
-                refused: Some(status),
-                reason: format!("refused ({status}): bob says no"),
-                nobody_listens: false,
+                reason: "gone".into(),
             });
-            let f = reply_of(&a, ticket).unwrap_err();
-            assert!(f.message.ends_with(next), "{status}: {}", f.message);
-            assert_eq!(
-                f.message.matches("chatctl bridge").count(),
-                1,
-                "{}",
-                f.message
-            );
-            assert!(a.contains(&Action::Record(RecordKind::Notice {
-                text: f.message.clone()
-            })));
-            let told_server = a.iter().any(|x| {
-                matches!(
-                    x,
-                    Action::Server {
-                        request: Request::Chat { .. },
-                        ..
-                    }
-                )
-            });
-            assert_eq!(told_server, dropped, "{status}: {a:?}");
-            assert_eq!(f.message.contains("it is not waiting"), dropped);
-            assert_eq!(t.s.state(), State::Registered);
+            for x in &a {
+                if let Action::Server {
+                    op,
+                    request: Request::Bridge { .. },
+                } = x
+                {
+                    bridges += 1;
+                    t.input(Input::ServerReply {
+                        op: *op,
+                        result: Ok(Response::BridgeAck { peer: None }),
+                    });
+                }
+            }
+            t.advance(REJOIN_AFTER_ANSWER / 4);
         }
+        // 10 failures over 2.5 periods.
+        assert_eq!(bridges, 3);
+        assert_eq!(t.s.state(), State::Waiting);
+    }
+
+    /// What else may happen while a call is being answered: a `chat`
+    /// waits on it; a bridge answered meanwhile holds for afterwards; quit
+    /// closes it; losing the registration leaves nothing to go back to.
+    #[test]
+    fn commands_and_answers_while_a_call_is_being_answered() {
+        // `chat` from waiting: on confirmation it is the chat ...
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (link, _) = t.call_from("bob", false);
+        let (chat, a) = t.command(Command::Chat);
+        assert!(!replied(&a, chat), "{a:?}");
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Ping,
+        });
+        assert_eq!(reply_of(&a, chat), Ok(Reply::Chatting { peer: id("bob") }));
+        // ... and if the call does not complete, what `chat` says when
+        // waiting.
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (link, _) = t.call_from("bob", false);
+        let (chat, _) = t.command(Command::Chat);
+        let a = t.input(Input::LinkClosed {
+            link,
+            reason: "gone".into(),
+        });
+        let f = reply_of(&a, chat).unwrap_err();
+        assert!(f.message.contains("waiting for a peer"), "{f:?}");
+
+        // A bridge answered while the call is pending holds afterwards.
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (bridge, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let (link, _) = t.call_from("bob", false);
+        let a = t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("carol"), addr(6000), KEY)),
+            }),
+        });
+        assert!(reply_of(&a, bridge).is_ok(), "{a:?}");
+        t.input(Input::LinkClosed {
+            link,
+            reason: "gone".into(),
+        });
+        assert_eq!(t.s.state(), State::Ready);
+        assert_eq!(t.s.status().peer, Some(id("carol")));
+
+        // A call from the peer we were handed goes back to Ready.
+        let mut t = T::new(false);
+        t.bridged(Some((id("bob"), addr(5000))));
+        let (link, _) = t.call_from("bob", false);
+        assert_eq!(t.s.state(), State::Ready);
+        t.input(Input::LinkClosed {
+            link,
+            reason: "gone".into(),
+        });
+        assert!(matches!(t.s.phase, Phase::Ready { peer, .. } if peer == id("bob")));
+
+        // Quit closes the pending link and answers the waiting `chat`.
+        let mut t = T::new(false);
+        let (chat, _) = calling(&mut t, "bob");
+        let (link, _) = t.call_from("bob", false);
+        let (_, a) = t.command(Command::Quit);
+        assert!(a.contains(&Action::Close { link }), "{a:?}");
+        assert!(reply_of(&a, chat).is_err());
+        assert_eq!(t.s.state(), State::Idle);
+
+        // The registration lapses meanwhile: nothing to go back to.
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (link, _) = t.call_from("bob", false);
+        t.s.phase_lost_with_registration();
+        t.input(Input::LinkClosed {
+            link,
+            reason: "gone".into(),
+        });
+        assert!(matches!(t.s.phase, Phase::None), "{:?}", t.s.phase);
     }
 
     #[test]
