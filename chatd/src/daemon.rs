@@ -737,9 +737,14 @@ impl Core {
                 }
                 Action::Reply { ticket, result } => match self.tickets.remove(&ticket) {
                     Some((key, id, permit)) => self.reply(key, id, result, permit),
-                    // Asked by the daemon itself (--register).
+                    // Asked by the daemon itself (--register, or a call
+                    // it makes on rejoining the pool).
                     None => match result {
-                        Ok(r) => tracing::info!("{r:?}"),
+                        Ok(Reply::Registered { addr, expires }) => {
+                            tracing::info!("registered as {addr}, for {expires} s at a time")
+                        }
+                        Ok(Reply::Chatting { peer }) => tracing::info!("chatting with {peer}"),
+                        Ok(r) => tracing::debug!("{r:?}"),
                         Err(f) => tracing::warn!("{}", f.message),
                     },
                 },
