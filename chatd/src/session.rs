@@ -326,8 +326,9 @@ pub struct Session {
     /// second would find the id taken by the first.
     deferred_registers: VecDeque<Ticket>,
     /// When an answered call that did not complete last sent us back to
-    /// the pool.
+    /// the pool, and when the next such return is due, if one is owed.
     rejoined_after_answer: Option<Instant>,
+    rejoin_due: Option<Instant>,
     out: VecDeque<Action>,
 }
 
@@ -346,6 +347,7 @@ impl Session {
             retry_register_at: None,
             deferred_registers: VecDeque::new(),
             rejoined_after_answer: None,
+            rejoin_due: None,
             out: VecDeque::new(),
         }
     }
@@ -514,7 +516,7 @@ impl Session {
             Phase::Answering(a) => Some(a.until),
             _ => None,
         };
-        [refresh, link, self.retry_register_at]
+        [refresh, link, self.retry_register_at, self.rejoin_due]
             .into_iter()
             .flatten()
             .min()
@@ -523,6 +525,14 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.retry_register_at.is_some_and(|t| now >= t) {
             self.register_automatically();
+        }
+        if self.rejoin_due.is_some_and(|t| now >= t) {
+            self.rejoin_due = None;
+            // Only if still waiting: any other phase has moved on (and a
+            // call being answered owes its own if it fails).
+            if matches!(self.phase, Phase::Waiting) && self.reg.is_some() {
+                self.rejoin_after_answer(now);
+            }
         }
         if let Phase::Answering(a) = &self.phase
             && now >= a.until
@@ -975,6 +985,7 @@ impl Session {
             }
         }
         let carried = waiting_chat.and_then(|(t, same)| same.then_some(t));
+        // Whether the newer call takes it over is known after the match.
         let answering = |ticket: Option<Ticket>, back| {
             Phase::Answering(Box::new(Answering {
                 peer: hello.id,
@@ -1043,8 +1054,14 @@ impl Session {
                 format!("{me} is not waiting for a chat: it must run `chatctl bridge` first"),
             )),
         }
-        if let Some((ticket, false)) = waiting_chat {
-            self.command(ticket, Command::Chat, now);
+        // A `chat` that waited on the pending call, and that the newer
+        // call did not take over (another peer's, or refused), goes on as
+        // if asked now.
+        if let Some((ticket, _)) = waiting_chat {
+            let taken = matches!(&self.phase, Phase::Answering(a) if a.ticket == Some(ticket));
+            if !taken {
+                self.command(ticket, Command::Chat, now);
+            }
         }
     }
 
@@ -1112,18 +1129,24 @@ impl Session {
         let Some((ticket, waiting)) = self.unanswer(reason) else {
             return;
         };
-        if waiting
-            && self.reg.is_some()
-            && self
-                .rejoined_after_answer
-                .is_none_or(|t| now >= t + REJOIN_AFTER_ANSWER)
-        {
-            self.rejoined_after_answer = Some(now);
-            self.server(Purpose::Rejoin);
+        if waiting && self.reg.is_some() {
+            match self.rejoined_after_answer {
+                Some(t) if now < t + REJOIN_AFTER_ANSWER => {
+                    // Owed, and sent when the limit allows.
+                    self.rejoin_due = Some(t + REJOIN_AFTER_ANSWER);
+                }
+                _ => self.rejoin_after_answer(now),
+            }
         }
         if let Some(ticket) = ticket {
             self.command(ticket, Command::Chat, now);
         }
+    }
+
+    fn rejoin_after_answer(&mut self, now: Instant) {
+        self.rejoined_after_answer = Some(now);
+        self.rejoin_due = None;
+        self.server(Purpose::Rejoin);
     }
 
     fn frame(&mut self, link: LinkId, frame: PeerFrame, now: Instant) {
@@ -1414,17 +1437,26 @@ impl Session {
                 }),
             ) => {
                 if matches!(self.phase, Phase::Waiting) {
-                    // The server had forgotten us (a restart, or a lapse
-                    // while this machine slept), and the peer it hands out
-                    // now bridged meanwhile: it waits to be
+                    // The server had forgotten us (a restart, a lapse
+                    // while this machine slept, a call that died as it
+                    // began), and the peer it hands out now bridged
+                    // meanwhile: it waits to be
                     // called, as we do. Whoever is handed a peer calls it,
                     // so this daemon calls, as its user would have been
                     // called: otherwise both wait for ever.
                     self.set_phase(Phase::Ready { peer: p, addr, key });
                     self.notice(&format!(
-                        "the server, which had forgotten this daemon, handed out {p} on rejoining the pool: calling it"
+                        "on rejoining the pool, the server handed out {p}, which waits too: calling it"
                     ));
                     self.command(OWN, Command::Chat, now);
+                } else if let Phase::Answering(a) = &mut self.phase
+                    && matches!(a.back, Phase::Waiting)
+                {
+                    // The server no longer counts us as waiting: should
+                    // the call being answered not complete, we call the
+                    // peer it handed out, as above.
+                    a.back = Phase::Ready { peer: p, addr, key };
+                    a.ticket.get_or_insert(OWN);
                 }
             }
             (Purpose::Rejoin, _) => {}
@@ -2939,36 +2971,122 @@ mod tests {
         assert!(matches!(&t.s.phase, Phase::Chatting(c) if c.link == second));
     }
 
+    /// A `chat` waiting on a call is answered whatever becomes of a newer
+    /// call from the same peer, even one that is refused.
+    #[test]
+    fn a_waiting_chat_is_answered_when_the_newer_call_is_refused() {
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (_, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        t.call_from("bob", false);
+        let (chat, _) = t.command(Command::Chat);
+        // Handed carol meanwhile: the phase to go back to is Ready{carol},
+        // which refuses bob's next call ...
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("carol"), addr(6000), KEY)),
+            }),
+        });
+        let (_, a) = t.call_from("bob", false);
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Refuse { status: 403, .. })),
+            "{a:?}"
+        );
+        // ... and the waiting `chat` goes on as if asked now: it calls carol.
+        assert!(
+            matches!(a.last(), Some(Action::Connect { peer, .. }) if *peer == id("carol")),
+            "{a:?}"
+        );
+        assert!(!replied(&a, chat), "answered when the call ends");
+        let Some(Action::Connect { link, .. }) = a.last().cloned() else {
+            unreachable!()
+        };
+        let a = t.input(Input::LinkUp {
+            link,
+            peer: id("carol"),
+        });
+        assert_eq!(
+            reply_of(&a, chat),
+            Ok(Reply::Chatting { peer: id("carol") })
+        );
+    }
+
+    /// A rejoin answered with a peer while a call is being answered: the
+    /// server no longer counts us as waiting, so should the call not
+    /// complete, the daemon calls that peer itself.
+    #[test]
+    fn a_rejoin_answered_during_an_answer_calls_its_peer_if_the_call_fails() {
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (first, _) = t.call_from("bob", false);
+        let a = t.input(Input::LinkClosed {
+            link: first,
+            reason: "gone".into(),
+        });
+        let (op, request) = T::server_op(&a);
+        assert!(matches!(request, Request::Bridge { .. }), "{request:?}");
+        let (link, _) = t.call_from("bob", false);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("carol"), addr(6000), KEY)),
+            }),
+        });
+        assert_eq!(t.s.state(), State::Ready);
+        let a = t.input(Input::LinkClosed {
+            link,
+            reason: "gone".into(),
+        });
+        assert!(
+            matches!(a.last(), Some(Action::Connect { peer, .. }) if *peer == id("carol")),
+            "{a:?}"
+        );
+    }
+
     /// Replayed handshakes, one after another, send the daemon back to the
     /// pool once per `REJOIN_AFTER_ANSWER`, not once each.
     #[test]
     fn failed_answers_rejoin_the_pool_at_most_so_often() {
         let mut t = T::new(false);
         t.bridged(None);
-        let mut bridges = 0;
+        let mut bridges = Vec::new();
+        let mut answer_bridges = |t: &mut T, a: Vec<Action>| {
+            for x in a {
+                if let Action::Server {
+                    op,
+                    request: Request::Bridge { .. },
+                } = x
+                {
+                    bridges.push(t.now);
+                    t.input(Input::ServerReply {
+                        op,
+                        result: Ok(Response::BridgeAck { peer: None }),
+                    });
+                }
+            }
+        };
+        let start = t.now;
         for _ in 0..10 {
             let (link, _) = t.call_from("bob", false);
             let a = t.input(Input::LinkClosed {
                 link,
                 reason: "gone".into(),
             });
-            for x in &a {
-                if let Action::Server {
-                    op,
-                    request: Request::Bridge { .. },
-                } = x
-                {
-                    bridges += 1;
-                    t.input(Input::ServerReply {
-                        op: *op,
-                        result: Ok(Response::BridgeAck { peer: None }),
-                    });
-                }
-            }
+            answer_bridges(&mut t, a);
             t.advance(REJOIN_AFTER_ANSWER / 4);
+            let a = t.drain();
+            answer_bridges(&mut t, a);
         }
-        // 10 failures over 2.5 periods.
-        assert_eq!(bridges, 3);
+        // Ten failures over two and a half periods: one return at once,
+        // and those owed since, each when the limit allowed it, none lost.
+        let at: Vec<Duration> = bridges.iter().map(|b| *b - start).collect();
+        assert_eq!(
+            at,
+            [Duration::ZERO, REJOIN_AFTER_ANSWER, 2 * REJOIN_AFTER_ANSWER]
+        );
         assert_eq!(t.s.state(), State::Waiting);
     }
 
@@ -3045,6 +3163,7 @@ mod tests {
         let mut t = T::new(false);
         t.bridged(None);
         let (link, _) = t.call_from("bob", false);
+        t.s.reg = None;
         t.s.phase_lost_with_registration();
         t.input(Input::LinkClosed {
             link,
