@@ -264,6 +264,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// did not complete.
 const REJOIN_AFTER_ANSWER: Duration = Duration::from_secs(30);
 
+/// How long after such a call the return waits, so that it does not
+/// overtake the CHAT the caller sent the server as its link came up.
+const REJOIN_DELAY: Duration = Duration::from_secs(2);
+
 /// Where the call of a `chat` command stands.
 #[derive(Clone, Debug)]
 enum Call {
@@ -1130,13 +1134,14 @@ impl Session {
             return;
         };
         if waiting && self.reg.is_some() {
-            match self.rejoined_after_answer {
-                Some(t) if now < t + REJOIN_AFTER_ANSWER => {
-                    // Owed, and sent when the limit allows.
-                    self.rejoin_due = Some(t + REJOIN_AFTER_ANSWER);
-                }
-                _ => self.rejoin_after_answer(now),
-            }
+            // A moment later, so that the caller's CHAT, sent as its link
+            // came up, reaches the server first; and no sooner than the
+            // limit allows.
+            let due = self
+                .rejoined_after_answer
+                .map_or(now, |t| t + REJOIN_AFTER_ANSWER)
+                .max(now + REJOIN_DELAY);
+            self.rejoin_due = Some(self.rejoin_due.map_or(due, |d| d.min(due)));
         }
         if let Some(ticket) = ticket {
             self.command(ticket, Command::Chat, now);
@@ -2898,8 +2903,14 @@ mod tests {
                 "{how}: {seen:?}"
             );
             // A real caller that got this far told the server we chat: the
-            // daemon bridges again to be back in the pool.
-            let (op, request) = T::server_op(&seen);
+            // daemon bridges again to be back in the pool, once that CHAT
+            // has surely arrived.
+            assert!(
+                !seen.iter().any(|x| matches!(x, Action::Server { .. })),
+                "{seen:?}"
+            );
+            t.advance(REJOIN_DELAY);
+            let (op, request) = T::server_op(&t.drain());
             assert!(
                 matches!(request, Request::Bridge { peer: None, .. }),
                 "{request:?}"
@@ -3022,11 +3033,12 @@ mod tests {
         let mut t = T::new(false);
         t.bridged(None);
         let (first, _) = t.call_from("bob", false);
-        let a = t.input(Input::LinkClosed {
+        t.input(Input::LinkClosed {
             link: first,
             reason: "gone".into(),
         });
-        let (op, request) = T::server_op(&a);
+        t.advance(REJOIN_DELAY);
+        let (op, request) = T::server_op(&t.drain());
         assert!(matches!(request, Request::Bridge { .. }), "{request:?}");
         let (link, _) = t.call_from("bob", false);
         t.input(Input::ServerReply {
@@ -3076,16 +3088,23 @@ mod tests {
                 reason: "gone".into(),
             });
             answer_bridges(&mut t, a);
-            t.advance(REJOIN_AFTER_ANSWER / 4);
-            let a = t.drain();
-            answer_bridges(&mut t, a);
+            for _ in 0..15 {
+                t.advance(REJOIN_AFTER_ANSWER / 60);
+                let a = t.drain();
+                answer_bridges(&mut t, a);
+            }
         }
-        // Ten failures over two and a half periods: one return at once,
-        // and those owed since, each when the limit allowed it, none lost.
+        // Ten failures over two and a half periods: one return shortly
+        // after the first, and those owed since, each when the limit
+        // allowed it, none lost.
         let at: Vec<Duration> = bridges.iter().map(|b| *b - start).collect();
         assert_eq!(
             at,
-            [Duration::ZERO, REJOIN_AFTER_ANSWER, 2 * REJOIN_AFTER_ANSWER]
+            [
+                REJOIN_DELAY,
+                REJOIN_DELAY + REJOIN_AFTER_ANSWER,
+                REJOIN_DELAY + 2 * REJOIN_AFTER_ANSWER
+            ]
         );
         assert_eq!(t.s.state(), State::Waiting);
     }
