@@ -276,15 +276,12 @@ enum Call {
     /// Refused with 409 by a peer whose id is lower: it is calling at the
     /// same time, its refusal overtook its call, and its call is the one
     /// both ends keep. That call is awaited until `until`; past it,
-    /// `reason` stands. (Daemons before busy refusals became 503 also
-    /// refused with 409 when busy; the wait covers those too.)
+    /// `reason` stands.
     Crossed { until: Instant, reason: String },
 }
 
 /// How long a call refused by a crossing call waits for that call. Both
-/// calls start within moments of each other, so this is plenty; it is
-/// also how late a busy peer's refusal reaches the user when the peer is
-/// an older daemon (which refused with 409 when busy) with the lower id.
+/// calls start within moments of each other, so this is plenty.
 const CROSSING_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
@@ -1728,8 +1725,14 @@ impl Session {
         // Nobody waits for the daemon's own call: its failure is told to
         // whoever follows the daemon, as the call itself was.
         if let (OWN, Err(f)) = (ticket, &result) {
+            // One piece of advice: the failure's own, if it has one.
+            let advice = if f.message.contains("`chatctl ") {
+                ""
+            } else {
+                "; run `chatctl bridge` to wait again"
+            };
             self.notice(&format!(
-                "the call chatd made by itself failed: {}; run `chatctl bridge` to wait again",
+                "the call chatd made by itself failed: {}{advice}",
                 f.message
             ));
         }
@@ -2647,7 +2650,8 @@ mod tests {
         let told = a.iter().any(|x| {
             matches!(x, Action::Record(RecordKind::Notice { text }) if text.contains("connection refused")
                 && text.contains("its chatd is gone")
-                && text.contains("run `chatctl bridge` to wait again"))
+                && text.ends_with("run `chatctl bridge` for another peer")
+                && text.matches("chatctl bridge").count() == 1)
         });
         assert!(told, "{a:?}");
         // The server is told, so that it hands bob to nobody else.
