@@ -254,6 +254,10 @@ struct Answering {
     ticket: Option<Ticket>,
     /// The phase to go back to if the call does not complete.
     back: Phase,
+    /// Answers to `bridge` commands that came meanwhile, held until the
+    /// call is decided: they stand if it does not complete, and are moot
+    /// if it does.
+    bridged: Vec<(Ticket, Reply)>,
 }
 
 /// How long an accepted caller has to send its first frame: it sends one
@@ -479,8 +483,13 @@ impl Session {
             }
             Phase::Answering(ref a) => {
                 self.out.push_back(Action::Close { link: a.link });
+                let bridged = a.bridged.clone();
                 if let Some(ticket) = a.ticket {
                     self.reply(ticket, Err(connecting));
+                }
+                // They were answered before the leaving.
+                for (ticket, reply) in bridged {
+                    self.reply(ticket, Ok(reply));
                 }
             }
             _ => {}
@@ -995,6 +1004,7 @@ impl Session {
                 until: now + ANSWER_WAIT,
                 ticket: ticket.or(carried),
                 back,
+                bridged: Vec::new(),
             }))
         };
         match &self.phase {
@@ -1097,9 +1107,19 @@ impl Session {
             return;
         }
         let (peer, turns, ticket) = (a.peer, a.turns, a.ticket);
+        let bridged = a.bridged.iter().map(|(t, _)| *t).collect::<Vec<_>>();
         self.start_chat(peer, link, false, turns, now);
         if let Some(ticket) = ticket {
             self.reply(ticket, Ok(Reply::Chatting { peer }));
+        }
+        for ticket in bridged {
+            self.fail(
+                ticket,
+                FailureKind::State,
+                format!(
+                    "a chat with {peer} began while the bridge was on its way; the bridge is moot"
+                ),
+            );
         }
     }
 
@@ -1111,12 +1131,20 @@ impl Session {
             return None;
         };
         let Answering {
-            peer, ticket, back, ..
+            peer,
+            ticket,
+            back,
+            bridged,
+            ..
         } = *a;
         tracing::info!("the call from {peer} did not complete: {reason}");
         let waiting = matches!(back, Phase::Waiting);
-        // Straight back: the state shown never left `back`.
+        // Straight back: the state shown never left `back`, which the
+        // bridges held meanwhile have set.
         self.phase = back;
+        for (ticket, reply) in bridged {
+            self.reply(ticket, Ok(reply));
+        }
         Some((ticket, waiting))
     }
 
@@ -1406,17 +1434,16 @@ impl Session {
                 Response::BridgeAck {
                     peer: Some((p, addr, key)),
                 } => {
-                    self.set_resting(Phase::Ready { peer: p, addr, key });
-                    self.reply(
+                    self.set_resting(
+                        Phase::Ready { peer: p, addr, key },
                         ticket,
-                        Ok(Reply::Bridged {
+                        Reply::Bridged {
                             peer: Some((p, addr)),
-                        }),
+                        },
                     );
                 }
                 Response::BridgeAck { peer: None } => {
-                    self.set_resting(Phase::Waiting);
-                    self.reply(ticket, Ok(Reply::Bridged { peer: None }));
+                    self.set_resting(Phase::Waiting, ticket, Reply::Bridged { peer: None });
                 }
                 Response::Error(f) if forgot_us(&f) && !retried => {
                     self.server(Purpose::Reregister {
@@ -1676,12 +1703,19 @@ impl Session {
         self.out.push_back(Action::Server { op, request });
     }
 
-    /// `phase`, or, while a call is being answered, the phase to go back
-    /// to should it not complete: a bridge answered meanwhile still holds.
-    fn set_resting(&mut self, phase: Phase) {
+    /// A bridge's outcome: `phase`, and `reply` to its command. While a
+    /// call is being answered, both wait on it: they stand if the call
+    /// does not complete, and the bridge is moot if it does.
+    fn set_resting(&mut self, phase: Phase, ticket: Ticket, reply: Reply) {
         match &mut self.phase {
-            Phase::Answering(a) => a.back = phase,
-            _ => self.set_phase(phase),
+            Phase::Answering(a) => {
+                a.back = phase;
+                a.bridged.push((ticket, reply));
+            }
+            _ => {
+                self.set_phase(phase);
+                self.reply(ticket, Ok(reply));
+            }
         }
     }
 
@@ -3154,13 +3188,42 @@ mod tests {
                 peer: Some((id("carol"), addr(6000), KEY)),
             }),
         });
-        assert!(reply_of(&a, bridge).is_ok(), "{a:?}");
-        t.input(Input::LinkClosed {
+        assert!(
+            !replied(&a, bridge),
+            "held until the call is decided: {a:?}"
+        );
+        let a = t.input(Input::LinkClosed {
             link,
             reason: "gone".into(),
         });
+        assert_eq!(
+            reply_of(&a, bridge),
+            Ok(Reply::Bridged {
+                peer: Some((id("carol"), addr(6000)))
+            })
+        );
         assert_eq!(t.s.state(), State::Ready);
         assert_eq!(t.s.status().peer, Some(id("carol")));
+        // ... and is moot if the call goes through.
+        let mut t = T::new(false);
+        t.bridged(None);
+        let (bridge, a) = t.command(Command::Bridge { peer: None });
+        let (op, _) = T::server_op(&a);
+        let (link, _) = t.call_from("bob", false);
+        t.input(Input::ServerReply {
+            op,
+            result: Ok(Response::BridgeAck {
+                peer: Some((id("carol"), addr(6000), KEY)),
+            }),
+        });
+        let a = t.input(Input::Frame {
+            link,
+            frame: PeerFrame::Ping,
+        });
+        let f = reply_of(&a, bridge).unwrap_err();
+        assert!(f.message.contains("moot"), "{f:?}");
+        assert_eq!(t.s.state(), State::Chatting);
+        assert_eq!(t.s.status().peer, Some(id("bob")));
 
         // A call from the peer we were handed goes back to Ready.
         let mut t = T::new(false);
