@@ -1177,11 +1177,20 @@ fn hello_frame(hello: Hello) -> Vec<u8> {
     v
 }
 
+/// A shell's opening: our hello, then request `id`.
+#[cfg(unix)]
+fn hello_and(id: u64, request: chat_proto::ipc::Request) -> Vec<u8> {
+    let mut v = hello_frame(Hello::ours("test"));
+    let frame = chat_proto::ipc::ClientFrame { id, request };
+    chat_proto::frame::encode(&frame, chat_proto::ipc::MAX_FRAME, &mut v).unwrap();
+    v
+}
+
 #[test]
 #[cfg(unix)] // speaks to the control socket as a Unix socket
 fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
-    use chat_proto::frame::{Decoder, encode};
-    use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};
+    use chat_proto::frame::Decoder;
+    use chat_proto::ipc::{DaemonFrame, Hello, MAX_FRAME, Request};
     use std::os::unix::net::UnixStream;
 
     let (_server, alice, bob) = chatting_pair();
@@ -1189,19 +1198,13 @@ fn a_follower_that_falls_behind_is_dropped_and_nobody_else_notices() {
     // and reads that one: then the daemon surely follows it.
     let mut stuck = UnixStream::connect(&alice.socket).unwrap();
     stuck.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = hello_frame(Hello::ours("test"));
-    encode(
-        &ClientFrame {
-            id: 1,
-            request: Request::Tail {
-                last: 1,
-                follow: true,
-            },
+    let out = hello_and(
+        1,
+        Request::Tail {
+            last: 1,
+            follow: true,
         },
-        MAX_FRAME,
-        &mut out,
-    )
-    .unwrap();
+    );
     stuck.write_all(&out).unwrap();
     let mut decoder = Decoder::new(MAX_FRAME);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -1313,21 +1316,19 @@ fn a_shell_that_asks_and_never_reads_is_no_longer_read() {
 #[test]
 #[cfg(unix)] // speaks to the control socket as a Unix socket
 fn a_shell_that_half_closes_still_gets_its_answers() {
-    use chat_proto::frame::{Decoder, encode};
-    use chat_proto::ipc::{ClientFrame, DaemonFrame, Hello, MAX_FRAME, Request};
+    use chat_proto::frame::Decoder;
+    use chat_proto::ipc::{DaemonFrame, Hello, MAX_FRAME, Request};
     use std::os::unix::net::UnixStream;
 
     let (_server, alice, bob) = chatting_pair();
     let mut shell = UnixStream::connect(&alice.socket).unwrap();
     shell.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = hello_frame(Hello::ours("test"));
-    let send = ClientFrame {
-        id: 7,
-        request: Request::Send {
+    let out = hello_and(
+        7,
+        Request::Send {
             text: "sent by a half-closing shell".into(),
         },
-    };
-    encode(&send, MAX_FRAME, &mut out).unwrap();
+    );
     shell.write_all(&out).unwrap();
     // As `socat` does at the end of its input.
     shell.shutdown(std::net::Shutdown::Write).unwrap();

@@ -156,13 +156,13 @@ impl Core {
         }
     }
 
-    /// Registers as soon as the loop runs (`chatd --register`); the outcome
-    /// is logged, as no shell asked.
     /// See [`Session::started`].
     pub fn started(&mut self, unconfirmed: usize) {
         self.session.started(unconfirmed);
     }
 
+    /// Registers as soon as the loop runs (`chatd --register`); the outcome
+    /// is logged, as no shell asked.
     pub fn register_at_start(&mut self) {
         self.session.register_automatically();
     }
@@ -610,6 +610,38 @@ impl Core {
         })
     }
 
+    /// Takes the call on `link`: makes the handshake's answer and hands
+    /// the connection its keys and queue. False if the connection has
+    /// gone, or no answer could be made.
+    fn accept(
+        &self,
+        link: LinkId,
+        decide: oneshot::Sender<Decision>,
+        checked: Checked,
+        out: peer::LinkQueue,
+    ) -> bool {
+        match checked.answer() {
+            Ok((keys, handshake)) => decide
+                .send(Decision::Accept {
+                    link,
+                    me: self.me,
+                    out,
+                    handshake,
+                    keys,
+                })
+                .is_ok(),
+            Err(e) => {
+                let reason = format!("{} cannot answer the call: {e}", self.me);
+                tracing::error!("{reason}");
+                let _ = decide.send(Decision::Refuse {
+                    status: 500,
+                    reason,
+                });
+                false
+            }
+        }
+    }
+
     /// Carries out the session's actions; returns the server requests it
     /// started.
     fn execute(&mut self) -> Vec<OpId> {
@@ -653,26 +685,7 @@ impl Core {
                     let (handle, queue) = peer::queue();
                     self.links.insert(link, handle);
                     let accepted = match self.deciders.remove(&link) {
-                        Some((d, checked)) => match checked.answer() {
-                            Ok((keys, handshake)) => d
-                                .send(Decision::Accept {
-                                    link,
-                                    me: self.me,
-                                    out: queue,
-                                    handshake,
-                                    keys,
-                                })
-                                .is_ok(),
-                            Err(e) => {
-                                let reason = format!("{} cannot answer the call: {e}", self.me);
-                                tracing::error!("{reason}");
-                                let _ = d.send(Decision::Refuse {
-                                    status: 500,
-                                    reason,
-                                });
-                                false
-                            }
-                        },
+                        Some((decide, checked)) => self.accept(link, decide, checked, queue),
                         None => false,
                     };
                     if !accepted {

@@ -227,22 +227,18 @@ async fn incoming(mut stream: TcpStream, addr: SocketAddr, core: mpsc::Sender<Co
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
-    let (hello, handshake, used) = loop {
+    let (hello, used) = loop {
         match timeout_at(deadline, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
         match parse_hello(&buf) {
-            Ok(Some(Opening {
-                hello,
-                handshake,
-                used,
-            })) => break (hello, handshake, used),
+            Ok(Some(Opening { hello, used })) => break (hello, used),
             Ok(None) => continue,
             Err(e) => return refuse(stream, e.status(), e.to_string()).await,
         }
     };
-    let hello = match hello {
+    let (hello, handshake) = match hello {
         Ok(h) => h,
         Err((status, reason)) => return refuse(stream, status, reason).await,
     };
@@ -479,10 +475,12 @@ async fn reader(
         };
         match read {
             Ok(0) => {
-                break match opener.finish().map(|()| decoder.finish()) {
-                    Ok(Ok(())) => "connection closed".to_owned(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
+                break if let Err(e) = opener.finish() {
+                    e.to_string()
+                } else if let Err(e) = decoder.finish() {
+                    e.to_string()
+                } else {
+                    "connection closed".to_owned()
                 };
             }
             Ok(_) => {}
@@ -549,6 +547,9 @@ async fn writer(mut write: OwnedWriteHalf, mut sealer: Sealer, queue: LinkQueue)
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use chat_proto::frame::encode;
+    use tokio::net::TcpListener;
 
     #[test]
     fn one_source_gets_only_its_share_of_handshakes() {
@@ -576,9 +577,6 @@ mod tests {
         drop((held, v6));
         assert!(sources.0.lock().unwrap().is_empty(), "nothing kept");
     }
-    use super::*;
-    use chat_proto::frame::encode;
-    use tokio::net::TcpListener;
 
     /// With `--bind`, a call leaves from the bound address, as requests to
     /// the server do; one of the other IP version fails with a reason.

@@ -371,29 +371,28 @@ impl Session {
         }
     }
 
-    pub fn state(&self) -> State {
-        // An unconfirmed call is not shown: the state is the one the
-        // daemon goes back to should the call not complete.
-        let phase = match &self.phase {
+    /// The phase shown: an unconfirmed call is not, so while one is
+    /// answered it is the phase the daemon goes back to should the call
+    /// not complete (never itself an answer).
+    fn shown(&self) -> &Phase {
+        match &self.phase {
             Phase::Answering(a) => &a.back,
             p => p,
-        };
-        match phase {
-            Phase::Answering(_) => State::Waiting,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self.shown() {
             Phase::Chatting(_) => State::Chatting,
             Phase::Ready { .. } | Phase::Connecting { .. } => State::Ready,
-            Phase::Waiting => State::Waiting,
+            Phase::Waiting | Phase::Answering(_) => State::Waiting,
             Phase::None if self.reg.is_some() => State::Registered,
             Phase::None => State::Idle,
         }
     }
 
     pub fn status(&self) -> Status {
-        let phase = match &self.phase {
-            Phase::Answering(a) => &a.back,
-            p => p,
-        };
-        let (peer, turn) = match phase {
+        let (peer, turn) = match self.shown() {
             Phase::Ready { peer, .. } | Phase::Connecting { peer, .. } => (Some(*peer), None),
             Phase::Chatting(c) => (
                 Some(c.peer),
@@ -483,13 +482,8 @@ impl Session {
             }
             Phase::Answering(ref a) => {
                 self.out.push_back(Action::Close { link: a.link });
-                let bridged = a.bridged.clone();
-                if let Some(ticket) = a.ticket {
+                if let Some((Some(ticket), _)) = self.unanswer("the daemon is leaving") {
                     self.reply(ticket, Err(connecting));
-                }
-                // They were answered before the leaving.
-                for (ticket, reply) in bridged {
-                    self.reply(ticket, Ok(reply));
                 }
             }
             _ => {}
@@ -541,7 +535,8 @@ impl Session {
             // Only if still waiting: any other phase has moved on (and a
             // call being answered owes its own if it fails).
             if matches!(self.phase, Phase::Waiting) && self.reg.is_some() {
-                self.rejoin_after_answer(now);
+                self.rejoined_after_answer = Some(now);
+                self.server(Purpose::Rejoin);
             }
         }
         if let Phase::Answering(a) = &self.phase
@@ -986,23 +981,21 @@ impl Session {
         // goes on as if asked now otherwise.
         let mut waiting_chat = None;
         if let Phase::Answering(a) = &self.phase {
-            let (pending, same) = (a.link, a.peer == hello.id);
+            let (pending, from) = (a.link, a.peer);
             self.out.push_back(Action::Close { link: pending });
             if let Some((Some(ticket), _)) =
                 self.unanswer("another call came before its first frame")
             {
-                waiting_chat = Some((ticket, same));
+                waiting_chat = Some((ticket, from));
             }
         }
-        let carried = waiting_chat.and_then(|(t, same)| same.then_some(t));
-        // Whether the newer call takes it over is known after the match.
         let answering = |ticket: Option<Ticket>, back| {
             Phase::Answering(Box::new(Answering {
                 peer: hello.id,
                 link,
                 turns: hello.turns,
                 until: now + ANSWER_WAIT,
-                ticket: ticket.or(carried),
+                ticket,
                 back,
                 bridged: Vec::new(),
             }))
@@ -1065,13 +1058,15 @@ impl Session {
                 format!("{me} is not waiting for a chat: it must run `chatctl bridge` first"),
             )),
         }
-        // A `chat` that waited on the pending call, and that the newer
-        // call did not take over (another peer's, or refused), goes on as
-        // if asked now.
-        if let Some((ticket, _)) = waiting_chat {
-            let taken = matches!(&self.phase, Phase::Answering(a) if a.ticket == Some(ticket));
-            if !taken {
-                self.command(ticket, Command::Chat, now);
+        // A `chat` that waited on the pending call waits on the newer one,
+        // if that is the same peer's and was taken; otherwise it goes on
+        // as if asked now.
+        if let Some((ticket, from)) = waiting_chat {
+            match &mut self.phase {
+                Phase::Answering(a) if a.link == link && a.peer == from && a.ticket.is_none() => {
+                    a.ticket = Some(ticket);
+                }
+                _ => self.command(ticket, Command::Chat, now),
             }
         }
     }
@@ -1171,12 +1166,6 @@ impl Session {
         if let Some(ticket) = ticket {
             self.command(ticket, Command::Chat, now);
         }
-    }
-
-    fn rejoin_after_answer(&mut self, now: Instant) {
-        self.rejoined_after_answer = Some(now);
-        self.rejoin_due = None;
-        self.server(Purpose::Rejoin);
     }
 
     fn frame(&mut self, link: LinkId, frame: PeerFrame, now: Instant) {
@@ -1757,16 +1746,11 @@ impl Session {
 
     fn reply(&mut self, ticket: Ticket, result: Result<Reply, Failure>) {
         // Nobody waits for the daemon's own call: its failure is told to
-        // whoever follows the daemon, as the call itself was.
+        // whoever follows the daemon, as the call itself was, and says
+        // what to do next (`call_failed`).
         if let (OWN, Err(f)) = (ticket, &result) {
-            // One piece of advice: the failure's own, if it has one.
-            let advice = if f.message.contains("`chatctl ") {
-                ""
-            } else {
-                "; run `chatctl bridge` to wait again"
-            };
             self.notice(&format!(
-                "the call chatd made by itself failed: {}{advice}",
+                "the call chatd made by itself failed: {}",
                 f.message
             ));
         }
@@ -1796,32 +1780,29 @@ fn forgot_us(f: &chat_proto::rendezvous::Failure) -> bool {
 /// reason speaks HTTP ("ask it to BRIDGE"); a chatctl user runs commands.
 /// The server's first words say whether the peer is in a chat or idle.
 fn bridge_refused(f: &chat_proto::rendezvous::Failure, peer: Option<ClientId>) -> String {
-    match peer {
-        Some(p) if f.status == ErrorStatus::Conflict => {
+    let Some(p) = peer else {
+        return server_refused(f);
+    };
+    let (what, ask) = match f.status {
+        ErrorStatus::Conflict => {
             let busy = f.reason.strip_prefix(p.as_str()).map(str::trim_start);
             let why = if busy.is_some_and(|r| r.starts_with(IN_A_CHAT)) {
                 "is in a chat with someone else"
             } else {
                 "is not waiting for a peer"
             };
-            format!(
-                "{p} {why}: ask {p} to run `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
-                f.status.code(),
-                f.status.phrase()
-            )
+            (format!("{p} {why}"), "`chatctl bridge`")
         }
-        // The server names the id it does not know: the peer, after a
-        // retry has registered us again.
-        Some(p) if f.status == ErrorStatus::NotFound && f.reason.contains(&format!(" {p} ")) => {
-            format!(
-                "{}: ask {p} to run `chatctl register` and `chatctl bridge`, or run `chatctl bridge` without a peer ({} {})",
-                f.reason,
-                f.status.code(),
-                f.status.phrase()
-            )
-        }
-        _ => server_refused(f),
-    }
+        // A 404 for us was answered by registering again and retrying
+        // (`forgot_us`): one that reaches here is for the peer.
+        ErrorStatus::NotFound => (f.reason.clone(), "`chatctl register` and `chatctl bridge`"),
+        _ => return server_refused(f),
+    };
+    format!(
+        "{what}: ask {p} to run {ask}, or run `chatctl bridge` without a peer ({} {})",
+        f.status.code(),
+        f.status.phrase()
+    )
 }
 
 /// Whether a refusal says "not now" rather than "no": the server was busy
@@ -1960,6 +1941,14 @@ mod tests {
             ops[0].clone()
         }
 
+        /// Link `link` closed under the session, with nothing said.
+        fn closed(&mut self, link: LinkId) -> Vec<Action> {
+            self.input(Input::LinkClosed {
+                link,
+                reason: "gone".into(),
+            })
+        }
+
         /// The server's refusal `f` of request `op`.
         fn refused(&mut self, op: OpId, f: HttpFailure) -> Vec<Action> {
             self.input(Input::ServerReply {
@@ -2087,15 +2076,7 @@ mod tests {
                 token: None
             }
         );
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        let a = t.regack(op);
         assert!(a.contains(&Action::SaveToken(TOKEN)));
         assert_eq!(
             reply_of(&a, ticket),
@@ -2135,15 +2116,7 @@ mod tests {
         t.advance(Duration::from_secs(1));
         let (op, req) = T::server_op(&t.drain());
         assert!(matches!(req, Request::Register { .. }));
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        t.regack(op);
         assert_eq!(t.s.state(), State::Registered);
         // A refusal is not retried: it needs a person.
         let mut t = T::new(false);
@@ -2381,15 +2354,7 @@ mod tests {
             }
         );
         let fresh = Token::from_bytes([8; 16]);
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: fresh,
-                expires: 300,
-            }),
-        });
+        let a = t.regack_with(op, fresh);
         assert!(a.contains(&Action::SaveToken(fresh)));
         let (op, req) = T::server_op(&a);
         assert_eq!(
@@ -2415,15 +2380,7 @@ mod tests {
             HttpFailure::new(ErrorStatus::NotFound, "no client ghost"),
         );
         let (op, _) = T::server_op(&a);
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: fresh,
-                expires: 300,
-            }),
-        });
+        let a = t.regack_with(op, fresh);
         let (op, _) = T::server_op(&a);
         let a = t.refused(
             op,
@@ -2462,15 +2419,7 @@ mod tests {
         assert_eq!(t.s.state(), State::Registered);
         t.advance(Duration::from_secs(5));
         let (op, _) = T::server_op(&t.drain());
-        t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        t.regack(op);
         assert_eq!(t.s.poll_timeout(), Some(t.now + Duration::from_secs(150)));
     }
 
@@ -2619,15 +2568,7 @@ mod tests {
         t.advance(Duration::from_secs(150));
         let (op, _) = T::server_op(&t.drain());
         // A restarted server issues a new token: it had forgotten us.
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: Token::from_bytes([9; 16]),
-                expires: 300,
-            }),
-        });
+        let a = t.regack_with(op, Token::from_bytes([9; 16]));
         let (op, req) = T::server_op(&a);
         assert!(matches!(req, Request::Bridge { peer: None, .. }));
         // bob bridged while the server had forgotten us, and waits: the
@@ -3071,10 +3012,7 @@ mod tests {
         let mut t = T::new(false);
         t.bridged(None);
         let (first, _) = t.call_from("bob", false);
-        t.input(Input::LinkClosed {
-            link: first,
-            reason: "gone".into(),
-        });
+        t.closed(first);
         t.advance(REJOIN_DELAY);
         let (op, request) = T::server_op(&t.drain());
         assert!(matches!(request, Request::Bridge { .. }), "{request:?}");
@@ -3086,10 +3024,7 @@ mod tests {
             }),
         });
         assert_eq!(t.s.state(), State::Ready);
-        let a = t.input(Input::LinkClosed {
-            link,
-            reason: "gone".into(),
-        });
+        let a = t.closed(link);
         assert!(
             matches!(a.last(), Some(Action::Connect { peer, .. }) if *peer == id("carol")),
             "{a:?}"
@@ -3121,10 +3056,7 @@ mod tests {
         let start = t.now;
         for _ in 0..10 {
             let (link, _) = t.call_from("bob", false);
-            let a = t.input(Input::LinkClosed {
-                link,
-                reason: "gone".into(),
-            });
+            let a = t.closed(link);
             answer_bridges(&mut t, a);
             for _ in 0..15 {
                 t.advance(REJOIN_AFTER_ANSWER / 60);
@@ -3169,10 +3101,7 @@ mod tests {
         t.bridged(None);
         let (link, _) = t.call_from("bob", false);
         let (chat, _) = t.command(Command::Chat);
-        let a = t.input(Input::LinkClosed {
-            link,
-            reason: "gone".into(),
-        });
+        let a = t.closed(link);
         let f = reply_of(&a, chat).unwrap_err();
         assert!(f.message.contains("waiting for a peer"), "{f:?}");
 
@@ -3192,10 +3121,7 @@ mod tests {
             !replied(&a, bridge),
             "held until the call is decided: {a:?}"
         );
-        let a = t.input(Input::LinkClosed {
-            link,
-            reason: "gone".into(),
-        });
+        let a = t.closed(link);
         assert_eq!(
             reply_of(&a, bridge),
             Ok(Reply::Bridged {
@@ -3230,10 +3156,7 @@ mod tests {
         t.bridged(Some((id("bob"), addr(5000))));
         let (link, _) = t.call_from("bob", false);
         assert_eq!(t.s.state(), State::Ready);
-        t.input(Input::LinkClosed {
-            link,
-            reason: "gone".into(),
-        });
+        t.closed(link);
         assert!(matches!(t.s.phase, Phase::Ready { peer, .. } if peer == id("bob")));
 
         // Quit closes the pending link and answers the waiting `chat`.
@@ -3251,10 +3174,7 @@ mod tests {
         let (link, _) = t.call_from("bob", false);
         t.s.reg = None;
         t.s.phase_lost_with_registration();
-        t.input(Input::LinkClosed {
-            link,
-            reason: "gone".into(),
-        });
+        t.closed(link);
         assert!(matches!(t.s.phase, Phase::None), "{:?}", t.s.phase);
     }
 
@@ -3614,15 +3534,7 @@ mod tests {
             result: Ok(Response::QuitAck),
         });
         // The refresh's answer comes after the quit.
-        t.input(Input::ServerReply {
-            op: refresh,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        t.regack(refresh);
         assert_eq!(t.s.state(), State::Idle);
         assert_eq!(t.s.poll_timeout(), None, "nothing left to refresh");
         // Nor does a start-up retry after a quit.
@@ -3643,15 +3555,7 @@ mod tests {
         t.bridged(None);
         t.advance(Duration::from_secs(150));
         let (op, _) = T::server_op(&t.drain());
-        let a = t.input(Input::ServerReply {
-            op,
-            result: Ok(Response::RegAck {
-                id: id("me"),
-                addr: addr(4000),
-                token: TOKEN,
-                expires: 300,
-            }),
-        });
+        let a = t.regack(op);
         assert!(matches!(
             T::server_op(&a).1,
             Request::Bridge { peer: None, .. }

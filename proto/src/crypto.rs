@@ -40,6 +40,7 @@ use blake2::digest::{Digest, Mac};
 use blake2::{Blake2s256, Blake2sMac};
 use snow::{HandshakeState, StatelessTransportState};
 
+use crate::frame::Gathered;
 use crate::{ClientId, Token};
 
 /// The Noise protocol of the handshake and the records.
@@ -275,8 +276,7 @@ impl Link {
             Opener {
                 state: self.0,
                 nonce: 0,
-                pending: Vec::new(),
-                start: 0,
+                gathered: Gathered::default(),
             },
         )
     }
@@ -322,21 +322,16 @@ impl Sealer {
 pub struct Opener {
     state: Arc<StatelessTransportState>,
     nonce: u64,
-    /// Bytes read, of which `start..` are not opened yet.
-    pending: Vec<u8>,
-    start: usize,
+    gathered: Gathered,
 }
 
 impl Opener {
     /// Room to read into: the caller appends to this `Vec`.
     pub fn buffer(&mut self) -> &mut Vec<u8> {
-        if self.start > 0 && self.start * 2 >= self.pending.len() {
-            self.pending.drain(..self.start);
-            self.start = 0;
-        }
+        let buf = self.gathered.buffer();
         // At most one record waits unopened, so this bounds the buffer.
-        self.pending.reserve(16 * 1024);
-        &mut self.pending
+        buf.reserve(16 * 1024);
+        buf
     }
 
     pub fn extend(&mut self, bytes: &[u8]) {
@@ -347,7 +342,7 @@ impl Opener {
     /// An error is final: the link cannot be trusted after it.
     pub fn open(&mut self, plain: &mut Vec<u8>) -> Result<(), CryptoError> {
         loop {
-            let rest = &self.pending[self.start..];
+            let rest = self.gathered.unread();
             let Some(prefix) = rest.first_chunk::<RECORD_PREFIX>() else {
                 return Ok(());
             };
@@ -374,40 +369,17 @@ impl Opener {
                 }
             }
             self.nonce += 1;
-            self.start += RECORD_PREFIX + len;
+            self.gathered.consume(RECORD_PREFIX + len);
         }
     }
 
     /// At the end of the stream: an error if a record was cut off.
     pub fn finish(&self) -> Result<(), CryptoError> {
-        if self.start < self.pending.len() {
+        if !self.gathered.unread().is_empty() {
             return Err(CryptoError::Truncated);
         }
         Ok(())
     }
-}
-
-/// Lower-case hex, for handshake messages in headers.
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
-}
-
-/// Hex of either case; `None` if any digit is not one.
-pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
 }
 
 #[cfg(test)]
@@ -570,14 +542,5 @@ mod tests {
             let (calling, _) = Calling::start(&key, &parties()).unwrap();
             assert!(calling.finish(junk).is_err());
         }
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        assert_eq!(to_hex(&[0, 0xab, 0x10]), "00ab10");
-        assert_eq!(from_hex("00AB10"), Some(vec![0, 0xab, 0x10]));
-        assert_eq!(from_hex("0"), None);
-        assert_eq!(from_hex("zz"), None);
-        assert_eq!(from_hex("é0"), None);
     }
 }

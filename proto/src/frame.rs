@@ -57,27 +57,26 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
-/// Gathers bytes and yields whole frames.
-#[derive(Debug)]
-pub struct Decoder {
+/// Bytes gathered from a stream, the front of which has been consumed:
+/// what a reader of length-prefixed units ([`Decoder`]'s frames, the
+/// peer link's records) keeps between reads.
+#[derive(Debug, Default)]
+pub(crate) struct Gathered {
     buf: Vec<u8>,
     start: usize,
-    max: usize,
 }
 
-impl Decoder {
-    /// A decoder refusing frames larger than `max` bytes.
-    pub fn new(max: usize) -> Decoder {
-        Decoder {
-            buf: Vec::with_capacity(4096),
+impl Gathered {
+    pub(crate) fn with_capacity(n: usize) -> Gathered {
+        Gathered {
+            buf: Vec::with_capacity(n),
             start: 0,
-            max,
         }
     }
 
     /// Room to read into: the caller reads into this `Vec`'s spare
     /// capacity or appends to it.
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
+    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
         // Reclaim the consumed front before growing.
         if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2)
         {
@@ -85,6 +84,38 @@ impl Decoder {
             self.start = 0;
         }
         &mut self.buf
+    }
+
+    /// What has arrived and is not consumed.
+    pub(crate) fn unread(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.buf.len());
+    }
+}
+
+/// Gathers bytes and yields whole frames.
+#[derive(Debug)]
+pub struct Decoder {
+    gathered: Gathered,
+    max: usize,
+}
+
+impl Decoder {
+    /// A decoder refusing frames larger than `max` bytes.
+    pub fn new(max: usize) -> Decoder {
+        Decoder {
+            gathered: Gathered::with_capacity(4096),
+            max,
+        }
+    }
+
+    /// Room to read into: the caller reads into this `Vec`'s spare
+    /// capacity or appends to it.
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        self.gathered.buffer()
     }
 
     /// Adds bytes that arrived.
@@ -95,7 +126,7 @@ impl Decoder {
     /// The next whole frame, if one has arrived. An error means the stream
     /// is unusable: the connection should be closed.
     pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        let avail = &self.buf[self.start..];
+        let avail = self.gathered.unread();
         if avail.len() < PREFIX {
             return Ok(None);
         }
@@ -116,14 +147,14 @@ impl Decoder {
         if !rest.is_empty() {
             return Err(FrameError::Trailing(rest.len()));
         }
-        self.start += PREFIX + size;
+        self.gathered.consume(PREFIX + size);
         Ok(Some(value))
     }
 
     /// Whether bytes of an unfinished frame are buffered (at end of stream,
     /// that is a truncated frame rather than a clean close).
     fn has_partial(&self) -> bool {
-        self.start < self.buf.len()
+        !self.gathered.unread().is_empty()
     }
 
     /// Called at end of stream: a clean close, or `Truncated` when it cut

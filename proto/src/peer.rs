@@ -65,7 +65,7 @@ impl Hello {
         if self.turns {
             w.header("Chat-Turns", "on");
         }
-        w.header(HANDSHAKE_HEADER, &crypto::to_hex(handshake));
+        w.header(HANDSHAKE_HEADER, &crate::token::to_hex(handshake));
         w.end_head();
     }
 }
@@ -89,7 +89,7 @@ impl Answer {
                 w.header("Connection", "Upgrade");
                 w.header("Upgrade", UPGRADE);
                 w.header("Client-Id", id);
-                w.header(HANDSHAKE_HEADER, &crypto::to_hex(handshake));
+                w.header(HANDSHAKE_HEADER, &crate::token::to_hex(handshake));
                 w.end_head();
             }
             // Written as the server writes its errors: one format, one
@@ -134,10 +134,9 @@ pub type Refusal = (u16, String);
 /// A complete opening request.
 #[derive(Debug)]
 pub struct Opening {
-    /// The hello, or why to refuse it.
-    pub hello: Result<Hello, Refusal>,
-    /// The caller's handshake message (empty when refused).
-    pub handshake: Vec<u8>,
+    /// The hello and the caller's handshake message, or why to refuse
+    /// them.
+    pub hello: Result<(Hello, Vec<u8>), Refusal>,
     /// Bytes of `buf` the request took.
     pub used: usize,
 }
@@ -209,23 +208,12 @@ pub fn parse_hello(buf: &[u8]) -> Result<Option<Opening>, HandshakeError> {
         })?;
         Ok((Hello { id, turns }, handshake))
     })();
-    Ok(Some(match hello {
-        Ok((hello, handshake)) => Opening {
-            hello: Ok(hello),
-            handshake,
-            used,
-        },
-        Err(refusal) => Opening {
-            hello: Err(refusal),
-            handshake: Vec::new(),
-            used,
-        },
-    }))
+    Ok(Some(Opening { hello, used }))
 }
 
 /// A handshake message from its header, if it is one.
 fn handshake_of(value: Option<&str>) -> Option<Vec<u8>> {
-    crypto::from_hex(value?).filter(|h| h.len() == crypto::HANDSHAKE_LEN)
+    crate::token::from_hex(value?).filter(|h| h.len() == crypto::HANDSHAKE_LEN)
 }
 
 /// Parses the responder's answer from the front of `buf`.
@@ -284,13 +272,8 @@ mod tests {
         let handshake = [7u8; crypto::HANDSHAKE_LEN];
         hello.encode("127.0.0.1:4000", &handshake, &mut buf);
         buf.extend_from_slice(b"\x05\x00"); // the first frame may follow at once
-        let Opening {
-            hello: got,
-            handshake: got_handshake,
-            used,
-        } = parse_hello(&buf).unwrap().unwrap();
-        assert_eq!(got, Ok(hello));
-        assert_eq!(got_handshake, handshake);
+        let Opening { hello: got, used } = parse_hello(&buf).unwrap().unwrap();
+        assert_eq!(got, Ok((hello, handshake.to_vec())));
         assert_eq!(&buf[used..], b"\x05\x00");
 
         for answer in [

@@ -1192,9 +1192,14 @@ pub fn parse_response(
                     expires: expires.parse().map_err(|_| bad("Expires"))?,
                 }
             }
-            Method::Bridge => match (get("Peer-Id"), get("Peer-Addr"), get("Peer-Key")) {
-                (None, None, None) => Response::BridgeAck { peer: None },
-                (Some(id), Some(addr), Some(key)) => {
+            Method::Bridge => {
+                let (id, addr, key) = (get("Peer-Id"), get("Peer-Addr"), get("Peer-Key"));
+                if id.is_none() && addr.is_none() && key.is_none() {
+                    Response::BridgeAck { peer: None }
+                } else {
+                    let id = need(id, ack, "Peer-Id")?;
+                    let addr = need(addr, ack, "Peer-Addr")?;
+                    let key = need(key, ack, "Peer-Key")?;
                     let bad = |header| ResponseError::MissingHeader { ack, header };
                     Response::BridgeAck {
                         peer: Some((
@@ -1204,15 +1209,7 @@ pub fn parse_response(
                         )),
                     }
                 }
-                (id, addr, _) => {
-                    let header = match (id, addr) {
-                        (None, _) => "Peer-Id",
-                        (_, None) => "Peer-Addr",
-                        _ => "Peer-Key",
-                    };
-                    return Err(ResponseError::MissingHeader { ack, header });
-                }
-            },
+            }
             Method::Chat => Response::ChatAck,
             Method::Quit => Response::QuitAck,
         }

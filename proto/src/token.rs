@@ -39,28 +39,52 @@ impl Token {
 
     /// The 32 lower-case hex digits, without allocating.
     pub fn to_hex(self) -> [u8; 32] {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 32];
-        for (i, b) in self.0.iter().enumerate() {
-            out[2 * i] = DIGITS[(b >> 4) as usize];
-            out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
-        }
+        write_hex(&self.0, &mut out);
         out
     }
 
     /// Parses 32 hex digits, either case.
     pub fn from_hex(s: &[u8]) -> Result<Token, TokenError> {
-        if s.len() != 32 {
-            return Err(TokenError);
-        }
         let mut bytes = [0u8; 16];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0]).ok_or(TokenError)?;
-            let lo = hex_value(pair[1]).ok_or(TokenError)?;
-            bytes[i] = hi << 4 | lo;
-        }
+        read_hex(s, &mut bytes).ok_or(TokenError)?;
         Ok(Token(bytes))
     }
+}
+
+/// `bytes` as lower-case hex into `out`, two digits a byte.
+fn write_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
+/// Hex of either case into `out`, which it must fill exactly.
+fn read_hex(s: &[u8], out: &mut [u8]) -> Option<()> {
+    if s.len() != 2 * out.len() {
+        return None;
+    }
+    for (b, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *b = hex_value(pair[0])? << 4 | hex_value(pair[1])?;
+    }
+    Some(())
+}
+
+/// Lower-case hex of any bytes (the peer link's handshake messages).
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; 2 * bytes.len()];
+    write_hex(bytes, &mut out);
+    // Hex digits are ASCII.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Hex of either case as bytes; `None` if it is not hex.
+pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; s.len() / 2];
+    read_hex(s.as_bytes(), &mut out)?;
+    Some(out)
 }
 
 fn hex_value(c: u8) -> Option<u8> {
@@ -136,5 +160,14 @@ mod tests {
         let b = Token::random().unwrap();
         assert_ne!(a, b);
         assert_eq!(format!("{a:?}"), "Token(..)");
+    }
+
+    #[test]
+    fn any_bytes_to_hex_and_back() {
+        assert_eq!(to_hex(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(from_hex("00AB10"), Some(vec![0, 0xab, 0x10]));
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex("é0"), None);
     }
 }

@@ -6,9 +6,10 @@
 //! under the token the client never saw). Responses are kept per
 //! (source address, `Request-Id`) for a fixed time, longer than a client
 //! retransmits, with the method they answered: as in SIP, a request of
-//! another method under the same id is no retransmission. Every entry lives equally long, so insertion order is
-//! expiry order and a queue is the whole index. Memory is bounded too:
-//! past the cap, the oldest entries go first.
+//! another method under the same id is no retransmission. Every entry
+//! lives equally long, so insertion order is expiry order and a queue is
+//! the whole index. Memory is bounded too: past the cap, the oldest
+//! entries go first.
 
 use std::collections::VecDeque;
 use std::hash::RandomState;
