@@ -94,7 +94,7 @@ fn advise_huge_pages<T>(_memory: &mut [std::mem::MaybeUninit<T>]) {}
 /// Asks the CPU to start loading the line at `line`. A prefetch is only
 /// a hint: it reads nothing the program sees and never faults, even at an
 /// address that is no longer (or never was) mapped.
-fn prefetch(line: *const Line) {
+pub(crate) fn prefetch<T>(line: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `_mm_prefetch` is `unsafe` only as an intrinsic; it does not
     // dereference `line` as far as the program is concerned (see above),

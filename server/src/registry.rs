@@ -158,6 +158,11 @@ pub struct Registry {
     /// Registrations held: live, or lapsed and not popped yet. Every other
     /// record in the queue is a quit one (see `gone`).
     held: usize,
+    /// The latest `queued_until` pushed to the back. Kept here rather than
+    /// read off the back record, whose line the other worker has often
+    /// just written: reading it was a wait for that line at every fresh
+    /// REGISTER (`perf annotate`, docs/BENCHMARKS.md).
+    back_until: u32,
     /// Waiting clients by arrival: first come, first served.
     waiting: BTreeMap<u64, ClientId>,
     next_seq: u64,
@@ -178,6 +183,7 @@ impl Registry {
             hasher: RandomState::new(),
             lines: Arc::default(),
             held: 0,
+            back_until: 0,
             waiting: BTreeMap::new(),
             next_seq: 1,
         };
@@ -583,8 +589,26 @@ impl Registry {
     fn push_back(&mut self, record: Record) {
         let pos = self.front.wrapping_add(self.queue.len() as u32);
         let hash = record.hash;
+        self.back_until = self.back_until.max(record.queued_until);
         self.queue.push_back(record);
         self.index.insert(hash, pos);
+        self.prefetch_next_back();
+    }
+
+    /// Asks for the line the next record pushed will end on. Written
+    /// cold, that line holds up the record's stores and every store after
+    /// them (x86 commits stores in order), and a load that must wait for
+    /// one of those stores waits for it too: `perf annotate` showed a
+    /// REGISTER stalled there (docs/BENCHMARKS.md). The next push comes
+    /// microseconds later, time enough for the line to arrive.
+    fn prefetch_next_back(&self) {
+        let (a, b) = self.queue.as_slices();
+        let last = if b.is_empty() { a } else { b };
+        // The slot after the back, and its last byte: a prefetch reads
+        // nothing, so an address past the buffer (the ring wraps there,
+        // or is full) only wastes it.
+        let next = last.as_ptr_range().end.wrapping_add(1);
+        crate::index::prefetch(next.cast::<u8>().wrapping_sub(1));
     }
 
     /// Drops the slots that point before the front.
@@ -612,7 +636,7 @@ impl Registry {
     /// record not due. A record may then be popped a little after it
     /// lapsed, never before.
     fn queued_until(&self, at: u32) -> u32 {
-        self.queue.back().map_or(at, |b| b.queued_until.max(at))
+        self.back_until.max(at)
     }
 
     /// Pops up to `budget` records from the front whose queued deadline
@@ -639,6 +663,7 @@ impl Registry {
             } else if r.live(now) {
                 let to = self.front.wrapping_add(self.queue.len() as u32);
                 r.queued_until = self.queued_until(r.expires_at);
+                self.back_until = r.queued_until;
                 let hash = r.hash;
                 self.queue.push_back(r);
                 // Every held record has a slot; should one be missing all

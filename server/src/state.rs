@@ -206,9 +206,15 @@ impl State {
 
 /// A fresh client token from the thread's CSPRNG (ChaCha, seeded and
 /// reseeded from the operating system), which costs no system call per
-/// REGISTER.
+/// REGISTER. Filled as bytes: `rand::random::<[u8; 16]>()` draws each
+/// byte as a word of its own, which made a token cost 16 calls and four
+/// times the ChaCha output (`perf`: 65-70 ns per REGISTER, against about
+/// 10 filled; docs/BENCHMARKS.md).
 fn fresh_token() -> Result<Token, std::convert::Infallible> {
-    Ok(Token::from_bytes(rand::random()))
+    use rand::Rng as _;
+    let mut bytes = [0; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    Ok(Token::from_bytes(bytes))
 }
 
 /// Locks `m`. A panic while it was held cannot leave the registry
