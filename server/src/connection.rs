@@ -11,6 +11,7 @@
 //! the kernel reset the connection and could destroy that last response.
 
 use std::net::SocketAddr;
+use std::task::Poll;
 use std::time::Duration;
 
 use chat_proto::rendezvous::{
@@ -58,8 +59,12 @@ pub async fn serve(
     // than re-arming it for every request.
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
+    // A second receiver to read the version with, as `stop` holds the
+    // first.
+    let watcher = shutdown.clone();
     let stop = shutdown.changed();
     tokio::pin!(stop);
+    let mut armed = false;
     let mut stopping = false;
     // How far `buf` has been searched for the end of a head.
     let mut scanned = 0;
@@ -130,9 +135,38 @@ pub async fn serve(
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
         }
-        tokio::select! {
-            biased;
-            read = stream.read(&mut buf) => {
+        let woke = {
+            let read = stream.read(&mut buf);
+            tokio::pin!(read);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Woke::Read(r));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Timer);
+                }
+                if !stopping {
+                    // The notice is polled once, which leaves this task's
+                    // waker with it; every later wake-up only reads the
+                    // watch's version. Polling it at every wait took the
+                    // notifier's lock each time: about 45 ns per request
+                    // (`perf`, docs/BENCHMARKS.md).
+                    let stop_now = if armed {
+                        watcher.has_changed().unwrap_or(true)
+                    } else {
+                        armed = true;
+                        stop.as_mut().poll(cx).is_ready()
+                    };
+                    if stop_now {
+                        return Poll::Ready(Woke::Stop);
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match woke {
+            Woke::Read(read) => {
                 now = Instant::now();
                 match read {
                     Ok(0) | Err(_) => return,
@@ -144,7 +178,7 @@ pub async fn serve(
                     }
                 }
             }
-            () = &mut timer => {
+            Woke::Timer => {
                 now = Instant::now();
                 if now < deadline {
                     timer.as_mut().reset(deadline);
@@ -153,14 +187,17 @@ pub async fn serve(
                 } else {
                     let f = Failure::new(
                         ErrorStatus::RequestTimeout,
-                        format!("request not complete within {} s", timeouts.header.as_secs()),
+                        format!(
+                            "request not complete within {} s",
+                            timeouts.header.as_secs()
+                        ),
                     );
                     return finish_with_error(stream, out, f, now + timeouts.header).await;
                 }
             }
             // Shutting down: an idle connection just closes; one mid-request
             // gets its answer, with Connection: close, first.
-            _ = &mut stop, if !stopping => {
+            Woke::Stop => {
                 stopping = true;
                 if buf.is_empty() {
                     return;
@@ -168,6 +205,13 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// What ended a connection's wait.
+enum Woke {
+    Read(std::io::Result<usize>),
+    Timer,
+    Stop,
 }
 
 /// A cheap check before parsing: has the blank line that ends a head
