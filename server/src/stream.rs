@@ -243,20 +243,29 @@ mod unix {
                 }
             }
             let fd = self.register()?;
-            loop {
-                let mut guard = fd.readable().await?;
-                match guard.try_io(|s| read_into(s.get_ref(), buf)) {
-                    Ok(Ok(n)) => {
-                        if n > 0 && n < READ_CHUNK {
-                            // A short read emptied the socket.
-                            guard.clear_ready();
+            // `poll_read_ready` keeps one waker in the socket's slot for
+            // readers. `readable().await` would put a node in the socket's
+            // list of waiters, taking its lock to add the node, to check it
+            // on wake-up and to remove it: about 75 ns more per request
+            // (`perf`, docs/BENCHMARKS.md). A connection has one reader,
+            // which is all the slot serves.
+            std::future::poll_fn(|cx| {
+                loop {
+                    let mut guard = std::task::ready!(fd.poll_read_ready(cx))?;
+                    match guard.try_io(|s| read_into(s.get_ref(), buf)) {
+                        Ok(Ok(n)) => {
+                            if n > 0 && n < READ_CHUNK {
+                                // A short read emptied the socket.
+                                guard.clear_ready();
+                            }
+                            return std::task::Poll::Ready(Ok(n));
                         }
-                        return Ok(n);
+                        Ok(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                        Err(_would_block) => continue,
                     }
-                    Ok(Err(e)) => return Err(e),
-                    Err(_would_block) => continue,
                 }
-            }
+            })
+            .await
         }
 
         /// Writes all of `data`, or fails with `TimedOut` if the client has
