@@ -59,6 +59,8 @@ pub async fn serve(
     // than re-arming it for every request.
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
+    // Whether the timer has this task's waker for its current deadline.
+    let mut timer_armed = false;
     // A second receiver to read the version with, as `stop` holds the
     // first.
     let watcher = shutdown.clone();
@@ -134,6 +136,7 @@ pub async fn serve(
         }
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
+            timer_armed = false;
         }
         let woke = {
             let read = stream.read(&mut buf);
@@ -142,8 +145,15 @@ pub async fn serve(
                 if let Poll::Ready(r) = read.as_mut().poll(cx) {
                     return Poll::Ready(Woke::Read(r));
                 }
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woke::Timer);
+                // Like the shutdown notice below, an armed timer keeps the
+                // waker, and whether it has fired is a load: polling it at
+                // every wait registered the waker again, about 30 ns per
+                // request (`perf`, docs/BENCHMARKS.md).
+                if !timer_armed || timer.is_elapsed() {
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woke::Timer);
+                    }
+                    timer_armed = true;
                 }
                 if !stopping {
                     // The notice is polled once, which leaves this task's
@@ -182,6 +192,7 @@ pub async fn serve(
                 now = Instant::now();
                 if now < deadline {
                     timer.as_mut().reset(deadline);
+                    timer_armed = false;
                 } else if idle {
                     return;
                 } else {
