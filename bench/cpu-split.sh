@@ -16,18 +16,7 @@ command -v perf >/dev/null || { echo "perf is not installed (apt-get install lin
 cargo build --release -q -p chat-server -p chat-bench
 source bench/lib.sh
 
-"$bin/chat-server" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-  --max-registrations 0 --expires 10 >"$work/s.out" 2>"$work/s.err" &
-pids+=($!)
-for _ in $(seq 100); do grep -q listening "$work/s.out" 2>/dev/null && break; sleep 0.05; done
-addr=$(awk '{print $3; exit}' "$work/s.out")
-[ -n "$addr" ] || failed chat-server "$work/s.err"
-
-run() { # op seconds
-  "$bin/chat-bench" run --target "$addr" --op "$1" --mode keepalive -c 64 --duration "$2" --sources 254
-}
-# The registry filled to its steady size first.
-run register 3 >/dev/null
+start_loaded_server "$bin/chat-server"
 for op in probe register; do
   # perf samples the middle of a longer run, away from its start and end.
   run "$op" "$(python3 -c "print($secs + 3)")" >"$work/$op.rate" &

@@ -32,6 +32,25 @@ start_server() {
   [ -n "$server" ] || failed chat-server "$work/server.err"
 }
 
+# Starts a chat-server build as bench/compare.sh runs it (limits off,
+# registrations lapsing after 10 s), fills its registry to its steady size
+# with keep-alive REGISTERs, and defines `run OP SECONDS` (keep-alive, 64
+# clients, against it). Sets $addr and $server_pid. Not for a subshell:
+# the pid must reach the cleanup.
+start_loaded_server() { # bin
+  "$1" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+    --max-registrations 0 --expires 10 >"$work/s.out" 2>"$work/s.err" &
+  server_pid=$!
+  pids+=($server_pid)
+  for _ in $(seq 100); do grep -q listening "$work/s.out" 2>/dev/null && break; sleep 0.05; done
+  addr=$(awk '{print $3; exit}' "$work/s.out")
+  [ -n "$addr" ] || failed chat-server "$work/s.err"
+  run() { # op seconds
+    "$bin/chat-bench" run --target "$addr" --op "$1" --mode keepalive -c 64 --duration "$2" --sources 254
+  }
+  run register 3 >/dev/null
+}
+
 # chatctl on daemon ID.
 ctl() { # id args...
   local id=$1; shift

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Where chat-server's own (user) time goes, per request and per function:
+# `perf record -e cpu-clock:u` of the server alone during a PROBE run and a
+# REGISTER run at keep-alive 64, each function's samples divided by the
+# requests served, in nanoseconds per request, side by side. Rates on this
+# shared machine move by 6% from run to run; these figures resolve a few
+# nanoseconds of one function, which is how session 9 found what
+# docs/BENCHMARKS.md lists (a token drawn byte by byte, tokio's waiter
+# list). Totals still move with the machine by 10% or more: compare
+# builds function by function, alternating them.
+# Needs `perf` (Debian's linux-perf) and the right to sample the server
+# (its owner, with kernel.perf_event_paranoid <= 2).
+# Usage: bench/user-profile.sh [SERVER-BIN] [rows=30]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+cargo build --release -q -p chat-server -p chat-bench
+server_bin=$(realpath "${1:-target/release/chat-server}")
+rows=${2:-30}
+secs=4
+hz=9999
+source bench/lib.sh
+
+start_loaded_server "$server_bin"
+for op in probe register; do
+  # perf samples the middle of a longer run, away from its start and end.
+  run "$op" $((secs + 3)) >"$work/$op.rate" &
+  load=$!
+  sleep 1.5
+  perf record -q -e cpu-clock:u -F "$hz" -p "$server_pid" -o "$work/$op.data" -- sleep "$secs" 2>/dev/null
+  wait "$load"
+  sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
+  perf report -i "$work/$op.data" --sort sym -n -q --stdio 2>/dev/null >"$work/$op.syms"
+done
+
+python3 - "$work" "$secs" "$hz" "$rows" <<'PY'
+import sys
+work, secs, hz, rows = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+def per_request(op):
+    rate = float(open(f"{work}/{op}.n").read())
+    out = {}
+    for line in open(f"{work}/{op}.syms"):
+        parts = line.split(None, 3)
+        if len(parts) < 4:
+            continue
+        # samples / sample rate / requests in the window = seconds per request
+        name = parts[3].strip()
+        out[name] = out.get(name, 0.0) + int(parts[1]) / hz / (rate * secs) * 1e9
+    return rate, out
+rp, p = per_request("probe")
+rr, r = per_request("register")
+print(f"# chat-server user time per request, keep-alive 64, {secs:g} s sampled at {hz:g} Hz")
+print(f"# PROBE {rp:.0f} req/s, REGISTER {rr:.0f} req/s")
+print()
+print("| function | PROBE ns/req | REGISTER ns/req |")
+print("|---|---:|---:|")
+for name in sorted(set(p) | set(r), key=lambda k: -max(p.get(k, 0), r.get(k, 0)))[:rows]:
+    print(f"| `{name[:90]}` | {p.get(name, 0):.1f} | {r.get(name, 0):.1f} |")
+print(f"| all | {sum(p.values()):.0f} | {sum(r.values()):.0f} |")
+PY
