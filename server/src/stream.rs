@@ -90,6 +90,12 @@ mod unix {
             }
         }
 
+        /// Whether this listener's worker mostly idles between connections
+        /// (and so does not defer them); false where that is not known.
+        pub fn idle(&self) -> bool {
+            self.defer.as_ref().is_some_and(|a| a.idle())
+        }
+
         /// Tells the policy whether the worker ran out of work since the
         /// last connection, and switches deferring if it says so.
         fn adapt(&mut self) {
@@ -143,6 +149,10 @@ mod unix {
             })
         }
 
+        fn idle(&self) -> bool {
+            !self.policy.deferring()
+        }
+
         /// One connection was accepted from `socket`.
         fn accepted(&mut self, socket: &socket2::Socket) -> io::Result<()> {
             // The count goes up whenever the runtime runs out of tasks and
@@ -193,6 +203,10 @@ mod unix {
 
         fn accepted(&mut self, _socket: &socket2::Socket) -> io::Result<()> {
             Ok(())
+        }
+
+        fn idle(&self) -> bool {
+            false
         }
     }
 
@@ -459,6 +473,12 @@ mod portable {
     pub struct Listener(tokio::net::TcpListener);
 
     impl Listener {
+        /// Whether the worker mostly idles between connections: not known
+        /// here.
+        pub fn idle(&self) -> bool {
+            false
+        }
+
         pub fn new(listener: std::net::TcpListener) -> io::Result<Listener> {
             listener.set_nonblocking(true)?;
             Ok(Listener(tokio::net::TcpListener::from_std(listener)?))

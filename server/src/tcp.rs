@@ -97,10 +97,35 @@ pub async fn run(
                     connection::serve(stream, peer, &slot.state, timeouts, shutdown).await;
                     drop(done);
                 });
+                // An idle worker serves the new connection before it
+                // tries to accept another. That accept nearly always finds
+                // nothing then, and it came first: a system call between
+                // the client's request and its answer. A busy worker
+                // accepts on, as before (docs/BENCHMARKS.md).
+                if listener.idle() {
+                    let_queued_run().await;
+                }
             }
             Err(refusal) => refuse(stream, peer, refusal, &refusing, &state),
         }
     }
+}
+
+/// Lets the tasks already queued (a connection just spawned) run before
+/// this one goes on: the task wakes itself, which puts it at the back of
+/// its worker's queue. `tokio::task::yield_now` would instead wait for the
+/// next poll of the reactor, a system call of its own.
+async fn let_queued_run() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// A connection's place in the connection counts, given back on drop.
