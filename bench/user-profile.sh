@@ -12,10 +12,11 @@
 # (its owner, with kernel.perf_event_paranoid <= 2).
 # Usage: bench/user-profile.sh [SERVER-BIN] [rows=30]
 set -euo pipefail
+# Resolved before the cd below, so that a path relative to the caller works.
+server_bin=$(realpath -m "${1:-$(dirname "$0")/../target/release/chat-server}")
 cd "$(dirname "$0")/.."
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
 cargo build --release -q -p chat-server -p chat-bench
-server_bin=$(realpath "${1:-target/release/chat-server}")
 rows=${2:-30}
 secs=4
 hz=9999
@@ -27,29 +28,35 @@ for op in probe register; do
   run "$op" $((secs + 3)) >"$work/$op.rate" &
   load=$!
   sleep 1.5
-  perf record -q -e cpu-clock:u -F "$hz" -p "$server_pid" -o "$work/$op.data" -- sleep "$secs" 2>/dev/null
+  if ! perf record -q -e cpu-clock:u -F "$hz" -p "$server_pid" -o "$work/$op.data" -- sleep "$secs" 2>"$work/perf.err"; then
+    echo "perf record failed:" >&2
+    cat "$work/perf.err" >&2
+    exit 1
+  fi
   wait "$load"
   sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
-  perf report -i "$work/$op.data" --sort sym -n -q --stdio 2>/dev/null >"$work/$op.syms"
+  # Each sample's period is the CPU time it stands for, in ns: right even
+  # where the kernel lowered the sampling rate asked for.
+  perf report -i "$work/$op.data" --sort sym -F period,sym -q --stdio 2>/dev/null >"$work/$op.syms"
 done
 
-python3 - "$work" "$secs" "$hz" "$rows" <<'PY'
+python3 - "$work" "$secs" "$rows" <<'PY'
 import sys
-work, secs, hz, rows = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+work, secs, rows = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 def per_request(op):
     rate = float(open(f"{work}/{op}.n").read())
     out = {}
     for line in open(f"{work}/{op}.syms"):
-        parts = line.split(None, 3)
-        if len(parts) < 4:
+        parts = line.split(None, 2)
+        if len(parts) < 3:
             continue
-        # samples / sample rate / requests in the window = seconds per request
-        name = parts[3].strip()
-        out[name] = out.get(name, 0.0) + int(parts[1]) / hz / (rate * secs) * 1e9
+        # ns of CPU / requests in the window = ns per request
+        name = parts[2].strip()
+        out[name] = out.get(name, 0.0) + int(parts[0]) / (rate * secs)
     return rate, out
 rp, p = per_request("probe")
 rr, r = per_request("register")
-print(f"# chat-server user time per request, keep-alive 64, {secs:g} s sampled at {hz:g} Hz")
+print(f"# chat-server user time per request, keep-alive 64, {secs:g} s sampled")
 print(f"# PROBE {rp:.0f} req/s, REGISTER {rr:.0f} req/s")
 print()
 print("| function | PROBE ns/req | REGISTER ns/req |")

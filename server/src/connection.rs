@@ -151,8 +151,8 @@ pub async fn serve(
                 // request (`perf`, docs/BENCHMARKS.md). But a poll that
                 // tokio refuses because the task has used up its budget
                 // (coop) registers nothing, so it does not arm: the next
-                // wait polls again. (The task is woken to run again when
-                // its budget runs out.)
+                // wait polls again. (tokio wakes a task whose poll it
+                // refused, after its next poll of the reactor.)
                 if !timer_armed || timer.is_elapsed() {
                     let budget = tokio::task::coop::has_budget_remaining();
                     if timer.as_mut().poll(cx).is_ready() {

@@ -630,8 +630,9 @@ impl Registry {
     }
 
     /// What a record lapsing at `at` is queued with at the back: `at`, or
-    /// the deadline before it if that is later (a refreshed record going
-    /// back, or a request from a thread whose clock read lost a race), so
+    /// the latest deadline queued so far if that is later (a refreshed
+    /// record going back, or a request from a thread whose clock read lost
+    /// a race; kept even once the record that had it is gone), so
     /// that the queue stays in order and popping can stop at the first
     /// record not due. A record may then be popped a little after it
     /// lapsed, never before.
