@@ -11,7 +11,7 @@
 //! the kernel reset the connection and could destroy that last response.
 
 use std::net::SocketAddr;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chat_proto::rendezvous::{
@@ -59,14 +59,13 @@ pub async fn serve(
     // than re-arming it for every request.
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
-    // Whether the timer has this task's waker for its current deadline.
-    let mut timer_armed = false;
+    let mut timer_armed = Armed::default();
     // A second receiver to read the version with, as `stop` holds the
     // first.
     let watcher = shutdown.clone();
     let stop = shutdown.changed();
     tokio::pin!(stop);
-    let mut armed = false;
+    let mut stop_armed = Armed::default();
     let mut stopping = false;
     // How far `buf` has been searched for the end of a head.
     let mut scanned = 0;
@@ -136,7 +135,7 @@ pub async fn serve(
         }
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
-            timer_armed = false;
+            timer_armed.disarm();
         }
         let woke = {
             let read = stream.read(&mut buf);
@@ -145,36 +144,13 @@ pub async fn serve(
                 if let Poll::Ready(r) = read.as_mut().poll(cx) {
                     return Poll::Ready(Woke::Read(r));
                 }
-                // Like the shutdown notice below, an armed timer keeps the
-                // waker, and whether it has fired is a load: polling it at
-                // every wait registered the waker again, about 35 ns per
-                // request (`perf`, docs/BENCHMARKS.md). But a poll that
-                // tokio refuses because the task has used up its budget
-                // (coop) registers nothing, so it does not arm: the next
-                // wait polls again. (tokio wakes a task whose poll it
-                // refused, after its next poll of the reactor.)
-                if !timer_armed || timer.is_elapsed() {
-                    let budget = tokio::task::coop::has_budget_remaining();
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Woke::Timer);
-                    }
-                    timer_armed = budget;
+                let elapsed = timer.is_elapsed();
+                if timer_armed.fired(cx, elapsed, |cx| timer.as_mut().poll(cx).is_ready()) {
+                    return Poll::Ready(Woke::Timer);
                 }
                 if !stopping {
-                    // The notice is polled once, which leaves this task's
-                    // waker with it; every later wake-up only reads the
-                    // watch's version. Polling it at every wait took the
-                    // notifier's lock each time: about 45 ns per request
-                    // (`perf`, docs/BENCHMARKS.md).
-                    let stop_now = if armed {
-                        watcher.has_changed().unwrap_or(true)
-                    } else {
-                        // Armed only by a poll tokio let through, as the
-                        // timer above.
-                        armed = tokio::task::coop::has_budget_remaining();
-                        stop.as_mut().poll(cx).is_ready()
-                    };
-                    if stop_now {
+                    let changed = watcher.has_changed().unwrap_or(true);
+                    if stop_armed.fired(cx, changed, |cx| stop.as_mut().poll(cx).is_ready()) {
                         return Poll::Ready(Woke::Stop);
                     }
                 }
@@ -199,7 +175,7 @@ pub async fn serve(
                 now = Instant::now();
                 if now < deadline {
                     timer.as_mut().reset(deadline);
-                    timer_armed = false;
+                    timer_armed.disarm();
                 } else if idle {
                     return;
                 } else {
@@ -222,6 +198,43 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Whether a timer or a shutdown notice has this task's waker.
+///
+/// Both keep the waker of the poll that registered it until they fire, so
+/// polling them again at every wait only registers the same waker again:
+/// 35 ns per request for tokio's `Sleep`, 45 for the watch's notice, which
+/// takes its notifier's lock (`perf`, docs/BENCHMARKS.md). Once armed,
+/// whether one has fired is a load. A poll that tokio refused because the
+/// task had spent its budget (coop) registers nothing, so it does not arm:
+/// the next wait polls again (tokio wakes a task whose poll it refused,
+/// after its next poll of the reactor).
+#[derive(Default)]
+struct Armed(bool);
+
+impl Armed {
+    /// Whether the future has fired: `fired_now` once armed, else what
+    /// `poll` says, which arms it if tokio let the poll through.
+    fn fired(
+        &mut self,
+        cx: &mut Context<'_>,
+        fired_now: bool,
+        poll: impl FnOnce(&mut Context<'_>) -> bool,
+    ) -> bool {
+        if self.0 {
+            return fired_now;
+        }
+        let budget = tokio::task::coop::has_budget_remaining();
+        let ready = poll(cx);
+        self.0 = budget;
+        ready
+    }
+
+    /// After a reset: the next wait polls again.
+    fn disarm(&mut self) {
+        self.0 = false;
     }
 }
 
@@ -291,7 +304,6 @@ pub async fn linger(mut stream: Stream) {
 mod tests {
     use super::*;
     use std::pin::Pin;
-    use std::task::Context;
 
     /// Spends the task's whole coop budget before its inner future's first
     /// poll, so that tokio refuses that poll's timer and reads.
@@ -319,29 +331,22 @@ mod tests {
     /// A connection served with its first poll refused for want of budget,
     /// and the client's end of it, which has sent nothing.
     async fn served_with_spent_budget(
-        timeouts: Timeouts,
+        timeout: Duration,
     ) -> (tokio::net::TcpStream, watch::Sender<bool>) {
+        let timeouts = Timeouts {
+            header: timeout,
+            idle: timeout,
+        };
         let listener = crate::tcp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut listener = crate::stream::Listener::new(listener).unwrap();
         let client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let limits = crate::state::Limits {
-            registry: crate::registry::Config {
-                expires: Duration::from_secs(300),
-                max_registrations: 0,
-            },
-            per_ip_rate: 0,
-            per_ip_burst: 0,
-            per_ip_conns: 0,
-            max_conns: 0,
-            trusted_proxies: Default::default(),
-        };
         let transports = chat_proto::rendezvous::Transports {
             tcp: true,
             udp: false,
         };
-        let state = State::new(transports, &limits);
+        let state = State::for_tests(transports, 0, Default::default(), 300);
         let (stop, shutdown) = watch::channel(false);
         tokio::spawn(SpentOnFirstPoll {
             inner: Box::pin(async move {
@@ -377,12 +382,7 @@ mod tests {
     #[test]
     fn a_wait_that_meets_a_spent_budget_still_times_out() {
         runtime().block_on(async {
-            let short = Duration::from_millis(300);
-            let (mut client, _stop) = served_with_spent_budget(Timeouts {
-                header: short,
-                idle: short,
-            })
-            .await;
+            let (mut client, _stop) = served_with_spent_budget(Duration::from_millis(300)).await;
             let got = next_bytes(&mut client, "the header timeout's 408").await;
             assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
         });
@@ -393,12 +393,7 @@ mod tests {
     #[test]
     fn a_wait_that_meets_a_spent_budget_still_hears_shutdown() {
         runtime().block_on(async {
-            let long = Duration::from_secs(600);
-            let (mut client, stop) = served_with_spent_budget(Timeouts {
-                header: long,
-                idle: long,
-            })
-            .await;
+            let (mut client, stop) = served_with_spent_budget(Duration::from_secs(600)).await;
             // Let the connection reach its wait (twice: the refused poll,
             // then the one with budget) before shutdown is announced.
             for _ in 0..10 {

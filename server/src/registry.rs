@@ -587,12 +587,20 @@ impl Registry {
 
     /// Appends `record` to the queue and gives it a slot.
     fn push_back(&mut self, record: Record) {
-        let pos = self.front.wrapping_add(self.queue.len() as u32);
         let hash = record.hash;
+        let pos = self.enqueue(record);
+        self.index.insert(hash, pos);
+    }
+
+    /// Appends `record` (its `queued_until` from [`Registry::queued_until`])
+    /// to the queue; returns its position. The one place the queue grows
+    /// at the back, so that `back_until` follows it.
+    fn enqueue(&mut self, record: Record) -> u32 {
+        let pos = self.front.wrapping_add(self.queue.len() as u32);
         self.back_until = self.back_until.max(record.queued_until);
         self.queue.push_back(record);
-        self.index.insert(hash, pos);
         self.prefetch_next_back();
+        pos
     }
 
     /// Asks for the line the next record pushed will end on. Written
@@ -662,11 +670,9 @@ impl Registry {
             if r.seq == GONE {
                 // A quit record: gone with it.
             } else if r.live(now) {
-                let to = self.front.wrapping_add(self.queue.len() as u32);
                 r.queued_until = self.queued_until(r.expires_at);
-                self.back_until = r.queued_until;
                 let hash = r.hash;
-                self.queue.push_back(r);
+                let to = self.enqueue(r);
                 // Every held record has a slot; should one be missing all
                 // the same, the record gets one rather than being lost.
                 if !self.index.repoint(hash, pos, to) {

@@ -204,6 +204,33 @@ impl State {
     }
 }
 
+#[cfg(test)]
+impl State {
+    /// A state for unit tests: no caps on connections or registrations,
+    /// `rate` requests/s (and as many at once) per address, 0 being off.
+    pub fn for_tests(
+        transports: Transports,
+        rate: u32,
+        trusted_proxies: TrustedProxies,
+        expires: u64,
+    ) -> State {
+        State::new(
+            transports,
+            &Limits {
+                registry: registry::Config {
+                    expires: Duration::from_secs(expires),
+                    max_registrations: 0,
+                },
+                per_ip_rate: rate,
+                per_ip_burst: rate,
+                per_ip_conns: 0,
+                max_conns: 0,
+                trusted_proxies,
+            },
+        )
+    }
+}
+
 /// A fresh client token from the thread's CSPRNG (ChaCha, seeded and
 /// reseeded from the operating system), which costs no system call per
 /// REGISTER. Filled as bytes: `rand::random::<[u8; 16]>()` draws each

@@ -272,8 +272,6 @@ fn within_bound(response: &[u8], request_len: usize) -> bool {
 mod tests {
     use super::*;
     use crate::proxy::TrustedProxies;
-    use crate::registry;
-    use crate::state::Limits;
     use chat_proto::rendezvous::Transports;
 
     fn state(rate: u32) -> State {
@@ -285,23 +283,11 @@ mod tests {
     }
 
     fn state_with(rate: u32, trusted_proxies: TrustedProxies, expires: u64) -> State {
-        State::new(
-            Transports {
-                tcp: false,
-                udp: true,
-            },
-            &Limits {
-                registry: registry::Config {
-                    expires: Duration::from_secs(expires),
-                    max_registrations: 0,
-                },
-                per_ip_rate: rate,
-                per_ip_burst: rate,
-                per_ip_conns: 0,
-                max_conns: 0,
-                trusted_proxies,
-            },
-        )
+        let transports = Transports {
+            tcp: false,
+            udp: true,
+        };
+        State::for_tests(transports, rate, trusted_proxies, expires)
     }
 
     fn from() -> SocketAddr {
