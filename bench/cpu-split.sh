@@ -7,7 +7,7 @@
 # and kernel time rather than the load generator's. Needs `perf` (Debian's
 # linux-perf) and the right to sample the whole machine (root, or
 # kernel.perf_event_paranoid <= -1).
-# Usage: bench/cpu-split.sh [seconds=3]
+# Usage: bench/cpu-split.sh [whole seconds=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}
@@ -17,14 +17,8 @@ cargo build --release -q -p chat-server -p chat-bench
 source bench/lib.sh
 
 start_loaded_server "$bin/chat-server"
+sample_runs "$secs" -a -F "$hz"
 for op in probe register; do
-  # perf samples the middle of a longer run, away from its start and end.
-  run "$op" "$(python3 -c "print($secs + 3)")" >"$work/$op.rate" &
-  load=$!
-  sleep 1.5
-  perf record -q -a -F "$hz" -o "$work/$op.data" -- sleep "$secs" 2>/dev/null
-  wait "$load"
-  sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
   perf report -i "$work/$op.data" --sort comm,dso -n -q --stdio 2>/dev/null >"$work/$op.split"
 done
 

@@ -51,6 +51,28 @@ start_loaded_server() { # bin
   run register 3 >/dev/null
 }
 
+# Runs PROBE, then REGISTER, each SECONDS + 3 s against the server of
+# start_loaded_server, and samples the middle of each run, away from its
+# start and end, with `perf record PERF-ARGS -o $work/OP.data -- sleep
+# SECONDS` (whole seconds). Leaves each run's requests per second in
+# $work/OP.n; stops with perf's own message if it cannot sample.
+sample_runs() { # seconds perf-args...
+  local secs=$1 op load
+  shift
+  for op in probe register; do
+    run "$op" $((secs + 3)) >"$work/$op.rate" &
+    load=$!
+    sleep 1.5
+    if ! perf record -q "$@" -o "$work/$op.data" -- sleep "$secs" 2>"$work/perf.err"; then
+      echo "perf record failed:" >&2
+      cat "$work/perf.err" >&2
+      exit 1
+    fi
+    wait "$load"
+    sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
+  done
+}
+
 # chatctl on daemon ID.
 ctl() { # id args...
   local id=$1; shift

@@ -23,18 +23,8 @@ hz=9999
 source bench/lib.sh
 
 start_loaded_server "$server_bin"
+sample_runs "$secs" -e cpu-clock:u -F "$hz" -p "$server_pid"
 for op in probe register; do
-  # perf samples the middle of a longer run, away from its start and end.
-  run "$op" $((secs + 3)) >"$work/$op.rate" &
-  load=$!
-  sleep 1.5
-  if ! perf record -q -e cpu-clock:u -F "$hz" -p "$server_pid" -o "$work/$op.data" -- sleep "$secs" 2>"$work/perf.err"; then
-    echo "perf record failed:" >&2
-    cat "$work/perf.err" >&2
-    exit 1
-  fi
-  wait "$load"
-  sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
   # Each sample's period is the CPU time it stands for, in ns: right even
   # where the kernel lowered the sampling rate asked for.
   perf report -i "$work/$op.data" --sort sym -F period,sym -q --stdio 2>/dev/null >"$work/$op.syms"
