@@ -344,10 +344,8 @@ fn a_daemon_waiting_across_a_server_restart_calls_the_peer_it_is_handed() {
     // has bridged at the restarted server, even on a slow machine.
     let mut server = Server::start(&["--expires", "20"]);
     let port = server.addr.port();
-    let alice = Daemon::start("alice", server.addr, &[]);
+    let alice = waiting_alice(&server);
     let bob = Daemon::start("bob", server.addr, &[]);
-    alice.ok(&["register"]);
-    assert!(alice.ok(&["bridge"]).contains("waiting"));
     server.stop();
     let _server = Server::start_on(port, &["--expires", "20"]);
     // The new server has forgotten alice, so bob waits too.
@@ -433,6 +431,24 @@ fn peer_port(d: &Daemon) -> u16 {
     d.status()["port"].as_u64().expect("a peer port") as u16
 }
 
+/// alice, registered with `server` and waiting for a peer.
+fn waiting_alice(server: &Server) -> Daemon {
+    let alice = Daemon::start("alice", server.addr, &[]);
+    alice.ok(&["register"]);
+    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    alice
+}
+
+/// A raw connection to the peer port `port` that has sent `bytes`.
+fn dial(port: u16, bytes: &[u8]) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    // A daemon may close on a first bad byte, before the rest is written:
+    // what it answered is read all the same.
+    let _ = s.write_all(bytes);
+    s
+}
+
 /// A peer's opening call, as `id`, with a key no server gave.
 fn peer_hello(id: &str) -> Vec<u8> {
     let key = chat_proto::crypto::PeerKey::from_bytes([0x11; 16]);
@@ -493,9 +509,7 @@ fn introduced_call(
     let callee = to.status()["id"].as_str().expect("an id").to_owned();
     let key = introduction(server, me, &callee);
     let (calling, hello) = call_with(&key, me, &callee);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port(to))).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&hello).unwrap();
+    let mut s = dial(peer_port(to), &hello);
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     // Byte by byte, so that nothing after the head is read.
@@ -535,10 +549,7 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
     // Silence, held open while everything else goes on.
     let silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
     for (bytes, status) in cases {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        let _ = s.write_all(&bytes);
-        let answer = read_to_close(&mut s);
+        let answer = read_to_close(&mut dial(port, &bytes));
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status} ")),
             "{:?} got {answer:?}",
@@ -559,10 +570,8 @@ fn garbage_at_the_peer_port_ends_only_that_connection() {
 #[test]
 fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
     let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
+    let alice = waiting_alice(&server);
     let bob = Daemon::start("bob", server.addr, &[]);
-    alice.ok(&["register"]);
-    assert!(alice.ok(&["bridge"]).contains("waiting"));
     // Introduced by the server, so the handshake passes; then a frame
     // whose length prefix is past the limit, sealed as it should be, and
     // a record that does not open.
@@ -603,14 +612,10 @@ fn a_caller_that_speaks_garbage_after_the_handshake_is_dropped() {
 #[test]
 fn a_replayed_handshake_gets_no_chat() {
     let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
-    alice.ok(&["register"]);
-    assert!(alice.ok(&["bridge"]).contains("waiting"));
+    let alice = waiting_alice(&server);
     let key = introduction(server.addr, "bob", "alice");
     let (_, hello) = call_with(&key, "bob", "alice");
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port(&alice))).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&hello).unwrap();
+    let mut s = dial(peer_port(&alice), &hello);
     // The replayer gets its 101, can open nothing, and says nothing; the
     // daemon gives up on it within its answer time (5 s).
     let answer = read_to_close(&mut s);
@@ -626,17 +631,12 @@ fn a_replayed_handshake_gets_no_chat() {
 #[test]
 fn a_call_without_the_servers_introduction_is_refused() {
     let server = Server::start(&[]);
-    let alice = Daemon::start("alice", server.addr, &[]);
+    let alice = waiting_alice(&server);
     let bob = Daemon::start("bob", server.addr, &[]);
-    alice.ok(&["register"]);
-    assert!(alice.ok(&["bridge"]).contains("waiting"));
     // mallory is introduced to alice, then calls as bob with her key.
     let key = introduction(server.addr, "mallory", "alice");
     let (_, hello) = call_with(&key, "bob", "alice");
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port(&alice))).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&hello).unwrap();
-    let answer = read_to_close(&mut s);
+    let answer = read_to_close(&mut dial(peer_port(&alice), &hello));
     assert!(answer.starts_with("HTTP/1.1 401 "), "{answer:?}");
     assert!(
         answer.contains("cannot verify that the server introduced you"),
