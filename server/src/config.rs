@@ -87,6 +87,10 @@ pub struct Knobs {
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
+    /// Microseconds a worker may keep polling for the next request instead of sleeping, while a core is idle; it adapts to the traffic, and never polls when requests are sparse; 0 = off [default: 200]
+    #[arg(long, value_name = "MICROS")]
+    pub busy_poll: Option<u64>,
+
     /// A reverse proxy (address, or network such as 10.0.0.0/8) whose X-Forwarded-For header names the client, over TCP; repeat for more [default: none]
     #[arg(long, value_name = "ADDR")]
     #[serde(default, deserialize_with = "crate::proxy::one_or_many")]
@@ -112,6 +116,7 @@ impl Knobs {
             header_timeout: self.header_timeout.or(other.header_timeout),
             idle_timeout: self.idle_timeout.or(other.idle_timeout),
             workers: self.workers.or(other.workers),
+            busy_poll: self.busy_poll.or(other.busy_poll),
             trusted_proxy: self.trusted_proxy.or(other.trusted_proxy),
         }
     }
@@ -141,6 +146,8 @@ pub struct Settings {
     pub header_timeout: u64,
     pub idle_timeout: u64,
     pub workers: usize,
+    /// The longest a worker polls for the next request; zero is off.
+    pub busy_poll: Duration,
     pub trusted_proxies: TrustedProxies,
     pub config: Option<PathBuf>,
 }
@@ -196,6 +203,7 @@ impl Options {
             header_timeout: k.header_timeout.unwrap_or(10),
             idle_timeout: k.idle_timeout.unwrap_or(60),
             workers: k.workers.unwrap_or(0),
+            busy_poll: Duration::from_micros(k.busy_poll.unwrap_or(200)),
             trusted_proxies: TrustedProxies::new(k.trusted_proxy.unwrap_or_default()),
             config: path,
         })
@@ -365,6 +373,7 @@ mod tests {
             f.header_timeout.is_some(),
             f.idle_timeout.is_some(),
             f.workers.is_some(),
+            f.busy_poll.is_some(),
             f.trusted_proxy.is_some(),
         ];
         assert!(every.iter().all(|&b| b), "{f:?}");

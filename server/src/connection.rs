@@ -90,6 +90,7 @@ pub async fn serve(
                 scanned = 0;
                 break;
             }
+            crate::busy_poll::served();
             let at = state.at(now.into_std());
             // A proxy's bad header is charged to the proxy, as any other
             // bad request is to its sender.

@@ -5,6 +5,7 @@
 //! [`defer`]; [`tcp`], [`connection`] and [`udp`] drive them over sockets;
 //! [`state`] is what the transports share.
 
+pub mod busy_poll;
 pub mod config;
 pub mod connection;
 pub mod defer;
@@ -76,11 +77,13 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         tcp: transport != Transport::Udp,
         udp: transport != Transport::Tcp,
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match settings.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => cores,
         n => n,
     };
     let state = Arc::new(State::new(transports, &settings.limits()));
+    let polling = Arc::new(busy_poll::Shared::new(settings.busy_poll, cores));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Bind every socket before starting anything, so that a port in use is
@@ -116,6 +119,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for (i, (tcp, udp)) in sockets.into_iter().enumerate() {
         let state = Arc::clone(&state);
+        let polling = Arc::clone(&polling);
         let shutdown = shutdown_rx.clone();
         let timeouts = settings.timeouts();
         let thread = std::thread::Builder::new()
@@ -125,6 +129,7 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                     tcp,
                     udp,
                     state,
+                    polling,
                     timeouts,
                     udp::REPLAY_BYTES / workers,
                     shutdown,
@@ -159,9 +164,16 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
                 }
             }
         };
+        let watcher = async {
+            if polling.enabled() {
+                busy_poll::watch_spare(&polling).await;
+            }
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
             s = stop => s,
             () = sweeper => unreachable!("the sweeper never ends"),
+            () = watcher => unreachable!("the watcher never ends"),
         }
     });
     tracing::info!("{signal}: shutting down");
@@ -178,6 +190,7 @@ fn worker(
     tcp: Option<std::net::TcpListener>,
     udp: Option<std::net::UdpSocket>,
     state: Arc<State>,
+    polling: Arc<busy_poll::Shared>,
     timeouts: connection::Timeouts,
     replay_bytes: usize,
     shutdown: watch::Receiver<bool>,
@@ -188,6 +201,10 @@ fn worker(
         .context("cannot start a worker's runtime")?;
     runtime.block_on(async move {
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        if polling.enabled() {
+            // Not awaited: it ends with the runtime.
+            tokio::spawn(async move { busy_poll::spin(&polling).await });
+        }
         let mut tasks = Vec::new();
         if let Some(listener) = tcp {
             tasks.push(tokio::spawn(tcp::run(

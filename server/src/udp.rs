@@ -90,6 +90,7 @@ pub async fn run(
             },
             _ = shutdown.changed() => return,
         };
+        crate::busy_poll::served();
         if let Some(reply) = answer(&state, &mut cache, &buf[..n], from)
             && let Err(e) = socket.send_to(&reply, from).await
         {

@@ -915,3 +915,40 @@ fn a_trusted_proxy_speaks_for_its_clients() {
     c.write_all(other.as_bytes()).unwrap();
     assert_eq!(read_reply(c).status, 200, "another client's allowance");
 }
+
+/// The server's CPU time so far, in the kernel's clock ticks (100 a
+/// second: Linux's `USER_HZ`, fixed in its ABI).
+#[cfg(target_os = "linux")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command, which is in parentheses and may hold
+    // spaces: state, ppid, ... utime is the 12th of them, stime the 13th.
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_server_whose_requests_stop_stops_polling() {
+    // Requests one at a time, as close together as this machine sends
+    // them: what busy polling is for (on an idle machine the workers
+    // poll; on a busy one they must not, and that is fine here too).
+    let s = Server::start(&[]);
+    let mut c = connect(s.addr);
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        c.write_all(build("PROBE", &[], false).as_bytes()).unwrap();
+        assert_eq!(read_reply(&mut c).status, 200);
+    }
+    drop(c);
+    // A poller stops within its window (0.2 ms) of the last request, and
+    // the watcher of the machine within a second of it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(s.pid()) - before;
+    // A worker polling on would spend nearly all of the 200 ticks.
+    assert!(spent <= 20, "an idle server spent {spent} ticks in 2 s");
+    assert_alive(s.addr);
+}

@@ -1,0 +1,641 @@
+//! Busy polling: a worker that has just served a request keeps polling
+//! its sockets for a short while instead of going to sleep, when that
+//! pays and a core is free for it.
+//!
+//! On a virtual machine a worker that sleeps is slow to wake: its virtual
+//! CPU halts, and the next request must have the host bring it back,
+//! which costs tens of microseconds (the guest's own halt polling is off
+//! on the machine of `docs/BENCHMARKS.md`). A client that sends one
+//! request at a time pays that on every request. A worker that polls
+//! instead sees the request within a microsecond.
+//!
+//! Polling costs a core, so it is bounded three ways:
+//! - [`Window`]: how long a worker polls after its last request adapts to
+//!   the gaps it sees between requests, as Linux's `haltpoll` governor
+//!   does for a halting CPU: it grows while requests come within the
+//!   longest window (`--busy-poll`), and shrinks to nothing when they do
+//!   not, so a server with sparse traffic never polls.
+//! - [`Spare`]: workers poll only while the machine has a whole core to
+//!   spare (idle, or already spent on polling), read from `/proc/stat`.
+//!   On a busy machine polling would take the core a client or another
+//!   program needs; there, and where `/proc/stat` cannot be read, no
+//!   worker polls.
+//! - At most one worker fewer than the machine has cores polls at a time
+//!   (none on a one-core machine).
+//!
+//! [`Window`] and [`Spare`] are pure; [`spin`] and [`watch_spare`] drive
+//! them on a worker and on the main thread.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+/// Gaps a [`Window`] remembers.
+const GAPS: usize = 16;
+/// Of those, how many must be within the longest window to poll at all.
+const CATCH: usize = GAPS / 2;
+
+/// How long a worker polls after a request: twice the median of the last
+/// [`GAPS`] gaps between requests, up to the longest window allowed, and
+/// nothing if that median is longer. Twice, as gaps vary: with two workers
+/// a client's next transient connection goes to either at random, so each
+/// sees gaps of one, two or more round trips; measured there, polling for
+/// the median alone caught too few to gain. A worker that polls answers
+/// sooner, so the gaps it sees shrink, and the window with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    gaps: [Duration; GAPS],
+    next: usize,
+    now: Duration,
+    max: Duration,
+}
+
+impl Window {
+    /// A window that may grow to `max`. It starts at nothing: as if the
+    /// gaps so far had been too long to poll for.
+    pub fn new(max: Duration) -> Window {
+        Window {
+            gaps: [Duration::MAX; GAPS],
+            next: 0,
+            now: Duration::ZERO,
+            max,
+        }
+    }
+
+    /// How long to poll after a request.
+    pub fn get(&self) -> Duration {
+        self.now
+    }
+
+    /// Takes the gap between one request and the next, whether polling
+    /// caught it or the worker slept through it.
+    pub fn gap(&mut self, gap: Duration) {
+        self.gaps[self.next] = gap;
+        self.next = (self.next + 1) % GAPS;
+        let mut sorted = self.gaps;
+        let (_, &mut catch, _) = sorted.select_nth_unstable(CATCH - 1);
+        let window = catch.saturating_mul(2);
+        self.now = if catch > self.max {
+            Duration::ZERO
+        } else {
+            window.min(self.max)
+        };
+    }
+}
+
+/// A reading of `/proc/stat`'s first line: the machine's CPU time, in
+/// clock ticks, summed over its cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Idle, waiting for I/O included.
+    pub idle: u64,
+    /// Everything but guests' time, which `user` already counts.
+    pub total: u64,
+    pub cores: u32,
+}
+
+impl CpuTimes {
+    /// Parses `/proc/stat`. `None` if it does not read as Linux writes it.
+    pub fn parse(stat: &str) -> Option<CpuTimes> {
+        let mut lines = stat.lines();
+        let mut fields = lines.next()?.split_ascii_whitespace();
+        if fields.next()? != "cpu" {
+            return None;
+        }
+        // user nice system idle iowait irq softirq steal: the eight all
+        // kernels since 2.6.11 write.
+        let mut t = [0u64; 8];
+        for v in &mut t {
+            *v = fields.next()?.parse().ok()?;
+        }
+        let cores = lines
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count();
+        Some(CpuTimes {
+            idle: t[3].checked_add(t[4])?,
+            total: t.iter().try_fold(0u64, |a, &v| a.checked_add(v))?,
+            cores: u32::try_from(cores).ok().filter(|&n| n > 0)?,
+        })
+    }
+}
+
+/// Whether the machine has a core to spare for polling, from successive
+/// readings of its CPU time and of the time the workers spent polling.
+#[derive(Debug, Default)]
+pub struct Spare {
+    last: Option<CpuTimes>,
+    allowed: bool,
+}
+
+/// Cores to spare before polling starts, and below which it stops: apart,
+/// so a load near the line does not switch it at every reading.
+const ALLOW_FROM: f64 = 0.9;
+const STOP_BELOW: f64 = 0.6;
+
+impl Spare {
+    /// Forgets the last reading: the next is taken over a rest, and only
+    /// starts the next interval. The decision stands meanwhile.
+    pub fn rest(&mut self) {
+        self.last = None;
+    }
+
+    /// Takes a reading, the time workers polled since the last one over
+    /// the wall time since then, and whether a polling worker was
+    /// preempted meanwhile; returns whether they may poll.
+    pub fn reading(
+        &mut self,
+        now: CpuTimes,
+        polled: Duration,
+        elapsed: Duration,
+        preempted: bool,
+    ) -> bool {
+        let last = self.last.replace(now);
+        if preempted {
+            // Another thread wanted the polling core: that says more than
+            // idle time read over a tenth of a second.
+            self.allowed = false;
+            return false;
+        }
+        let Some(last) = last else {
+            return self.allowed;
+        };
+        let total = now.total.saturating_sub(last.total);
+        if total == 0 || elapsed.is_zero() || now.cores != last.cores {
+            // Too soon to tell, or the machine changed: keep the decision.
+            return self.allowed;
+        }
+        let idle = now.idle.saturating_sub(last.idle) as f64 / total as f64 * f64::from(now.cores);
+        let spare = idle + polled.as_secs_f64() / elapsed.as_secs_f64();
+        self.allowed = if self.allowed {
+            spare >= STOP_BELOW
+        } else {
+            spare >= ALLOW_FROM
+        };
+        self.allowed
+    }
+}
+
+/// What the workers and the watcher of the machine share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The longest window; zero turns polling off.
+    max: Duration,
+    /// Whether the machine has a core to spare, from [`watch_spare`].
+    allowed: watch::Sender<bool>,
+    polling: AtomicUsize,
+    most_polling: usize,
+    /// Nanoseconds spent polling, by all workers, since start.
+    polled_ns: AtomicU64,
+    /// A polling worker was preempted since the last reading.
+    preempted: AtomicBool,
+    /// Workers whose requests come close enough together to poll for:
+    /// while there are none, the watcher of the machine rests.
+    wanting: AtomicUsize,
+    wanted: Notify,
+}
+
+impl Shared {
+    /// `max` is `--busy-poll`; `cores` the cores this process may use.
+    pub fn new(max: Duration, cores: usize) -> Shared {
+        Shared {
+            max,
+            allowed: watch::Sender::new(false),
+            polling: AtomicUsize::new(0),
+            most_polling: cores.saturating_sub(1),
+            polled_ns: AtomicU64::new(0),
+            preempted: AtomicBool::new(false),
+            wanting: AtomicUsize::new(0),
+            wanted: Notify::new(),
+        }
+    }
+
+    /// Whether polling can ever happen: asked for, and cores for it.
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero() && self.most_polling > 0
+    }
+
+    /// Takes a polling place, if the machine has a core to spare and a
+    /// place is free.
+    fn start(&self) -> bool {
+        *self.allowed.borrow()
+            && self
+                .polling
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < self.most_polling).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    fn want(&self, wants: bool) {
+        if !wants {
+            self.wanting.fetch_sub(1, Ordering::AcqRel);
+        } else if self.wanting.fetch_add(1, Ordering::AcqRel) == 0 {
+            // A permit if the watcher is not waiting yet: never lost.
+            self.wanted.notify_one();
+        }
+    }
+
+    /// A polling worker was preempted: no worker polls until the machine
+    /// has a core to spare again.
+    fn preempted(&self) {
+        self.preempted.store(true, Ordering::Relaxed);
+        self.allowed.send_replace(false);
+    }
+
+    fn stop(&self, polled: Duration) {
+        self.polling.fetch_sub(1, Ordering::AcqRel);
+        let ns = u64::try_from(polled.as_nanos()).unwrap_or(u64::MAX);
+        self.polled_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// Requests this worker served since its poller last looked.
+    static SERVED: Cell<u64> = const { Cell::new(0) };
+    /// The poller, when it sleeps until the next request.
+    static ASLEEP: Cell<Option<Waker>> = const { Cell::new(None) };
+}
+
+/// Marks a request served on this worker: the clock its poller's window
+/// runs from. A few nanoseconds: no clock is read here.
+pub fn served() {
+    SERVED.with(|s| s.set(s.get().wrapping_add(1)));
+    ASLEEP.with(|w| {
+        if let Some(w) = w.take() {
+            w.wake();
+        }
+    });
+}
+
+fn take_served() -> bool {
+    SERVED.with(|s| s.replace(0)) != 0
+}
+
+/// One worker's poller: a task on the worker's runtime that, while it
+/// polls, yields at once whenever it runs. tokio's current-thread runtime
+/// then asks epoll for events without waiting (one `epoll_wait` with a
+/// zero timeout per turn) instead of sleeping in it.
+pub async fn spin(shared: &Shared) {
+    let mut allowed = shared.allowed.subscribe();
+    let mut window = Window::new(shared.max);
+    let mut last = None;
+    let mut wants = false;
+    loop {
+        // Asleep until a request is served.
+        let request = std::future::poll_fn(|cx| {
+            if take_served() {
+                return Poll::Ready(());
+            }
+            ASLEEP.with(|w| w.set(Some(cx.waker().clone())));
+            Poll::Pending
+        });
+        if !wants {
+            request.await;
+        } else if tokio::time::timeout(GIVE_UP_AFTER, request).await.is_err() {
+            // The requests stopped: no more wanting to poll for them.
+            window = Window::new(shared.max);
+            wants = false;
+            shared.want(false);
+            last = None;
+            continue;
+        }
+        let now = Instant::now();
+        if let Some(last) = last {
+            window.gap(now - last);
+        }
+        last = Some(now);
+        let wanted = !window.get().is_zero();
+        if wanted != wants {
+            wants = wanted;
+            shared.want(wants);
+        }
+        if !wants {
+            continue;
+        }
+        if !*allowed.borrow_and_update() {
+            // A busy machine: requests do not wake the poller while it
+            // waits for a spare core, for a while.
+            match tokio::time::timeout(GIVE_UP_AFTER, allowed.wait_for(|&a| a)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    // Perhaps the load is gone too: learn it again, and
+                    // let the watcher of the machine rest meanwhile.
+                    window = Window::new(shared.max);
+                    wants = false;
+                    shared.want(false);
+                }
+            }
+            // The gap spent waiting says nothing of the load.
+            last = None;
+            continue;
+        }
+        if !shared.start() {
+            continue;
+        }
+        let began = now;
+        let mut switched = involuntary_switches();
+        let mut turned = now;
+        let ended = loop {
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            let turn = now - std::mem::replace(&mut turned, now);
+            if take_served() {
+                if let Some(last) = last {
+                    window.gap(now - last);
+                }
+                last = Some(now);
+            } else if last.is_none_or(|last| now - last > window.get()) {
+                // The gap is told when the request that ends it comes.
+                break now;
+            }
+            if allowed.has_changed().unwrap_or(true) {
+                break now;
+            }
+            let switches = involuntary_switches();
+            if switches != switched {
+                // A kernel thread or the watcher of the machine may take
+                // the core for a few microseconds; a thread that holds it
+                // longer wants it.
+                if turn > PREEMPTED_FOR {
+                    shared.preempted();
+                    break now;
+                }
+                switched = switches;
+            }
+        };
+        shared.stop(ended - began);
+    }
+}
+
+/// How long a worker that would poll waits for a spare core, or for its
+/// next request, before it stops wanting to.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a polling worker may be kept off its core before it takes
+/// that as a sign the core is wanted.
+const PREEMPTED_FOR: Duration = Duration::from_micros(200);
+
+/// How often the kernel has taken this thread off its core for another
+/// (`ru_nivcsw`): what a polling worker watches to give its core up as
+/// soon as something else wants it. `None` where it cannot be read.
+#[cfg(target_os = "linux")]
+fn involuntary_switches() -> Option<libc::c_long> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid, writable `rusage` for the call to fill;
+    // it is read only when the call says it succeeded, and zeroed memory
+    // is a valid `rusage` (integers and `timeval`s) in any case.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
+    // SAFETY: as above: zeroed, or filled by the kernel.
+    ok.then(|| unsafe { usage.assume_init() }.ru_nivcsw)
+}
+
+/// Elsewhere no worker polls (there is no `/proc/stat`), so this is
+/// never asked.
+#[cfg(not(target_os = "linux"))]
+fn involuntary_switches() -> Option<libc::c_long> {
+    None
+}
+
+/// How often the main thread reads `/proc/stat`.
+pub const WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// Reads the machine's idle time every [`WATCH_EVERY`] and tells the
+/// workers whether they may poll. Never ends.
+pub async fn watch_spare(shared: &Shared) {
+    let mut spare = Spare::default();
+    let mut tick = tokio::time::interval(WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        if shared.wanting.load(Ordering::Acquire) == 0 {
+            // No worker would poll: an idle server reads nothing.
+            shared.wanted.notified().await;
+            spare.rest();
+            tick.reset();
+        }
+        tick.tick().await;
+        let allowed = match std::fs::read_to_string("/proc/stat")
+            .ok()
+            .as_deref()
+            .and_then(CpuTimes::parse)
+        {
+            Some(times) => {
+                let now = (Instant::now(), shared.polled_ns.load(Ordering::Relaxed));
+                let polled = Duration::from_nanos(now.1.saturating_sub(last.1));
+                let elapsed = now.0 - last.0;
+                last = now;
+                let preempted = shared.preempted.swap(false, Ordering::Relaxed);
+                spare.reading(times, polled, elapsed, preempted)
+            }
+            None => false,
+        };
+        let changed = shared
+            .allowed
+            .send_if_modified(|a| std::mem::replace(a, allowed) != allowed);
+        if changed {
+            tracing::debug!(allowed, "busy polling");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn the_window_is_twice_the_median_gap() {
+        let mut w = Window::new(us(200));
+        assert_eq!(w.get(), Duration::ZERO);
+        // One client sending a request at a time: gaps of about 90 us
+        // while the worker sleeps.
+        for _ in 0..CATCH - 1 {
+            w.gap(us(90));
+        }
+        assert_eq!(w.get(), Duration::ZERO, "too few gaps seen yet");
+        w.gap(us(90));
+        assert_eq!(w.get(), us(180));
+        // Polling answers sooner, so the gaps shrink, and the window.
+        for _ in 0..GAPS {
+            w.gap(us(30));
+        }
+        assert_eq!(w.get(), us(60));
+        // Slow gaps, fewer than half, change nothing.
+        for i in 0..GAPS {
+            w.gap(if i % 3 == 0 { us(5000) } else { us(30) });
+        }
+        assert_eq!(w.get(), us(60));
+    }
+
+    #[test]
+    fn the_window_stops_at_the_longest() {
+        let mut w = Window::new(us(200));
+        for _ in 0..GAPS {
+            w.gap(us(180));
+        }
+        assert_eq!(w.get(), us(200));
+        // A longest window below 25 us is kept to as well.
+        let mut w = Window::new(us(10));
+        for _ in 0..GAPS {
+            w.gap(us(9));
+        }
+        assert_eq!(w.get(), us(10));
+    }
+
+    #[test]
+    fn sparse_requests_are_not_polled_for() {
+        let mut w = Window::new(us(200));
+        for _ in 0..GAPS {
+            w.gap(us(50));
+        }
+        assert!(w.get() > Duration::ZERO);
+        // More than half the gaps long: polling would mostly be waste.
+        for i in 0..GAPS {
+            w.gap(if i <= GAPS / 2 {
+                Duration::from_millis(3)
+            } else {
+                us(50)
+            });
+        }
+        assert_eq!(w.get(), Duration::ZERO);
+        for _ in 0..GAPS {
+            w.gap(Duration::from_secs(1));
+        }
+        assert_eq!(w.get(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_window_of_nothing_never_grows() {
+        let mut w = Window::new(Duration::ZERO);
+        for gap in [0, 1, 25, 1000].repeat(GAPS) {
+            w.gap(us(gap));
+            assert_eq!(w.get(), Duration::ZERO);
+        }
+    }
+
+    const STAT: &str = "cpu  100 5 50 1000 20 1 2 3 7 0\n\
+                        cpu0 50 2 25 500 10 1 1 2 3 0\n\
+                        cpu1 50 3 25 500 10 0 1 1 4 0\n\
+                        intr 12345\nctxt 678\n";
+
+    #[test]
+    fn proc_stat_reads_as_linux_writes_it() {
+        assert_eq!(
+            CpuTimes::parse(STAT),
+            Some(CpuTimes {
+                idle: 1020,
+                total: 1181,
+                cores: 2
+            })
+        );
+    }
+
+    #[test]
+    fn anything_else_is_no_reading() {
+        for bad in [
+            "",
+            "cpu0 1 2 3 4 5 6 7 8\n",
+            "cpu 1 2 3 4 5 6 7\ncpu0 1 2 3 4 5 6 7 8\n",
+            "cpu 1 2 3 x 5 6 7 8\ncpu0 1 2 3 4 5 6 7 8\n",
+            "cpu 1 2 3 4 5 6 7 8\nintr 5\n",
+            "cpu 18446744073709551615 2 3 4 5 6 7 8\ncpu0 1\n",
+        ] {
+            assert_eq!(CpuTimes::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    fn times(idle: u64, total: u64) -> CpuTimes {
+        CpuTimes {
+            idle,
+            total,
+            cores: 2,
+        }
+    }
+
+    #[test]
+    fn polling_starts_with_a_core_to_spare_and_stops_without_one() {
+        let mut s = Spare::default();
+        let tick = Duration::from_millis(100);
+        assert!(!s.reading(times(0, 0), Duration::ZERO, tick, false));
+        // Two cores, 1.5 of them idle.
+        assert!(s.reading(times(15, 20), Duration::ZERO, tick, false));
+        // Polling takes one whole core; half of the other is idle: the
+        // polled core counts as spare.
+        assert!(s.reading(times(20, 40), tick, tick, false));
+        // A busy machine: polling got a fifth of a core, nothing idle.
+        assert!(!s.reading(times(20, 60), tick / 5, tick, false));
+        // 0.8 of a core idle is below the start.
+        assert!(!s.reading(times(28, 80), Duration::ZERO, tick, false));
+    }
+
+    #[test]
+    fn a_load_near_the_line_does_not_switch_at_every_reading() {
+        let mut s = Spare::default();
+        let tick = Duration::from_millis(100);
+        s.reading(times(0, 0), Duration::ZERO, tick, false);
+        assert!(s.reading(times(10, 20), Duration::ZERO, tick, false));
+        // 0.7 core spare: below the start but above the stop.
+        assert!(s.reading(times(17, 40), Duration::ZERO, tick, false));
+        assert!(!s.reading(times(22, 60), Duration::ZERO, tick, false));
+        assert!(!s.reading(times(29, 80), Duration::ZERO, tick, false));
+    }
+
+    #[test]
+    fn a_preempted_poller_stops_polling_until_a_core_is_spare() {
+        let mut s = Spare::default();
+        let tick = Duration::from_millis(100);
+        s.reading(times(0, 0), Duration::ZERO, tick, false);
+        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
+        assert!(!s.reading(times(40, 40), Duration::ZERO, tick, true));
+        // 0.8 of a core spare would have kept it going, but does not
+        // start it again.
+        assert!(!s.reading(times(48, 60), Duration::ZERO, tick, false));
+        assert!(s.reading(times(58, 80), Duration::ZERO, tick, false));
+    }
+
+    #[test]
+    fn a_reading_that_tells_nothing_keeps_the_decision() {
+        let mut s = Spare::default();
+        let tick = Duration::from_millis(100);
+        s.reading(times(0, 0), Duration::ZERO, tick, false);
+        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
+        // No tick passed; the clock went nowhere; a core went away.
+        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
+        assert!(s.reading(times(20, 40), Duration::ZERO, Duration::ZERO, false));
+        let one_core = CpuTimes {
+            cores: 1,
+            ..times(20, 60)
+        };
+        assert!(s.reading(one_core, Duration::ZERO, tick, false));
+    }
+
+    #[test]
+    fn places_to_poll_are_one_fewer_than_the_cores() {
+        let shared = Shared::new(us(200), 3);
+        shared.allowed.send_replace(true);
+        assert!(shared.start());
+        assert!(shared.start());
+        assert!(!shared.start());
+        shared.stop(us(10));
+        assert!(shared.start());
+        assert_eq!(shared.polled_ns.load(Ordering::Relaxed), 10_000);
+        let one_core = Shared::new(us(200), 1);
+        assert!(!one_core.enabled());
+        let off = Shared::new(Duration::ZERO, 8);
+        assert!(!off.enabled());
+        assert!(
+            !Shared::new(us(200), 3).start(),
+            "not before a reading allows it"
+        );
+    }
+}
