@@ -360,9 +360,8 @@ pub async fn spin(shared: &Shared) {
             }
             let switches = involuntary_switches();
             if switches != switched {
-                // A kernel thread or the watcher of the machine may take
-                // the core for a few microseconds; a thread that holds it
-                // longer wants it.
+                // Something that took the core for a moment may have
+                // gone again; a thread that holds it longer wants it.
                 if turn > PREEMPTED_FOR {
                     shared.preempted();
                     break now;
@@ -379,8 +378,12 @@ pub async fn spin(shared: &Shared) {
 const GIVE_UP_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a polling worker may be kept off its core before it takes
-/// that as a sign the core is wanted.
-const PREEMPTED_FOR: Duration = Duration::from_micros(200);
+/// that as a sign the core is wanted. A thread the scheduler puts first
+/// for a share of the core holds it for a millisecond or more; what runs
+/// for a moment and sleeps again (a kernel thread, the other worker, the
+/// client) is gone within one. With 200 us, pollers were stopped several
+/// times a second at one transient client and gained half as much.
+const PREEMPTED_FOR: Duration = Duration::from_millis(1);
 
 /// How often the kernel has taken this thread off its core for another
 /// (`ru_nivcsw`): what a polling worker watches to give its core up as
