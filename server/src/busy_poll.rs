@@ -127,8 +127,10 @@ impl CpuTimes {
 
 /// Whether the machine has a core to spare for polling, from successive
 /// readings of its CPU time and of the time the workers spent polling.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Spare {
+    /// The cores this process may run on.
+    cores: u32,
     last: Option<CpuTimes>,
     allowed: bool,
 }
@@ -139,10 +141,24 @@ const ALLOW_FROM: f64 = 0.9;
 const STOP_BELOW: f64 = 0.6;
 
 impl Spare {
-    /// Forgets the last reading: the next is taken over a rest, and only
-    /// starts the next interval. The decision stands meanwhile.
+    /// For a process that may run on `cores` cores. `/proc/stat` counts
+    /// the whole machine's: where the process is held to fewer (a CPU
+    /// quota, a cpuset, an affinity mask), another core's idle time is not
+    /// its to take, and polling would spend its quota instead; there it
+    /// never polls.
+    pub fn new(cores: usize) -> Spare {
+        Spare {
+            cores: u32::try_from(cores).unwrap_or(u32::MAX),
+            last: None,
+            allowed: false,
+        }
+    }
+
+    /// Forgets the last reading and the decision: the machine may be
+    /// another after a rest. The next reading starts the next interval.
     pub fn rest(&mut self) {
         self.last = None;
+        self.allowed = false;
     }
 
     /// Takes a reading, the time workers polled since the last one over
@@ -156,6 +172,10 @@ impl Spare {
         preempted: bool,
     ) -> bool {
         let last = self.last.replace(now);
+        if now.cores != self.cores {
+            self.allowed = false;
+            return false;
+        }
         if preempted {
             // Another thread wanted the polling core: that says more than
             // idle time read over a tenth of a second.
@@ -189,6 +209,7 @@ pub struct Shared {
     /// Whether the machine has a core to spare, from [`watch_spare`].
     allowed: watch::Sender<bool>,
     polling: AtomicUsize,
+    cores: usize,
     most_polling: usize,
     /// Nanoseconds spent polling, by all workers, since start.
     polled_ns: AtomicU64,
@@ -207,6 +228,7 @@ impl Shared {
             max,
             allowed: watch::Sender::new(false),
             polling: AtomicUsize::new(0),
+            cores,
             most_polling: cores.saturating_sub(1),
             polled_ns: AtomicU64::new(0),
             preempted: AtomicBool::new(false),
@@ -215,9 +237,10 @@ impl Shared {
         }
     }
 
-    /// Whether polling can ever happen: asked for, and cores for it.
+    /// Whether polling can ever happen: asked for, cores for it, and a
+    /// `/proc/stat` to tell when one is spare (Linux).
     pub fn enabled(&self) -> bool {
-        !self.max.is_zero() && self.most_polling > 0
+        !self.max.is_zero() && self.most_polling > 0 && cfg!(target_os = "linux")
     }
 
     /// Takes a polling place, if the machine has a core to spare and a
@@ -248,10 +271,15 @@ impl Shared {
         self.allowed.send_replace(false);
     }
 
-    fn stop(&self, polled: Duration) {
-        self.polling.fetch_sub(1, Ordering::AcqRel);
+    /// Counts time spent polling: turns that found no request.
+    fn polled(&self, polled: Duration) {
         let ns = u64::try_from(polled.as_nanos()).unwrap_or(u64::MAX);
         self.polled_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn stop(&self, polled: Duration) {
+        self.polling.fetch_sub(1, Ordering::AcqRel);
+        self.polled(polled);
     }
 }
 
@@ -339,37 +367,50 @@ pub async fn spin(shared: &Shared) {
         if !shared.start() {
             continue;
         }
-        let began = now;
-        let mut switched = involuntary_switches();
+        let mut usage = ThreadUsage::now();
         let mut turned = now;
-        let ended = loop {
+        // Turns that found no request, not yet counted in `Shared`.
+        let mut polled = Duration::ZERO;
+        loop {
             tokio::task::yield_now().await;
             let now = Instant::now();
             let turn = now - std::mem::replace(&mut turned, now);
+            let used = ThreadUsage::now();
+            if let (Some(before), Some(after)) = (usage, used) {
+                // Off the core, not merely busy serving: another thread
+                // held it. One that ran for a moment and slept again (a
+                // kernel thread, the client) is gone within a millisecond;
+                // one the scheduler gives a share of the core holds it
+                // longer, and wants it.
+                let off_core = turn.saturating_sub(after.cpu.saturating_sub(before.cpu));
+                if after.switches != before.switches && off_core > PREEMPTED_FOR {
+                    shared.preempted();
+                    break;
+                }
+            }
+            usage = used;
             if take_served() {
                 if let Some(last) = last {
                     window.gap(now - last);
                 }
                 last = Some(now);
-            } else if last.is_none_or(|last| now - last > window.get()) {
-                // The gap is told when the request that ends it comes.
-                break now;
+            } else {
+                polled += turn;
+                if last.is_none_or(|last| now - last > window.get()) {
+                    // The gap is told when the request that ends it comes.
+                    break;
+                }
+            }
+            if polled >= FLUSH_POLLED {
+                // Told as it goes: a long poll must not read as busy time
+                // to the watcher of the machine and then land at once.
+                shared.polled(std::mem::take(&mut polled));
             }
             if allowed.has_changed().unwrap_or(true) {
-                break now;
+                break;
             }
-            let switches = involuntary_switches();
-            if switches != switched {
-                // Something that took the core for a moment may have
-                // gone again; a thread that holds it longer wants it.
-                if turn > PREEMPTED_FOR {
-                    shared.preempted();
-                    break now;
-                }
-                switched = switches;
-            }
-        };
-        shared.stop(ended - began);
+        }
+        shared.stop(polled);
     }
 }
 
@@ -385,25 +426,45 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(1);
 /// times a second at one transient client and gained half as much.
 const PREEMPTED_FOR: Duration = Duration::from_millis(1);
 
-/// How often the kernel has taken this thread off its core for another
-/// (`ru_nivcsw`): what a polling worker watches to give its core up as
-/// soon as something else wants it. `None` where it cannot be read.
-#[cfg(target_os = "linux")]
-fn involuntary_switches() -> Option<libc::c_long> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `usage` is a valid, writable `rusage` for the call to fill;
-    // it is read only when the call says it succeeded, and zeroed memory
-    // is a valid `rusage` (integers and `timeval`s) in any case.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
-    // SAFETY: as above: zeroed, or filled by the kernel.
-    ok.then(|| unsafe { usage.assume_init() }.ru_nivcsw)
+/// How much polling time a poller gathers before it tells the watcher.
+const FLUSH_POLLED: Duration = Duration::from_millis(1);
+
+/// What the kernel says of this thread: how often it was taken off its
+/// core for another (`ru_nivcsw`), and the CPU time it has had. A poller
+/// compares two of these to tell time it was kept off its core.
+#[derive(Debug, Clone, Copy)]
+struct ThreadUsage {
+    switches: libc::c_long,
+    cpu: Duration,
 }
 
-/// Elsewhere no worker polls (there is no `/proc/stat`), so this is
-/// never asked.
-#[cfg(not(target_os = "linux"))]
-fn involuntary_switches() -> Option<libc::c_long> {
-    None
+impl ThreadUsage {
+    /// `None` where it cannot be read.
+    #[cfg(target_os = "linux")]
+    fn now() -> Option<ThreadUsage> {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: `usage` is a valid, writable `rusage` for the call to
+        // fill; zeroed memory is a valid `rusage` too (integers and
+        // `timeval`s), so it may be read whatever the call did.
+        let ok = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
+        // SAFETY: as above: zeroed, or filled by the kernel.
+        let usage = unsafe { usage.assume_init() };
+        let time = |t: libc::timeval| {
+            let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+            let micros = u64::try_from(t.tv_usec).unwrap_or(0);
+            Duration::from_secs(secs) + Duration::from_micros(micros)
+        };
+        ok.then(|| ThreadUsage {
+            switches: usage.ru_nivcsw,
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        })
+    }
+
+    /// Elsewhere no worker polls (see [`Shared::enabled`]).
+    #[cfg(not(target_os = "linux"))]
+    fn now() -> Option<ThreadUsage> {
+        None
+    }
 }
 
 /// How often the main thread reads `/proc/stat`.
@@ -412,45 +473,57 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// Reads the machine's idle time every [`WATCH_EVERY`] and tells the
 /// workers whether they may poll. Never ends.
 pub async fn watch_spare(shared: &Shared) {
-    let mut spare = Spare::default();
+    let mut spare = Spare::new(shared.cores);
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = (Instant::now(), 0u64);
     loop {
         if shared.wanting.load(Ordering::Acquire) == 0 {
-            // No worker would poll: an idle server reads nothing.
-            shared.wanted.notified().await;
+            // No worker would poll: an idle server reads nothing, and
+            // decides afresh when one would.
             spare.rest();
+            tell(shared, false);
+            shared.wanted.notified().await;
             tick.reset();
         }
         tick.tick().await;
-        let allowed = match std::fs::read_to_string("/proc/stat")
+        let times = std::fs::read_to_string("/proc/stat")
             .ok()
             .as_deref()
-            .and_then(CpuTimes::parse)
-        {
-            Some(times) => {
-                let now = (Instant::now(), shared.polled_ns.load(Ordering::Relaxed));
-                let polled = Duration::from_nanos(now.1.saturating_sub(last.1));
-                let elapsed = now.0 - last.0;
-                last = now;
-                let preempted = shared.preempted.swap(false, Ordering::Relaxed);
-                spare.reading(times, polled, elapsed, preempted)
-            }
-            None => false,
-        };
-        let changed = shared
-            .allowed
-            .send_if_modified(|a| std::mem::replace(a, allowed) != allowed);
+            .and_then(CpuTimes::parse);
+        let now = (Instant::now(), shared.polled_ns.load(Ordering::Relaxed));
+        let polled = Duration::from_nanos(now.1.saturating_sub(last.1));
+        let elapsed = now.0 - last.0;
+        last = now;
+        // Under the channel's lock, so that a poller preempted meanwhile
+        // is not overruled: it sets the flag, then takes the lock to say
+        // no.
+        let changed = shared.allowed.send_if_modified(|allowed| {
+            let preempted = shared.preempted.swap(false, Ordering::Relaxed);
+            let now = times.is_some_and(|t| spare.reading(t, polled, elapsed, preempted));
+            std::mem::replace(allowed, now) != now
+        });
         if changed {
-            tracing::debug!(allowed, "busy polling");
+            tracing::debug!(allowed = *shared.allowed.borrow(), "busy polling");
         }
+    }
+}
+
+/// Sets whether workers may poll.
+fn tell(shared: &Shared, allowed: bool) {
+    if shared
+        .allowed
+        .send_if_modified(|a| std::mem::replace(a, allowed) != allowed)
+    {
+        tracing::debug!(allowed, "busy polling");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::Arc;
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
@@ -487,7 +560,7 @@ mod tests {
             w.gap(us(180));
         }
         assert_eq!(w.get(), us(200));
-        // A longest window below 25 us is kept to as well.
+        // A longest window shorter than any gap seen is kept to too.
         let mut w = Window::new(us(10));
         for _ in 0..GAPS {
             w.gap(us(9));
@@ -557,6 +630,17 @@ mod tests {
         }
     }
 
+    /// Between two readings of a [`Spare`].
+    const TICK: Duration = Duration::from_millis(100);
+
+    /// A [`Spare`] for `cores` cores that has taken its first reading, of
+    /// a machine just started: that only starts an interval.
+    fn spare(cores: usize) -> Spare {
+        let mut s = Spare::new(cores);
+        assert!(!s.reading(times(0, 0), Duration::ZERO, TICK, false));
+        s
+    }
+
     fn times(idle: u64, total: u64) -> CpuTimes {
         CpuTimes {
             idle,
@@ -567,59 +651,128 @@ mod tests {
 
     #[test]
     fn polling_starts_with_a_core_to_spare_and_stops_without_one() {
-        let mut s = Spare::default();
-        let tick = Duration::from_millis(100);
-        assert!(!s.reading(times(0, 0), Duration::ZERO, tick, false));
+        let mut s = spare(2);
         // Two cores, 1.5 of them idle.
-        assert!(s.reading(times(15, 20), Duration::ZERO, tick, false));
+        assert!(s.reading(times(15, 20), Duration::ZERO, TICK, false));
         // Polling takes one whole core; half of the other is idle: the
         // polled core counts as spare.
-        assert!(s.reading(times(20, 40), tick, tick, false));
+        assert!(s.reading(times(20, 40), TICK, TICK, false));
         // A busy machine: polling got a fifth of a core, nothing idle.
-        assert!(!s.reading(times(20, 60), tick / 5, tick, false));
+        assert!(!s.reading(times(20, 60), TICK / 5, TICK, false));
         // 0.8 of a core idle is below the start.
-        assert!(!s.reading(times(28, 80), Duration::ZERO, tick, false));
+        assert!(!s.reading(times(28, 80), Duration::ZERO, TICK, false));
     }
 
     #[test]
     fn a_load_near_the_line_does_not_switch_at_every_reading() {
-        let mut s = Spare::default();
-        let tick = Duration::from_millis(100);
-        s.reading(times(0, 0), Duration::ZERO, tick, false);
-        assert!(s.reading(times(10, 20), Duration::ZERO, tick, false));
+        let mut s = spare(2);
+        assert!(s.reading(times(10, 20), Duration::ZERO, TICK, false));
         // 0.7 core spare: below the start but above the stop.
-        assert!(s.reading(times(17, 40), Duration::ZERO, tick, false));
-        assert!(!s.reading(times(22, 60), Duration::ZERO, tick, false));
-        assert!(!s.reading(times(29, 80), Duration::ZERO, tick, false));
+        assert!(s.reading(times(17, 40), Duration::ZERO, TICK, false));
+        assert!(!s.reading(times(22, 60), Duration::ZERO, TICK, false));
+        assert!(!s.reading(times(29, 80), Duration::ZERO, TICK, false));
     }
 
     #[test]
     fn a_preempted_poller_stops_polling_until_a_core_is_spare() {
-        let mut s = Spare::default();
-        let tick = Duration::from_millis(100);
-        s.reading(times(0, 0), Duration::ZERO, tick, false);
-        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
-        assert!(!s.reading(times(40, 40), Duration::ZERO, tick, true));
+        let mut s = spare(2);
+        assert!(s.reading(times(20, 20), Duration::ZERO, TICK, false));
+        assert!(!s.reading(times(40, 40), Duration::ZERO, TICK, true));
         // 0.8 of a core spare would have kept it going, but does not
         // start it again.
-        assert!(!s.reading(times(48, 60), Duration::ZERO, tick, false));
-        assert!(s.reading(times(58, 80), Duration::ZERO, tick, false));
+        assert!(!s.reading(times(48, 60), Duration::ZERO, TICK, false));
+        assert!(s.reading(times(58, 80), Duration::ZERO, TICK, false));
     }
 
     #[test]
     fn a_reading_that_tells_nothing_keeps_the_decision() {
-        let mut s = Spare::default();
-        let tick = Duration::from_millis(100);
-        s.reading(times(0, 0), Duration::ZERO, tick, false);
-        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
-        // No tick passed; the clock went nowhere; a core went away.
-        assert!(s.reading(times(20, 20), Duration::ZERO, tick, false));
+        let mut s = spare(2);
+        assert!(s.reading(times(20, 20), Duration::ZERO, TICK, false));
+        // No tick passed; the clock went nowhere.
+        assert!(s.reading(times(20, 20), Duration::ZERO, TICK, false));
         assert!(s.reading(times(20, 40), Duration::ZERO, Duration::ZERO, false));
-        let one_core = CpuTimes {
-            cores: 1,
-            ..times(20, 60)
-        };
-        assert!(s.reading(one_core, Duration::ZERO, tick, false));
+    }
+
+    #[test]
+    fn a_process_held_to_fewer_cores_than_the_machine_never_polls() {
+        let mut s = spare(1);
+        // Two cores, both idle: but only one is this process's.
+        assert!(!s.reading(times(20, 20), Duration::ZERO, TICK, false));
+    }
+
+    #[test]
+    fn a_rest_forgets_the_decision() {
+        let mut s = spare(2);
+        assert!(s.reading(times(20, 20), Duration::ZERO, TICK, false));
+        s.rest();
+        // The first reading after a rest only starts the interval.
+        assert!(!s.reading(times(1000, 1000), Duration::ZERO, TICK, false));
+        assert!(s.reading(times(1020, 1020), Duration::ZERO, TICK, false));
+    }
+
+    /// Runs `test` on a current-thread runtime like a worker's, with
+    /// tokio's clock paused: it jumps to the next timer whenever every
+    /// task waits, so a second's timeout costs no second.
+    fn on_a_worker(test: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(test);
+    }
+
+    fn poller(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move { spin(&shared).await })
+    }
+
+    /// Serves `n` requests back to back; true if the poller was polling
+    /// after any of them.
+    async fn requests(shared: &Shared, n: usize) -> bool {
+        let mut polled = false;
+        for _ in 0..n {
+            served();
+            // The poller runs, and if it polls, yields back at once.
+            tokio::task::yield_now().await;
+            polled |= shared.polling.load(Ordering::Relaxed) == 1;
+        }
+        polled
+    }
+
+    #[test]
+    fn a_poller_polls_while_requests_come_and_rests_when_they_stop() {
+        on_a_worker(async {
+            // A longest window no gap here comes near, however slow the
+            // machine running the test.
+            let shared = Arc::new(Shared::new(Duration::from_secs(1), 2));
+            shared.allowed.send_replace(true);
+            let poller = poller(&shared);
+            assert!(requests(&shared, GAPS * 4).await, "never polled");
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 1);
+            // The requests stop: within its window the poller sleeps, and
+            // within a second it no longer wants to poll.
+            tokio::time::sleep(GIVE_UP_AFTER * 2).await;
+            assert_eq!(shared.polling.load(Ordering::Relaxed), 0);
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 0);
+            poller.abort();
+        });
+    }
+
+    #[test]
+    fn a_poller_refused_a_core_gives_up_wanting_one() {
+        on_a_worker(async {
+            let shared = Arc::new(Shared::new(Duration::from_secs(1), 2));
+            let poller = poller(&shared);
+            assert!(!requests(&shared, GAPS * 4).await, "polled unallowed");
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 1);
+            tokio::time::sleep(GIVE_UP_AFTER * 2).await;
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 0);
+            // Allowed now: the next requests are polled for again.
+            shared.allowed.send_replace(true);
+            assert!(requests(&shared, GAPS * 4).await, "never polled");
+            poller.abort();
+        });
     }
 
     #[test]
