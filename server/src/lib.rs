@@ -83,7 +83,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         n => n,
     };
     let state = Arc::new(State::new(transports, &settings.limits()));
-    let polling = Arc::new(busy_poll::Shared::new(settings.busy_poll, cores));
+    let polling = Arc::new(busy_poll::Shared::for_this_process(
+        settings.busy_poll,
+        cores,
+    ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Bind every socket before starting anything, so that a port in use is
