@@ -22,20 +22,11 @@ cargo build --release -q -p chat-bench
 source bench/lib.sh
 
 # The server settings of bench/compare.sh: limits off, registrations
-# lapsing after 10 s. Sets $addr; not run in a subshell, so that its pid
-# reaches the cleanup.
-start() { # bin name
-  "$1" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-    --max-registrations 0 --expires 10 >"$work/$2.out" 2>"$work/$2.err" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q listening "$work/$2.out" 2>/dev/null && break; sleep 0.05; done
-  addr=$(awk '{print $3; exit}' "$work/$2.out")
-  [ -n "$addr" ] || failed "server $2" "$work/$2.err"
-}
-start "$a_bin" A
-a=$addr
-start "$b_bin" B
-b=$addr
+# lapsing after 10 s.
+start_open_server A "$a_bin" --expires 10
+a=$server_addr
+start_open_server B "$b_bin" --expires 10
+b=$server_addr
 
 rate() { # addr op
   "$bin/chat-bench" run --target "$1" --op "$2" --mode "$mode" -c "$clients" \

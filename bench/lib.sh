@@ -32,23 +32,79 @@ start_server() {
   [ -n "$server" ] || failed chat-server "$work/server.err"
 }
 
+# Starts chat-server BIN with the per-address and global limits off and
+# ARGS; sets $server_addr and $server_pid. Not for a subshell: the pid
+# must reach the cleanup.
+start_open_server() { # name bin args...
+  local name=$1 bin_=$2
+  shift 2
+  "$bin_" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+    --max-registrations 0 "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  server_pid=$!
+  pids+=($server_pid)
+  for _ in $(seq 100); do grep -q listening "$work/$name.out" 2>/dev/null && break; sleep 0.05; done
+  server_addr=$(awk '{print $3; exit}' "$work/$name.out")
+  [ -n "$server_addr" ] || failed chat-server "$work/$name.err"
+}
+
 # Starts a chat-server build as bench/compare.sh runs it (limits off,
 # registrations lapsing after 10 s), fills its registry to its steady size
 # with keep-alive REGISTERs, and defines `run OP SECONDS` (keep-alive, 64
 # clients, against it). Sets $addr and $server_pid. Not for a subshell:
 # the pid must reach the cleanup.
 start_loaded_server() { # bin
-  "$1" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-    --max-registrations 0 --expires 10 >"$work/s.out" 2>"$work/s.err" &
-  server_pid=$!
-  pids+=($server_pid)
-  for _ in $(seq 100); do grep -q listening "$work/s.out" 2>/dev/null && break; sleep 0.05; done
-  addr=$(awk '{print $3; exit}' "$work/s.out")
-  [ -n "$addr" ] || failed chat-server "$work/s.err"
+  start_open_server s "$1" --expires 10
+  addr=$server_addr
   run() { # op seconds
     "$bin/chat-bench" run --target "$addr" --op "$1" --mode keepalive -c 64 --duration "$2" --sources 254
   }
   run register 3 >/dev/null
+}
+
+# Installs Debian's nginx-light if missing and starts it on a free
+# loopback port with a config of its own: two workers (one per core),
+# `reuseport`, no access log, a fixed 150-byte body. Sets $nginx_bin,
+# $nginx_port and $nginx_pid (its master).
+start_nginx() {
+  if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    echo "installing nginx-light..." >&2
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx-light >/dev/null
+  fi
+  nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+  nginx_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  local body
+  body=$(head -c 150 /dev/zero | tr '\0' 'x')
+  mkdir -p "$work/logs"
+  cat >"$work/nginx.conf" <<CONF
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $work/nginx.pid;
+error_log $work/logs/error.log warn;
+daemon off;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 65;
+  client_body_temp_path $work/body;
+  proxy_temp_path $work/proxy;
+  server {
+    listen 127.0.0.1:$nginx_port reuseport;
+    location / { default_type text/plain; return 200 "$body"; }
+  }
+}
+CONF
+  "$nginx_bin" -p "$work" -c "$work/nginx.conf" &
+  nginx_pid=$!
+  pids+=($nginx_pid)
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$nginx_port") 2>/dev/null && return
+    sleep 0.05
+  done
+  failed nginx "$work/logs/error.log"
 }
 
 # Runs PROBE, then REGISTER, each SECONDS + 3 s against the server of
