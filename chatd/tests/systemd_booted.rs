@@ -455,6 +455,19 @@ fn the_units_run_under_a_booted_systemd() {
     );
     let answer = probe(port);
     assert!(answer.starts_with("HTTP/1.1 200 PROBEACK\r\n"), "{answer}");
+    // Its sandbox leaves it what busy polling reads (/proc/stat): it says
+    // so before "listening", in the same stream, when it cannot.
+    let deadline = Instant::now() + WAIT;
+    let log = loop {
+        let out = c.inside(&["journalctl", "--no-pager", "-u", "chat-server.service"]);
+        let log = String::from_utf8_lossy(&out.stdout).into_owned();
+        if log.contains("listening on") {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "no 'listening on' in:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!log.contains("busy polling off"), "{log}");
 
     // Socket activation: the socket listens, the daemon starts on the
     // first command.
