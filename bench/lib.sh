@@ -1,6 +1,9 @@
-# Shared by the benchmark scripts that run chat-server and chatd (sourced,
-# not run): a work folder removed on exit with every process started, the
-# XDG directories inside it, and starting and pairing daemons.
+# Shared by the benchmark scripts (sourced, not run): a work folder
+# removed on exit with every process started, the XDG directories inside
+# it; starting nginx and chat-servers with their limits off (compare.sh,
+# ab.sh, poll-cost.sh, cpu-split.sh, user-profile.sh), and a chat-server
+# with its defaults, chatd daemons and a chat between two (peer.sh,
+# search.sh).
 # After sourcing: $bin (release builds), $work, $pids, and the functions
 # below. The caller builds what it needs first.
 
@@ -33,8 +36,8 @@ start_server() {
 }
 
 # Starts chat-server BIN with the per-address and global limits off and
-# ARGS; sets $server_addr and $server_pid. Not for a subshell: the pid
-# must reach the cleanup.
+# ARGS, its output in $work/NAME.out and .err; sets $server_addr and
+# $server_pid. Not for a subshell: the pid must reach the cleanup.
 start_open_server() { # name bin args...
   local name=$1 bin_=$2
   shift 2

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # What busy polling buys and costs at one client (docs/BENCHMARKS.md,
 # "Session 10"): requests/s and the server's CPU time per request, read
-# from /proc/PID/stat (nginx's: its master and workers), for nginx,
-# chat-server --busy-poll 0 and chat-server as it runs by default, side by
-# side, transient and keep-alive, the three in turn in each round.
+# from /proc/PID/stat (nginx's: its master and workers), for nginx (GET),
+# chat-server --busy-poll 0 and chat-server as it runs by default
+# (REGISTER of fresh ids), side by side, transient and keep-alive, the
+# three in that order in every round. Not rotated: session 9 found a
+# one-client run that follows another reads slower, which if anything
+# counts against the polling column, the last.
 # Usage: bench/poll-cost.sh [rounds=2] [seconds=4]
 set -euo pipefail
 cd "$(dirname "$0")/.."
