@@ -792,12 +792,12 @@ fn every_line_in_flight_when_the_chat_ends_is_counted() {
     // or, when bob's quit came between two lines' answers (the load and
     // the scheduler decide which), "... all M lines sent were delivered".
     let last = err.lines().last().unwrap_or_default();
+    // The numbers among the four words before `marker`, last first.
     let count = |marker: &str| -> Vec<usize> {
-        last.split(marker)
-            .next()
-            .filter(|_| last.contains(marker))
-            .map(|s| {
-                s.rsplit(' ')
+        last.split_once(marker)
+            .map(|(before, _)| {
+                before
+                    .rsplit(' ')
                     .take(4)
                     .filter_map(|w| w.parse().ok())
                     .collect()

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use chat_testkit::{WAIT, bin, output_within};
+use chat_testkit::{WAIT, bin, eventually, output_within, stdout};
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 
@@ -457,16 +457,11 @@ fn the_units_run_under_a_booted_systemd() {
     assert!(answer.starts_with("HTTP/1.1 200 PROBEACK\r\n"), "{answer}");
     // Its sandbox leaves it what busy polling reads (/proc/stat): it says
     // so before "listening", in the same stream, when it cannot.
-    let deadline = Instant::now() + WAIT;
-    let log = loop {
-        let out = c.inside(&["journalctl", "--no-pager", "-u", "chat-server.service"]);
-        let log = String::from_utf8_lossy(&out.stdout).into_owned();
-        if log.contains("listening on") {
-            break log;
-        }
-        assert!(Instant::now() < deadline, "no 'listening on' in:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut log = String::new();
+    eventually("'listening on' in chat-server's journal", || {
+        log = stdout(&c.inside(&["journalctl", "--no-pager", "-u", "chat-server.service"]));
+        log.contains("listening on")
+    });
     assert!(!log.contains("busy polling off"), "{log}");
 
     // Socket activation: the socket listens, the daemon starts on the

@@ -102,6 +102,17 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
+    /// Reads `/proc/stat`; `None` where it cannot be read (not Linux, or
+    /// hidden, as systemd's `ProcSubset=pid` does). A read of procfs never
+    /// waits on a device, so an async task may make it: it takes some
+    /// tens of microseconds.
+    pub fn read() -> Option<CpuTimes> {
+        std::fs::read_to_string("/proc/stat")
+            .ok()
+            .as_deref()
+            .and_then(CpuTimes::parse)
+    }
+
     /// Parses `/proc/stat`. `None` if it does not read as Linux writes it.
     pub fn parse(stat: &str) -> Option<CpuTimes> {
         let mut lines = stat.lines();
@@ -235,21 +246,21 @@ impl Shared {
         if max.is_zero() || !cfg!(target_os = "linux") {
             return Shared::new(max, cores);
         }
-        let machine = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .as_deref()
-            .and_then(CpuTimes::parse)
-            .map(|t| t.cores);
-        match machine {
+        match CpuTimes::read().map(|t| t.cores) {
             Some(m) if usize::try_from(m).is_ok_and(|m| m == cores) => Shared::new(max, cores),
             Some(m) => {
                 tracing::info!(
-                    "busy polling off: this process may use {cores} of the machine's {m} cores"
+                    "busy polling off: this process may use {cores} of the machine's {m} cores \
+                     (a CPU quota, cpuset or affinity mask), and polling would spend them; \
+                     --busy-poll 0 says so quietly"
                 );
                 Shared::new(Duration::ZERO, cores)
             }
             None => {
-                tracing::info!("busy polling off: /proc/stat cannot be read");
+                tracing::info!(
+                    "busy polling off: /proc/stat cannot be read, so a spare core cannot be told; \
+                     a sandbox may hide it (systemd's ProcSubset=pid does)"
+                );
                 Shared::new(Duration::ZERO, cores)
             }
         }
@@ -344,9 +355,12 @@ fn take_served() -> bool {
 /// zero timeout per turn) instead of sleeping in it.
 pub async fn spin(shared: &Shared) {
     let mut allowed = shared.allowed.subscribe();
-    let mut window = Window::new(shared.max);
-    let mut last = None;
-    let mut wants = false;
+    let mut poller = Poller {
+        shared,
+        window: Window::new(shared.max),
+        last: None,
+        wants: false,
+    };
     loop {
         // Asleep until a request is served.
         let request = std::future::poll_fn(|cx| {
@@ -356,55 +370,82 @@ pub async fn spin(shared: &Shared) {
             ASLEEP.with(|w| w.set(Some(cx.waker().clone())));
             Poll::Pending
         });
-        if !wants {
+        if !poller.wants {
             request.await;
         } else if tokio::time::timeout(GIVE_UP_AFTER, request).await.is_err() {
             // The requests stopped: no more wanting to poll for them.
-            window = Window::new(shared.max);
-            wants = false;
-            shared.want(false);
-            last = None;
+            poller.forget();
             continue;
         }
         let now = Instant::now();
-        if let Some(last) = last {
-            window.gap(now - last);
-        }
-        last = Some(now);
-        let wanted = !window.get().is_zero();
-        if wanted != wants {
-            wants = wanted;
-            shared.want(wants);
-        }
-        if !wants {
+        poller.request(now);
+        if !poller.wants {
             continue;
         }
         if !*allowed.borrow_and_update() {
             // A busy machine: requests do not wake the poller while it
             // waits for a spare core, for a while.
             match tokio::time::timeout(GIVE_UP_AFTER, allowed.wait_for(|&a| a)).await {
-                Ok(Ok(_)) => {}
+                // The gap spent waiting says nothing of the load.
+                Ok(Ok(_)) => poller.last = None,
                 Ok(Err(_)) => return,
-                Err(_) => {
-                    // Perhaps the load is gone too: learn it again, and
-                    // let the watcher of the machine rest meanwhile.
-                    window = Window::new(shared.max);
-                    wants = false;
-                    shared.want(false);
-                }
+                // Perhaps the load is gone too: learn it again, and let
+                // the watcher of the machine rest meanwhile.
+                Err(_) => poller.forget(),
             }
-            // The gap spent waiting says nothing of the load.
-            last = None;
             continue;
         }
-        if !shared.start() {
-            continue;
+        if shared.start() {
+            poller.poll(&mut allowed, now).await;
         }
+    }
+}
+
+/// A worker's poller between requests: the window its gaps make, its last
+/// request, and whether it has told [`Shared`] it wants to poll.
+struct Poller<'a> {
+    shared: &'a Shared,
+    window: Window,
+    last: Option<Instant>,
+    wants: bool,
+}
+
+impl Poller<'_> {
+    /// A request noticed at `at`: its gap to the last one, and whether the
+    /// window now says to poll.
+    fn request(&mut self, at: Instant) {
+        if let Some(last) = self.last {
+            self.window.gap(at - last);
+        }
+        self.last = Some(at);
+        self.want(!self.window.get().is_zero());
+    }
+
+    /// Forgets the gaps, to learn the load again, and stops wanting to
+    /// poll meanwhile.
+    fn forget(&mut self) {
+        self.window = Window::new(self.shared.max);
+        self.last = None;
+        self.want(false);
+    }
+
+    fn want(&mut self, wants: bool) {
+        if wants != self.wants {
+            self.wants = wants;
+            self.shared.want(wants);
+        }
+    }
+
+    /// Polls from `from`, a request just served, in a polling place
+    /// [`Shared::start`] gave, until the window passes without a request,
+    /// the decision to poll changes, or another thread keeps this one off
+    /// its core; then gives the place back.
+    async fn poll(&mut self, allowed: &mut watch::Receiver<bool>, from: Instant) {
         let mut ran = thread_cpu_time();
         // A system call: asked once here, and again only after a long
         // turn, to confirm it was another thread's.
         let switches = involuntary_switches();
-        let mut turned = now;
+        let mut turned = from;
         // Turns that found no request, not yet counted in `Shared`.
         let mut polled = Duration::ZERO;
         loop {
@@ -423,17 +464,14 @@ pub async fn spin(shared: &Shared) {
             };
             ran = cpu;
             if off_core > PREEMPTED_FOR && involuntary_switches() != switches {
-                shared.preempted();
+                self.shared.preempted();
                 break;
             }
             if take_served() {
-                if let Some(last) = last {
-                    window.gap(now - last);
-                }
-                last = Some(now);
+                self.request(now);
             } else {
                 polled += turn - off_core;
-                if last.is_none_or(|last| now - last > window.get()) {
+                if self.last.is_none_or(|last| now - last > self.window.get()) {
                     // The gap is told when the request that ends it comes.
                     break;
                 }
@@ -441,13 +479,13 @@ pub async fn spin(shared: &Shared) {
             if polled >= FLUSH_POLLED {
                 // Told as it goes: a long poll must not read as busy time
                 // to the watcher of the machine and then land at once.
-                shared.polled(std::mem::take(&mut polled));
+                self.shared.polled(std::mem::take(&mut polled));
             }
             if allowed.has_changed().unwrap_or(true) {
                 break;
             }
         }
-        shared.stop(polled);
+        self.shared.stop(polled);
     }
 }
 
@@ -528,39 +566,33 @@ pub async fn watch_spare(shared: &Shared) {
             // No worker would poll: an idle server reads nothing, and
             // decides afresh when one would.
             spare.rest();
-            tell(shared, false);
+            tell(shared, || false);
             shared.wanted.notified().await;
             tick.reset();
         }
         tick.tick().await;
-        let times = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .as_deref()
-            .and_then(CpuTimes::parse);
+        let times = CpuTimes::read();
         let now = (Instant::now(), shared.polled_ns.load(Ordering::Relaxed));
         let polled = Duration::from_nanos(now.1.saturating_sub(last.1));
         let elapsed = now.0 - last.0;
         last = now;
-        // Under the channel's lock, so that a poller preempted meanwhile
-        // is not overruled: it sets the flag, then takes the lock to say
-        // no.
-        let changed = shared.allowed.send_if_modified(|allowed| {
+        tell(shared, || {
             let preempted = shared.preempted.swap(false, Ordering::Relaxed);
-            let now = times.is_some_and(|t| spare.reading(t, polled, elapsed, preempted));
-            std::mem::replace(allowed, now) != now
+            times.is_some_and(|t| spare.reading(t, polled, elapsed, preempted))
         });
-        if changed {
-            tracing::debug!(allowed = *shared.allowed.borrow(), "busy polling");
-        }
     }
 }
 
-/// Sets whether workers may poll.
-fn tell(shared: &Shared, allowed: bool) {
-    if shared
-        .allowed
-        .send_if_modified(|a| std::mem::replace(a, allowed) != allowed)
-    {
+/// Sets whether workers may poll to what `decide` says. `decide` runs
+/// under the channel's lock, so that a poller preempted meanwhile is not
+/// overruled: it sets its flag, then takes the lock to say no.
+fn tell(shared: &Shared, decide: impl FnOnce() -> bool) {
+    let mut allowed = false;
+    let changed = shared.allowed.send_if_modified(|now| {
+        allowed = decide();
+        std::mem::replace(now, allowed) != allowed
+    });
+    if changed {
         tracing::debug!(allowed, "busy polling");
     }
 }
@@ -573,6 +605,13 @@ mod tests {
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)
+    }
+
+    /// Fills `w` with gaps of `gap`.
+    fn fill(w: &mut Window, gap: Duration) {
+        for _ in 0..GAPS {
+            w.gap(gap);
+        }
     }
 
     #[test]
@@ -588,9 +627,7 @@ mod tests {
         w.gap(us(90));
         assert_eq!(w.get(), us(180));
         // Polling answers sooner, so the gaps shrink, and the window.
-        for _ in 0..GAPS {
-            w.gap(us(30));
-        }
+        fill(&mut w, us(30));
         assert_eq!(w.get(), us(60));
         // Slow gaps, fewer than half, change nothing.
         for i in 0..GAPS {
@@ -602,24 +639,18 @@ mod tests {
     #[test]
     fn the_window_stops_at_the_longest() {
         let mut w = Window::new(us(200));
-        for _ in 0..GAPS {
-            w.gap(us(180));
-        }
+        fill(&mut w, us(180));
         assert_eq!(w.get(), us(200));
         // A longest window shorter than any gap seen is kept to too.
         let mut w = Window::new(us(10));
-        for _ in 0..GAPS {
-            w.gap(us(9));
-        }
+        fill(&mut w, us(9));
         assert_eq!(w.get(), us(10));
     }
 
     #[test]
     fn sparse_requests_are_not_polled_for() {
         let mut w = Window::new(us(200));
-        for _ in 0..GAPS {
-            w.gap(us(50));
-        }
+        fill(&mut w, us(50));
         assert!(w.get() > Duration::ZERO);
         // More than half the gaps long: polling would mostly be waste.
         for i in 0..GAPS {
@@ -630,9 +661,7 @@ mod tests {
             });
         }
         assert_eq!(w.get(), Duration::ZERO);
-        for _ in 0..GAPS {
-            w.gap(Duration::from_secs(1));
-        }
+        fill(&mut w, Duration::from_secs(1));
         assert_eq!(w.get(), Duration::ZERO);
     }
 
@@ -768,9 +797,13 @@ mod tests {
             .block_on(test);
     }
 
-    fn poller(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
-        let shared = Arc::clone(shared);
-        tokio::spawn(async move { spin(&shared).await })
+    /// A worker's poller on two cores, and what it shares, polling for a
+    /// second at most: longer than any gap here comes near, however slow
+    /// the machine running the test.
+    fn poller() -> (Arc<Shared>, tokio::task::JoinHandle<()>) {
+        let shared = Arc::new(Shared::new(Duration::from_secs(1), 2));
+        let spinning = Arc::clone(&shared);
+        (shared, tokio::spawn(async move { spin(&spinning).await }))
     }
 
     /// Serves `n` requests back to back; true if the poller was polling
@@ -800,11 +833,8 @@ mod tests {
     #[test]
     fn a_poller_polls_while_requests_come_and_rests_when_they_stop() {
         on_a_worker(async {
-            // A longest window no gap here comes near, however slow the
-            // machine running the test.
-            let shared = Arc::new(Shared::new(Duration::from_secs(1), 2));
+            let (shared, poller) = poller();
             shared.allowed.send_replace(true);
-            let poller = poller(&shared);
             assert!(requests(&shared, GAPS * 4).await, "never polled");
             assert_eq!(shared.wanting.load(Ordering::Relaxed), 1);
             // The requests stop: within its window the poller sleeps ...
@@ -820,8 +850,7 @@ mod tests {
     #[test]
     fn a_poller_refused_a_core_gives_up_wanting_one() {
         on_a_worker(async {
-            let shared = Arc::new(Shared::new(Duration::from_secs(1), 2));
-            let poller = poller(&shared);
+            let (shared, poller) = poller();
             assert!(!requests(&shared, GAPS * 4).await, "polled unallowed");
             assert_eq!(shared.wanting.load(Ordering::Relaxed), 1);
             tokio::time::sleep(GIVE_UP_AFTER * 2).await;
