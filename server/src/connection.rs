@@ -67,18 +67,29 @@ pub async fn serve(
     tokio::pin!(stop);
     let mut stop_armed = Armed::default();
     let mut stopping = false;
-    // How far `buf` has been searched for the end of a head.
-    let mut scanned = 0;
+    // How far `buf` has been searched for the end of a head, once a parse
+    // found it incomplete; `None` while no parse has.
+    let mut scanned = None;
     loop {
         // Answer every complete request already buffered, then write the
         // answers in one go.
         loop {
-            if !head_may_be_complete(&buf, &mut scanned) {
+            if buf.is_empty() {
+                break;
+            }
+            if let Some(scanned) = &mut scanned
+                && !head_may_be_complete(&buf, scanned)
+            {
                 break;
             }
             let head = match parse_request(&buf) {
                 Ok(Parsed::Complete(head)) => head,
-                Ok(Parsed::Partial) => break,
+                Ok(Parsed::Partial) => {
+                    // A head in pieces: from here on, each piece is
+                    // searched for its end before the head is parsed again.
+                    scanned.get_or_insert(buf.len());
+                    break;
+                }
                 Err(failure) => {
                     return finish_with_error(stream, out, failure, now + timeouts.header).await;
                 }
@@ -87,7 +98,7 @@ pub async fn serve(
             if buf.len() < total {
                 // The body is still on its way, under the same deadline;
                 // the head is parsed again once more has arrived.
-                scanned = 0;
+                scanned = None;
                 break;
             }
             crate::busy_poll::served();
@@ -114,7 +125,7 @@ pub async fn serve(
                 },
             );
             buf.drain(..total);
-            scanned = 0;
+            scanned = None;
             if close {
                 if stream.write_all(&out, now + timeouts.header).await.is_ok() && !buf.is_empty() {
                     linger(stream).await;
@@ -246,8 +257,11 @@ enum Woke {
     Stop,
 }
 
-/// A cheap check before parsing: has the blank line that ends a head
-/// arrived? Saves re-parsing a head that trickles in byte by byte.
+/// A cheap check before parsing again a head found incomplete: has the
+/// blank line that ends it arrived? Saves re-parsing a head that trickles
+/// in byte by byte. A head that arrives whole, nearly every one, is parsed
+/// at once: searching it first cost about 40 ns per request, a byte at a
+/// time (`perf annotate`).
 fn head_may_be_complete(buf: &[u8], scanned: &mut usize) -> bool {
     if buf.len() > MAX_HEAD {
         // Let the parser report the oversized head.
@@ -308,14 +322,17 @@ mod tests {
 
     /// Spends the task's whole coop budget before its inner future's first
     /// poll, so that tokio refuses that poll's timer and reads.
-    struct SpentOnFirstPoll<F> {
-        inner: Pin<Box<F>>,
+    struct SpentOnFirstPoll {
+        inner: Served,
         first: bool,
     }
 
-    impl<F: Future> Future for SpentOnFirstPoll<F> {
-        type Output = F::Output;
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    /// A connection's `serve`, as spawned.
+    type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    impl Future for SpentOnFirstPoll {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             if std::mem::take(&mut self.first) {
                 for _ in 0..10_000 {
                     match tokio::task::coop::poll_proceed(cx) {
@@ -329,10 +346,11 @@ mod tests {
         }
     }
 
-    /// A connection served with its first poll refused for want of budget,
-    /// and the client's end of it, which has sent nothing.
-    async fn served_with_spent_budget(
+    /// A connection served by `serve`, wrapped by `wrap` (the future as
+    /// spawned), and the client's end of it.
+    async fn served<F: Future<Output = ()> + Send + 'static>(
         timeout: Duration,
+        wrap: impl FnOnce(Served) -> F,
     ) -> (tokio::net::TcpStream, watch::Sender<bool>) {
         let timeouts = Timeouts {
             header: timeout,
@@ -349,13 +367,18 @@ mod tests {
         };
         let state = State::for_tests(transports, 0, Default::default(), 300);
         let (stop, shutdown) = watch::channel(false);
-        tokio::spawn(SpentOnFirstPoll {
-            inner: Box::pin(async move {
-                serve(stream, peer, &state, timeouts, shutdown).await;
-            }),
-            first: true,
-        });
+        tokio::spawn(wrap(Box::pin(async move {
+            serve(stream, peer, &state, timeouts, shutdown).await;
+        })));
         (client, stop)
+    }
+
+    /// A connection served with its first poll refused for want of budget,
+    /// and the client's end of it, which has sent nothing.
+    async fn served_with_spent_budget(
+        timeout: Duration,
+    ) -> (tokio::net::TcpStream, watch::Sender<bool>) {
+        served(timeout, |inner| SpentOnFirstPoll { inner, first: true }).await
     }
 
     /// What the client reads next, within a bound.
@@ -402,6 +425,41 @@ mod tests {
             }
             stop.send(true).unwrap();
             assert_eq!(next_bytes(&mut client, "the close at shutdown").await, "");
+        });
+    }
+
+    /// Heads cut anywhere, the blank line that ends them included, and a
+    /// whole request followed by the start of the next: each is answered
+    /// once whole, the first parse of a piece finding it incomplete and
+    /// the search for its end taking over from there.
+    #[test]
+    fn heads_arriving_in_pieces_are_answered_once_whole() {
+        use tokio::io::AsyncWriteExt;
+        runtime().block_on(async {
+            let (mut client, _stop) = served(Duration::from_secs(10), |f| f).await;
+            let pieces: [&[u8]; 9] = [
+                b"PROBE / HTTP/1.1\r\nHost: x\r\n\r",
+                b"\n",
+                b"PROBE / HTTP/1.1\r\nHo",
+                b"st: x\r\n\r",
+                b"\n",
+                b"PROBE / HTTP/1.1\n",
+                b"\nPROBE / HTT",
+                b"P/1.1\r\n\r\nPROBE / HTTP/1.1\r",
+                b"\n\r\n",
+            ];
+            let mut answers = String::new();
+            for piece in pieces {
+                client.write_all(piece).await.unwrap();
+                // Time for the connection to read the piece on its own.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            while answers.matches("PROBEACK").count() < 5 {
+                let more = next_bytes(&mut client, "five PROBEACKs").await;
+                assert!(!more.is_empty(), "closed after {answers:?}");
+                answers += &more;
+            }
+            assert_eq!(answers.matches("HTTP/1.1 ").count(), 5, "{answers}");
         });
     }
 
