@@ -21,6 +21,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 /// Slots per 64-byte line.
 const LINE: usize = 8;
 
@@ -111,9 +113,11 @@ pub(crate) fn prefetch<T>(line: *const T) {
 /// lock (see [`crate::registry::Lookahead`]). The registry publishes after
 /// every call that may have moved the table. A reader may see the table
 /// as it was a moment ago, even one since freed: its prefetch is then
-/// wasted, never wrong, as a prefetch reads nothing.
+/// wasted, never wrong, as a prefetch reads nothing. Every REGISTER reads
+/// the word and hardly any writes it, so it has a cache line to itself,
+/// which no neighbour's write takes from the reading worker.
 #[derive(Debug, Default)]
-pub struct Whereabouts(AtomicUsize);
+pub struct Whereabouts(CachePadded<AtomicUsize>);
 
 impl Whereabouts {
     /// Records where `index`'s table is now.
