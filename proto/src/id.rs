@@ -65,6 +65,12 @@ impl ClientId {
         Ok(id)
     }
 
+    /// The id's bytes, zeros after its end, and its length: for a copy of
+    /// a fixed size.
+    pub(crate) fn padded(&self) -> (&[u8; MAX_ID_LEN], usize) {
+        (&self.bytes, usize::from(self.len))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         // Every stored byte passed `is_id_byte`, which admits ASCII only.

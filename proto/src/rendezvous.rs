@@ -526,7 +526,8 @@ impl HeaderValue for &std::borrow::Cow<'_, str> {
 
 impl HeaderValue for &ClientId {
     fn append(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.as_str().as_bytes());
+        let (bytes, len) = self.padded();
+        append_first(out, bytes, len);
     }
 }
 
@@ -547,14 +548,17 @@ impl HeaderValue for &SocketAddr {
         match self {
             // The common case, in every REGACK: digits, without fmt.
             SocketAddr::V4(v4) => {
-                for (i, octet) in v4.ip().octets().iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    u16::from(*octet).append(out);
+                // "255.255.255.255:65535" at most.
+                let mut text = [0u8; 21];
+                let mut len = 0;
+                for octet in v4.ip().octets() {
+                    len += decimal(&mut text[len..], u64::from(octet));
+                    text[len] = b'.';
+                    len += 1;
                 }
-                out.push(b':');
-                v4.port().append(out);
+                text[len - 1] = b':';
+                len += decimal(&mut text[len..], u64::from(v4.port()));
+                append_first(out, &text, len);
             }
             SocketAddr::V6(_) => {
                 let _ = write!(VecWrite(out), "{self}");
@@ -569,22 +573,34 @@ impl HeaderValue for &Transports {
     }
 }
 
+/// Appends `N` bytes of `buf`, of which the first `len` count: a copy of a
+/// length known when compiling is a few moves, where one of a length known
+/// only at run time is a call to `memcpy`, and a REGACK made a dozen of
+/// those (the number, the address, the id; `perf`, docs/BENCHMARKS.md).
+fn append_first<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+    let at = out.len();
+    out.extend_from_slice(buf);
+    out.truncate(at + len.min(N));
+}
+
+/// Writes `n` in decimal at the start of `buf`; returns how many bytes.
+fn decimal(buf: &mut [u8], n: u64) -> usize {
+    let len = n.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut rest = n;
+    for d in buf[..len].iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    len
+}
+
 macro_rules! number_value {
     ($($t:ty),*) => {$(
         impl HeaderValue for $t {
             fn append(&self, out: &mut Vec<u8>) {
                 let mut digits = [0u8; 20];
-                let mut i = digits.len();
-                let mut n = *self as u64;
-                loop {
-                    i -= 1;
-                    digits[i] = b'0' + (n % 10) as u8;
-                    n /= 10;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                out.extend_from_slice(&digits[i..]);
+                let len = decimal(&mut digits, *self as u64);
+                append_first(out, &digits, len);
             }
         }
         impl HeaderValue for &$t {
@@ -1234,6 +1250,40 @@ pub fn parse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn appended(value: impl HeaderValue) -> String {
+        // After other bytes, as in a head: the value must land after them.
+        let mut out = b"x: ".to_vec();
+        value.append(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Numbers, addresses and ids are written with fixed-size copies cut
+    /// to length: every length, the longest and the shortest included.
+    #[test]
+    fn header_values_are_written_exactly() {
+        for n in [0u64, 7, 9, 10, 99, 100, 65_535, 4_294_967_295, u64::MAX] {
+            assert_eq!(appended(n as usize), format!("x: {n}"));
+        }
+        assert_eq!(appended(0u16), "x: 0");
+        assert_eq!(appended(u32::MAX), "x: 4294967295");
+        for a in [
+            "0.0.0.0:0",
+            "1.2.3.4:5",
+            "127.0.0.1:5555",
+            "10.200.30.255:40000",
+            "255.255.255.255:65535",
+            "[::1]:9",
+            "[2001:db8::ff00:42:8329]:65535",
+        ] {
+            let addr: SocketAddr = a.parse().unwrap();
+            assert_eq!(appended(&addr), format!("x: {a}"));
+        }
+        for id in ["a", "alice.b_c-9", &"z".repeat(crate::id::MAX_ID_LEN)] {
+            let parsed: ClientId = id.parse().unwrap();
+            assert_eq!(appended(&parsed), format!("x: {id}"));
+        }
+    }
 
     #[test]
     fn every_side_reads_a_content_length_alike() {
