@@ -447,7 +447,10 @@ impl Poller<'_> {
         let switches = involuntary_switches();
         let mut turned = from;
         // Turns that found no request, not yet counted in `Shared`.
-        let mut polled = Duration::ZERO;
+        let mut place = Place {
+            shared: self.shared,
+            polled: Duration::ZERO,
+        };
         loop {
             tokio::task::yield_now().await;
             let now = Instant::now();
@@ -470,22 +473,43 @@ impl Poller<'_> {
             if take_served() {
                 self.request(now);
             } else {
-                polled += turn - off_core;
+                place.polled += turn - off_core;
                 if self.last.is_none_or(|last| now - last > self.window.get()) {
                     // The gap is told when the request that ends it comes.
                     break;
                 }
             }
-            if polled >= FLUSH_POLLED {
+            if place.polled >= FLUSH_POLLED {
                 // Told as it goes: a long poll must not read as busy time
                 // to the watcher of the machine and then land at once.
-                self.shared.polled(std::mem::take(&mut polled));
+                self.shared.polled(std::mem::take(&mut place.polled));
             }
             if allowed.has_changed().unwrap_or(true) {
                 break;
             }
         }
-        self.shared.stop(polled);
+    }
+}
+
+/// A poller whose task ends (its worker shutting down) stops wanting to
+/// poll, so the watcher of the machine may rest again.
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        self.want(false);
+    }
+}
+
+/// A polling place [`Shared::start`] gave, and the polling time not yet
+/// told: both given back however polling ends, by the poller's task being
+/// dropped mid-poll included, so that no place stays taken for good.
+struct Place<'a> {
+    shared: &'a Shared,
+    polled: Duration,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.shared.stop(self.polled);
     }
 }
 
@@ -859,6 +883,29 @@ mod tests {
             shared.allowed.send_replace(true);
             assert!(requests(&shared, GAPS * 4).await, "never polled");
             poller.abort();
+        });
+    }
+
+    /// A worker shutting down drops its poller wherever it is: mid-poll,
+    /// its place and its wanting are given back all the same.
+    #[test]
+    fn a_poller_dropped_mid_poll_gives_its_place_back() {
+        on_a_worker(async {
+            let (shared, poller) = poller();
+            shared.allowed.send_replace(true);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Requests until one leaves the poller polling.
+            while !requests(&shared, 1).await {
+                assert!(Instant::now() < deadline, "never polled");
+            }
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 1);
+            poller.abort();
+            // The abort takes effect at the task's next poll.
+            while !poller.is_finished() {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(shared.polling.load(Ordering::Relaxed), 0, "place kept");
+            assert_eq!(shared.wanting.load(Ordering::Relaxed), 0, "still wants");
         });
     }
 
