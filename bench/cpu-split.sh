@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Where a request's CPU goes, machine-wide: `perf record -a` (every process,
-# kernel included) during a PROBE run and a REGISTER run at keep-alive 64,
-# then the samples of each (thread kind, user or kernel) divided by the
+# kernel included) during a PROBE run and a REGISTER run at keep-alive 64
+# (or CLIENTS), then the samples of each (thread kind, user or kernel) divided by the
 # requests served, in microseconds per request, side by side. This is how
 # docs/BENCHMARKS.md placed REGISTER's extra cost in the server's own user
 # and kernel time rather than the load generator's. Needs `perf` (Debian's
 # linux-perf) and the right to sample the whole machine (root, or
 # kernel.perf_event_paranoid <= -1).
-# Usage: bench/cpu-split.sh [whole seconds=3]
+# Usage: bench/cpu-split.sh [whole seconds=3] [clients=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}
@@ -16,15 +16,15 @@ command -v perf >/dev/null || { echo "perf is not installed (apt-get install lin
 cargo build --release -q -p chat-server -p chat-bench
 source bench/lib.sh
 
-start_loaded_server "$bin/chat-server"
+start_loaded_server "$bin/chat-server" "${2:-64}"
 sample_runs "$secs" -a -F "$hz"
 for op in probe register; do
   perf report -i "$work/$op.data" --sort comm,dso -n -q --stdio 2>/dev/null >"$work/$op.split"
 done
 
-python3 - "$work" "$secs" "$hz" <<'PY'
+python3 - "$work" "$secs" "$hz" "$clients" <<'PY'
 import re, sys
-work, secs, hz = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+work, secs, hz, clients = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 def split(op):
     rate = float(open(f"{work}/{op}.n").read())
     out = {}
@@ -41,7 +41,7 @@ def split(op):
     return rate, out
 rp, p = split("probe")
 rr, r = split("register")
-print(f"# CPU per request, keep-alive 64, {secs:g} s sampled at {hz:g} Hz on every core")
+print(f"# CPU per request, keep-alive {clients}, {secs:g} s sampled at {hz:g} Hz on every core")
 print(f"# PROBE {rp:.0f} req/s, REGISTER {rr:.0f} req/s")
 print()
 print("| who | time | PROBE µs/req | REGISTER µs/req | difference |")

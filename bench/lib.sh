@@ -52,14 +52,15 @@ start_open_server() { # name bin args...
 
 # Starts a chat-server build as bench/compare.sh runs it (limits off,
 # registrations lapsing after 10 s), fills its registry to its steady size
-# with keep-alive REGISTERs, and defines `run OP SECONDS` (keep-alive, 64
-# clients, against it). Sets $addr and $server_pid. Not for a subshell:
-# the pid must reach the cleanup.
-start_loaded_server() { # bin
+# with keep-alive REGISTERs, and defines `run OP SECONDS` (keep-alive,
+# CLIENTS clients, 64 unless given, against it). Sets $addr, $clients and
+# $server_pid. Not for a subshell: the pid must reach the cleanup.
+start_loaded_server() { # bin [clients]
   start_open_server s "$1" --expires 10
   addr=$server_addr
+  clients=${2:-64}
   run() { # op seconds
-    "$bin/chat-bench" run --target "$addr" --op "$1" --mode keepalive -c 64 --duration "$2" --sources 254
+    "$bin/chat-bench" run --target "$addr" --op "$1" --mode keepalive -c "$clients" --duration "$2" --sources 254
   }
   run register 3 >/dev/null
 }
