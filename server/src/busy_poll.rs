@@ -288,15 +288,19 @@ impl Shared {
     }
 
     /// Takes a polling place, if the machine has a core to spare and a
-    /// place is free.
-    fn start(&self) -> bool {
-        *self.allowed.borrow()
+    /// place is free; it is given back when dropped.
+    fn start(&self) -> Option<Place<'_>> {
+        let taken = *self.allowed.borrow()
             && self
                 .polling
                 .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
                     (n < self.most_polling).then_some(n + 1)
                 })
-                .is_ok()
+                .is_ok();
+        taken.then_some(Place {
+            shared: self,
+            polled: Duration::ZERO,
+        })
     }
 
     fn want(&self, wants: bool) {
@@ -319,11 +323,6 @@ impl Shared {
     fn polled(&self, polled: Duration) {
         let ns = u64::try_from(polled.as_nanos()).unwrap_or(u64::MAX);
         self.polled_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-
-    fn stop(&self, polled: Duration) {
-        self.polling.fetch_sub(1, Ordering::AcqRel);
-        self.polled(polled);
     }
 }
 
@@ -395,8 +394,8 @@ pub async fn spin(shared: &Shared) {
             }
             continue;
         }
-        if shared.start() {
-            poller.poll(&mut allowed, now).await;
+        if let Some(place) = shared.start() {
+            poller.poll(place, &mut allowed, now).await;
         }
     }
 }
@@ -436,21 +435,21 @@ impl Poller<'_> {
         }
     }
 
-    /// Polls from `from`, a request just served, in a polling place
-    /// [`Shared::start`] gave, until the window passes without a request,
-    /// the decision to poll changes, or another thread keeps this one off
-    /// its core; then gives the place back.
-    async fn poll(&mut self, allowed: &mut watch::Receiver<bool>, from: Instant) {
+    /// Polls from `from`, a request just served, in `place`, until the
+    /// window passes without a request, the decision to poll changes, or
+    /// another thread keeps this one off its core; then gives the place
+    /// back.
+    async fn poll(
+        &mut self,
+        mut place: Place<'_>,
+        allowed: &mut watch::Receiver<bool>,
+        from: Instant,
+    ) {
         let mut ran = thread_cpu_time();
         // A system call: asked once here, and again only after a long
         // turn, to confirm it was another thread's.
         let switches = involuntary_switches();
         let mut turned = from;
-        // Turns that found no request, not yet counted in `Shared`.
-        let mut place = Place {
-            shared: self.shared,
-            polled: Duration::ZERO,
-        };
         loop {
             tokio::task::yield_now().await;
             let now = Instant::now();
@@ -499,9 +498,10 @@ impl Drop for Poller<'_> {
     }
 }
 
-/// A polling place [`Shared::start`] gave, and the polling time not yet
-/// told: both given back however polling ends, by the poller's task being
-/// dropped mid-poll included, so that no place stays taken for good.
+/// A polling place [`Shared::start`] gave, and the time polled in it not
+/// yet told (turns that found no request): both given back however
+/// polling ends, by the poller's task being dropped mid-poll included, so
+/// that no place stays taken for good.
 struct Place<'a> {
     shared: &'a Shared,
     polled: Duration,
@@ -509,7 +509,8 @@ struct Place<'a> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.shared.stop(self.polled);
+        self.shared.polling.fetch_sub(1, Ordering::AcqRel);
+        self.shared.polled(self.polled);
     }
 }
 
@@ -913,18 +914,19 @@ mod tests {
     fn places_to_poll_are_one_fewer_than_the_cores() {
         let shared = Shared::new(us(200), 3);
         shared.allowed.send_replace(true);
-        assert!(shared.start());
-        assert!(shared.start());
-        assert!(!shared.start());
-        shared.stop(us(10));
-        assert!(shared.start());
+        let mut first = shared.start().expect("a first place");
+        let _second = shared.start().expect("a second place");
+        assert!(shared.start().is_none());
+        first.polled = us(10);
+        drop(first);
+        assert!(shared.start().is_some());
         assert_eq!(shared.polled_ns.load(Ordering::Relaxed), 10_000);
         let one_core = Shared::new(us(200), 1);
         assert!(!one_core.enabled());
         let off = Shared::new(Duration::ZERO, 8);
         assert!(!off.enabled());
         assert!(
-            !Shared::new(us(200), 3).start(),
+            Shared::new(us(200), 3).start().is_none(),
             "not before a reading allows it"
         );
     }
