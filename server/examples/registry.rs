@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use chat_proto::rendezvous::{Request, Response};
 use chat_proto::{ClientId, Token};
-use chat_server::registry::{Config, Lookahead, Registry};
+use chat_server::registry::{Config, Hashed, Lookahead, Registry};
+use chat_server::state::lock;
 use crossbeam_utils::CachePadded;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 /// Registrations per simulated second, and seconds each lives.
 const RATE: u64 = 130_000;
@@ -29,11 +30,10 @@ const EXPIRES: u64 = 10;
 /// Registrations timed per round.
 const ROUND: u64 = 400_000;
 
-/// One fresh REGISTER, made as the server makes it: the id hashed and its
-/// index line asked for before the call (which the server makes under its
-/// lock). True if it was acknowledged.
-fn register(ahead: &Lookahead, reg: &mut Registry, (id, token, now): Fresh) -> bool {
-    let hashed = ahead.register(&id);
+/// One fresh REGISTER, made as the server makes it: `hashed` is the id's
+/// hash, made with its index line asked for before the call (which the
+/// server makes under its lock). True if it was acknowledged.
+fn register(reg: &mut Registry, hashed: Hashed, (id, token, now): Fresh) -> bool {
     let r = reg.handle(
         &Request::Register {
             id,
@@ -82,7 +82,7 @@ fn main() {
     let mut n: u64 = 0;
     // Fill to the steady state, where expiry pops as many as are added.
     for one in batch(&mut n, RATE * (EXPIRES + 1)) {
-        register(&ahead, &mut reg, one);
+        register(&mut reg, ahead.register(&one.0), one);
     }
     if workers > 0 {
         return by_turns(workers, reg, &ahead, n, rounds);
@@ -96,7 +96,7 @@ fn main() {
         let mut slowest = Duration::ZERO;
         for one in ids {
             let t = Instant::now();
-            ok += u64::from(register(&ahead, &mut reg, one));
+            ok += u64::from(register(&mut reg, ahead.register(&one.0), one));
             slowest = slowest.max(t.elapsed());
         }
         let ns = started.elapsed().as_nanos() / u128::from(ROUND);
@@ -155,9 +155,8 @@ fn by_turns(workers: usize, reg: Registry, ahead: &Lookahead, mut n: u64, rounds
                                 std::hint::spin_loop();
                             }
                             let t = Instant::now();
-                            let mut locked = reg.lock().unwrap_or_else(PoisonError::into_inner);
-                            ok += u64::from(register(ahead, &mut locked, one));
-                            drop(locked);
+                            let hashed = ahead.register(&one.0);
+                            ok += u64::from(register(&mut lock(reg), hashed, one));
                             spent += t.elapsed();
                             turn.fetch_add(1, Ordering::Release);
                         }
