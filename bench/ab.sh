@@ -30,7 +30,7 @@ b=$server_addr
 
 rate() { # addr op
   "$bin/chat-bench" run --target "$1" --op "$2" --mode "$mode" -c "$clients" \
-    --duration "$secs" --sources 254 | sed 's/.*: \([0-9]*\) requests.*/\1/'
+    --duration "$secs" --sources 254 | rate_of
 }
 # Both registries filled to their steady size first.
 for s in "$a" "$b"; do rate "$s" register >/dev/null; rate "$s" register >/dev/null; done

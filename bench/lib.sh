@@ -26,6 +26,11 @@ failed() { # what log
   exit 1
 }
 
+# The requests/s of `chat-bench run` output (on stdin, or in FILE).
+rate_of() { # [file]
+  sed 's/.*: \([0-9]*\) requests.*/\1/' "$@"
+}
+
 # Starts chat-server on a free loopback port; sets $server.
 start_server() {
   "$bin/chat-server" --bind 127.0.0.1 --port 0 >"$work/server.out" 2>"$work/server.err" &
@@ -129,7 +134,7 @@ sample_runs() { # seconds perf-args...
       exit 1
     fi
     wait "$load"
-    sed 's/.*: \([0-9]*\) requests.*/\1/' "$work/$op.rate" >"$work/$op.n"
+    rate_of "$work/$op.rate" >"$work/$op.n"
   done
 }
 

@@ -34,7 +34,7 @@ measure() { # target op mode pids...
   shift 3
   before=$(ticks "$@")
   rate=$("$bin/chat-bench" run --target "$target" --op "$op" --mode "$mode" -c 1 \
-    --duration "$secs" --sources 254 | sed 's/.*: \([0-9]*\) requests.*/\1/')
+    --duration "$secs" --sources 254 | rate_of)
   after=$(ticks "$@")
   python3 -c "import sys; r, t, hz, s = map(float, sys.argv[1:]); \
 print(f'{r:.0f} {t / hz / (r * s) * 1e6:.1f} {t / hz / s:.2f}')" \
