@@ -32,7 +32,7 @@ pub const SERVER_NAME: &str = concat!("chat-server/", env!("CARGO_PKG_VERSION"))
 /// lines of its own, apart from what every request only reads: with the
 /// two side by side, each REGISTER one worker made took from the other
 /// the line with the clock's origin and the id hasher's keys, which it
-/// then waited for at its next request (`perf annotate`: about 20 ns per
+/// then waited for at its next request (`perf annotate`: 10–20 ns per
 /// request at the origin alone).
 pub struct State {
     origin: Instant,
