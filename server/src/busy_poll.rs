@@ -297,7 +297,9 @@ impl Shared {
                     (n < self.most_polling).then_some(n + 1)
                 })
                 .is_ok();
-        taken.then_some(Place {
+        // `then`, not `then_some`: a guard built for a refusal would be
+        // dropped at once and give back a place never taken.
+        taken.then(|| Place {
             shared: self,
             polled: Duration::ZERO,
         })
@@ -915,19 +917,27 @@ mod tests {
         let shared = Shared::new(us(200), 3);
         shared.allowed.send_replace(true);
         let mut first = shared.start().expect("a first place");
-        let _second = shared.start().expect("a second place");
-        assert!(shared.start().is_none());
+        let second = shared.start().expect("a second place");
+        // Refusals, however many, give back nothing they did not take.
+        for _ in 0..3 {
+            assert!(shared.start().is_none());
+            assert_eq!(shared.polling.load(Ordering::Relaxed), 2);
+        }
         first.polled = us(10);
         drop(first);
-        assert!(shared.start().is_some());
+        let third = shared.start().expect("the place given back");
+        assert!(shared.start().is_none());
         assert_eq!(shared.polled_ns.load(Ordering::Relaxed), 10_000);
+        drop((second, third));
+        assert_eq!(shared.polling.load(Ordering::Relaxed), 0);
         let one_core = Shared::new(us(200), 1);
         assert!(!one_core.enabled());
         let off = Shared::new(Duration::ZERO, 8);
         assert!(!off.enabled());
-        assert!(
-            Shared::new(us(200), 3).start().is_none(),
-            "not before a reading allows it"
-        );
+        let unread = Shared::new(us(200), 3);
+        assert!(unread.start().is_none(), "not before a reading allows it");
+        assert_eq!(unread.polling.load(Ordering::Relaxed), 0);
+        unread.allowed.send_replace(true);
+        assert!(unread.start().is_some(), "a refusal spoilt the count");
     }
 }
