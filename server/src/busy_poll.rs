@@ -448,9 +448,11 @@ impl Poller<'_> {
         from: Instant,
     ) {
         let mut ran = thread_cpu_time();
-        // A system call: asked once here, and again only after a long
-        // turn, to confirm it was another thread's.
-        let switches = involuntary_switches();
+        // A system call: asked here, after a long turn to tell whose it
+        // was, and again once the count is a millisecond old, so that a
+        // switch long past cannot vouch for a turn of now.
+        let mut switches = context_switches();
+        let mut counted = from;
         let mut turned = from;
         loop {
             tokio::task::yield_now().await;
@@ -467,9 +469,15 @@ impl Poller<'_> {
                 _ => Duration::ZERO,
             };
             ran = cpu;
-            if off_core > PREEMPTED_FOR && involuntary_switches() != switches {
-                self.shared.preempted();
-                break;
+            if off_core > PREEMPTED_FOR {
+                let now_switches = context_switches();
+                if kept_off(switches, now_switches) {
+                    self.shared.preempted();
+                    break;
+                }
+                (switches, counted) = (now_switches, now);
+            } else if now - counted > RECOUNT_AFTER {
+                (switches, counted) = (context_switches(), now);
             }
             if take_served() {
                 self.request(now);
@@ -529,6 +537,10 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(1);
 /// rather than 12% (PROBE; REGISTER alike).
 const PREEMPTED_FOR: Duration = Duration::from_millis(1);
 
+/// How old a poller's count of its switches may grow before it counts
+/// again: the switches a long turn is judged by are those since then.
+const RECOUNT_AFTER: Duration = Duration::from_millis(1);
+
 /// How much polling time a poller gathers before it tells the watcher.
 const FLUSH_POLLED: Duration = Duration::from_millis(1);
 
@@ -552,17 +564,41 @@ fn thread_cpu_time() -> Option<Duration> {
     ok.then(|| Duration::new(secs, 0).saturating_add(Duration::from_nanos(u64::from(nanos))))
 }
 
-/// How often the kernel has taken this thread off its core for another
-/// (`ru_nivcsw`): the proof that a long turn was another thread's.
+/// How often this thread has left its core: taken off it for another
+/// thread (`ru_nivcsw`), and gone to sleep of its own accord (`ru_nvcsw`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Switches {
+    involuntary: libc::c_long,
+    voluntary: libc::c_long,
+}
+
+/// Whether a long turn between two counts was another thread's: the
+/// kernel took this one off its core meanwhile, and it did not sleep of
+/// its own accord (on a lock, say, or a write to a full pipe), which would
+/// make the turn long by itself with a switch of another thread's beside
+/// it counting for nothing. Never where switches cannot be counted.
+fn kept_off(before: Option<Switches>, after: Option<Switches>) -> bool {
+    match (before, after) {
+        (Some(b), Some(a)) => a.involuntary != b.involuntary && a.voluntary == b.voluntary,
+        _ => false,
+    }
+}
+
+/// How often the kernel has switched this thread out, as
+/// [`Switches`]: the proof that a long turn was another thread's.
 #[cfg(target_os = "linux")]
-fn involuntary_switches() -> Option<libc::c_long> {
+fn context_switches() -> Option<Switches> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is a valid, writable `rusage` for the call to fill;
     // zeroed memory is a valid `rusage` too (integers and `timeval`s), so
     // it may be read whatever the call did.
     let ok = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } == 0;
     // SAFETY: as above: zeroed, or filled by the kernel.
-    ok.then(|| unsafe { usage.assume_init() }.ru_nivcsw)
+    let usage = ok.then(|| unsafe { usage.assume_init() })?;
+    Some(Switches {
+        involuntary: usage.ru_nivcsw,
+        voluntary: usage.ru_nvcsw,
+    })
 }
 
 // Elsewhere no worker polls (see `Shared::enabled`).
@@ -572,7 +608,7 @@ fn thread_cpu_time() -> Option<Duration> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn involuntary_switches() -> Option<libc::c_long> {
+fn context_switches() -> Option<Switches> {
     None
 }
 
@@ -784,6 +820,42 @@ mod tests {
         // start it again.
         assert!(!s.reading(times(48, 60), Duration::ZERO, TICK, false));
         assert!(s.reading(times(58, 80), Duration::ZERO, TICK, false));
+    }
+
+    #[test]
+    fn a_long_turn_is_another_threads_only_if_this_one_did_not_sleep() {
+        let count = |involuntary, voluntary| {
+            Some(Switches {
+                involuntary,
+                voluntary,
+            })
+        };
+        assert!(kept_off(count(3, 7), count(4, 7)), "taken off its core");
+        assert!(!kept_off(count(3, 7), count(3, 7)), "never left it");
+        // Slept of its own accord (a lock, a blocking write): that alone
+        // makes a turn long, whatever switch of another's came with it.
+        assert!(!kept_off(count(3, 7), count(4, 8)));
+        assert!(!kept_off(count(3, 7), count(3, 8)));
+        assert!(!kept_off(None, count(4, 7)));
+        assert!(!kept_off(count(3, 7), None));
+    }
+
+    /// The counts the kernel keeps tell a sleep apart: a poller's thread
+    /// that blocks for longer than a preemption is not taken as one.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_that_sleeps_is_not_kept_off_its_core() {
+        let before = context_switches();
+        std::thread::sleep(PREEMPTED_FOR * 3);
+        let after = context_switches();
+        let (Some(b), Some(a)) = (before, after) else {
+            panic!("getrusage(RUSAGE_THREAD) failed");
+        };
+        assert!(
+            a.voluntary > b.voluntary,
+            "a sleep not counted: {b:?} {a:?}"
+        );
+        assert!(!kept_off(before, after));
     }
 
     #[test]
