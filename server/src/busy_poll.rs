@@ -639,10 +639,29 @@ pub async fn watch_spare(shared: &Shared) {
         let polled = Duration::from_nanos(now.1.saturating_sub(last.1));
         let elapsed = now.0 - last.0;
         last = now;
-        tell(shared, || {
-            let preempted = shared.preempted.swap(false, Ordering::Relaxed);
-            times.is_some_and(|t| spare.reading(t, polled, elapsed, preempted))
-        });
+        tell(shared, || shared.decide(&mut spare, times, polled, elapsed));
+    }
+}
+
+impl Shared {
+    /// Whether workers may poll, from a reading of the machine (`None`
+    /// where it could not be read) and the polling since the last. A
+    /// preemption is told to `spare` with the first reading that tells
+    /// anything: one that fails says no for now, and must not take the
+    /// preemption with it, or the next reading would keep polling on at
+    /// the lower line, as if none had happened.
+    fn decide(
+        &self,
+        spare: &mut Spare,
+        times: Option<CpuTimes>,
+        polled: Duration,
+        elapsed: Duration,
+    ) -> bool {
+        let Some(times) = times else {
+            return false;
+        };
+        let preempted = self.preempted.swap(false, Ordering::Relaxed);
+        spare.reading(times, polled, elapsed, preempted)
     }
 }
 
@@ -856,6 +875,20 @@ mod tests {
             "a sleep not counted: {b:?} {a:?}"
         );
         assert!(!kept_off(before, after));
+    }
+
+    #[test]
+    fn a_failed_reading_keeps_a_preemption_for_the_next() {
+        let shared = Shared::new(us(200), 2);
+        let mut s = spare(2);
+        assert!(shared.decide(&mut s, Some(times(20, 20)), Duration::ZERO, TICK));
+        shared.preempted();
+        assert!(!shared.decide(&mut s, None, Duration::ZERO, TICK));
+        // 0.7 of a core spare: enough to go on, not to start again after
+        // a preemption.
+        assert!(!shared.decide(&mut s, Some(times(34, 40)), Duration::ZERO, TICK));
+        assert!(!shared.preempted.load(Ordering::Relaxed), "told once");
+        assert!(shared.decide(&mut s, Some(times(52, 60)), Duration::ZERO, TICK));
     }
 
     #[test]
