@@ -31,28 +31,33 @@ rate_of() { # [file]
   sed 's/.*: \([0-9]*\) requests.*/\1/' "$@"
 }
 
-# Starts chat-server on a free loopback port; sets $server.
-start_server() {
-  "$bin/chat-server" --bind 127.0.0.1 --port 0 >"$work/server.out" 2>"$work/server.err" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.05; done
-  server=$(awk '{print $3; exit}' "$work/server.out")
-  [ -n "$server" ] || failed chat-server "$work/server.err"
-}
-
-# Starts chat-server BIN with the per-address and global limits off and
-# ARGS, its output in $work/NAME.out and .err; sets $server_addr and
-# $server_pid. Not for a subshell: the pid must reach the cleanup.
-start_open_server() { # name bin args...
+# Starts chat-server BIN on a free loopback port with ARGS, its output in
+# $work/NAME.out and .err, and waits until it listens; sets $server_addr
+# and $server_pid. Not for a subshell: the pid must reach the cleanup.
+launch_server() { # name bin args...
   local name=$1 bin_=$2
   shift 2
-  "$bin_" --bind 127.0.0.1 --port 0 --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
-    --max-registrations 0 "$@" >"$work/$name.out" 2>"$work/$name.err" &
+  "$bin_" --bind 127.0.0.1 --port 0 "$@" >"$work/$name.out" 2>"$work/$name.err" &
   server_pid=$!
   pids+=($server_pid)
   for _ in $(seq 100); do grep -q listening "$work/$name.out" 2>/dev/null && break; sleep 0.05; done
   server_addr=$(awk '{print $3; exit}' "$work/$name.out")
   [ -n "$server_addr" ] || failed chat-server "$work/$name.err"
+}
+
+# Starts chat-server with its defaults; sets $server.
+start_server() {
+  launch_server server "$bin/chat-server"
+  server=$server_addr
+}
+
+# Starts chat-server BIN as launch_server does, with the per-address and
+# global limits off.
+start_open_server() { # name bin args...
+  local name=$1 bin_=$2
+  shift 2
+  launch_server "$name" "$bin_" --per-ip-rate 0 --per-ip-conns 0 --max-conns 0 \
+    --max-registrations 0 "$@"
 }
 
 # Starts a chat-server build as bench/compare.sh runs it (limits off,

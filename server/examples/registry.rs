@@ -68,11 +68,17 @@ fn batch(n: &mut u64, count: u64) -> Vec<Fresh> {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let rounds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let rounds: u64 = match args.next() {
+        None => 5,
+        Some(a) => a
+            .parse()
+            .unwrap_or_else(|_| usage(&format!("rounds `{a}` is not a number"))),
+    };
     let workers = match args.next().as_deref() {
         Some("two") => 2,
         Some("one") => 1,
-        _ => 0,
+        None => 0,
+        Some(other) => usage(&format!("unknown mode `{other}`")),
     };
     let mut reg = Registry::new(Config {
         expires: Duration::from_secs(EXPIRES),
@@ -106,6 +112,17 @@ fn main() {
             reg.len()
         );
     }
+}
+
+/// Says what was wrong with the arguments, and how to give them, and
+/// stops.
+fn usage(wrong: &str) -> ! {
+    eprintln!(
+        "{wrong}\nusage: cargo run --release -p chat-server --example registry [rounds] [one|two]\n\
+         (no mode: the registry alone, without its lock; `one` or `two`: REGISTERs by turns \
+         through the lock from that many threads)"
+    );
+    std::process::exit(2)
 }
 
 /// Work between two REGISTERs of one worker: about what the rest of a

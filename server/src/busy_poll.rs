@@ -863,14 +863,16 @@ mod tests {
         assert!(s.reading(times(58, 80), Duration::ZERO, TICK, false));
     }
 
+    /// A count of a thread's switches: involuntary, then voluntary.
+    fn count(involuntary: libc::c_long, voluntary: libc::c_long) -> Option<Switches> {
+        Some(Switches {
+            involuntary,
+            voluntary,
+        })
+    }
+
     #[test]
     fn a_long_turn_is_another_threads_only_if_this_one_did_not_sleep() {
-        let count = |involuntary, voluntary| {
-            Some(Switches {
-                involuntary,
-                voluntary,
-            })
-        };
         assert!(kept_off(count(3, 7), count(4, 7)), "taken off its core");
         assert!(!kept_off(count(3, 7), count(3, 7)), "never left it");
         // Slept of its own accord (a lock, a blocking write): that alone
@@ -883,12 +885,6 @@ mod tests {
 
     #[test]
     fn a_long_turn_is_judged_by_a_recent_count() {
-        let count = |involuntary, voluntary| {
-            Some(Switches {
-                involuntary,
-                voluntary,
-            })
-        };
         let t0 = Instant::now();
         let ms = |n: f64| t0 + Duration::from_secs_f64(n / 1000.0);
         let mut recent = Recent::new(t0, count(0, 0));
